@@ -1,0 +1,345 @@
+"""Typed run configuration.
+
+A run is described by one `RunConfig`. Recipes (YAML in `recipes/`) set only what differs from these
+defaults; `key.sub=value` command-line overrides go on top; the resolved config is written to
+`<output_dir>/config.yaml`. Every field carries a docstring: that is the documentation of the option.
+
+`trainer` is the one free-form section: it holds TRL training arguments (`GRPOConfig`, `DPOConfig`,
+`SFTConfig`, or rlx's `PPOConfig`, chosen by `algo`) and is validated against that class's fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ALGOS = ("grpo", "dpo", "sft", "ppo")
+
+
+@dataclass
+class EmbeddedModelConfig:
+    """Shape of the embedded tiny Qwen2-family model (built locally; used when model.name_or_path=embedded)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Number of decoder blocks."""
+    num_heads: int = 4
+    """Attention heads per block."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 512
+    """Width of the MLP."""
+    max_position_embeddings: int = 128
+    """Longest sequence (prompt + completion) the model supports."""
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA adapters; when enabled only the adapters train and the reference is the adapter-disabled model."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that get adapters."""
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to train."""
+
+    name_or_path: str = "embedded"
+    """`embedded` (the built-in tiny model, warm-started on the task), a local HF-format directory, or a hub id."""
+    embedded: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
+    """Shape of the embedded model."""
+    dtype: str = "float32"
+    """Weights dtype when loading: float32, bfloat16, float16 or auto."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to from_pretrained (eager, sdpa, flash_attention_2); None lets transformers choose."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model directory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters."""
+
+
+@dataclass
+class TaskConfig:
+    """The verifiable task: prompts, references, reward, splits."""
+
+    name: str = "arithmetic"
+    """arithmetic | countdown (embedded, generated) | gsm8k (real data) | ultrafeedback (real preference data)."""
+    num_train: int = 20000
+    """Generated tasks: number of training problems."""
+    num_eval: int = 200
+    """Generated tasks: number of held-out problems (disjoint from train)."""
+    data_seed: int = 1234
+    """Seed of the problem generator; fixed apart from `seed` so the held-out set never moves."""
+    min_digits: int = 1
+    """arithmetic: fewest digits per operand."""
+    max_digits: int = 2
+    """arithmetic: most digits per operand."""
+    operations: list[str] = field(default_factory=lambda: ["+", "-"])
+    """arithmetic: operators to draw from."""
+    countdown_sizes: list[int] = field(default_factory=lambda: [3])
+    """countdown: how many numbers a puzzle has (drawn uniformly from this list)."""
+    countdown_max_number: int = 20
+    """countdown: numbers are drawn from [1, countdown_max_number]."""
+    dataset: str | None = None
+    """Real-data tasks: a hub dataset id, a local dataset directory, or a local .json/.jsonl/.parquet file."""
+    dataset_config: str | None = None
+    """Hub dataset configuration name (e.g. `main` for gsm8k)."""
+    train_split: str = "train"
+    """Split used for training."""
+    eval_split: str = "test"
+    """Split used for held-out evaluation."""
+    eval_dataset: str | None = None
+    """Optional separate file or id for the held-out split (default: `dataset` with `eval_split`)."""
+    max_train_samples: int | None = None
+    """Truncate the training split (real data)."""
+    max_eval_samples: int | None = 200
+    """Truncate the held-out split (real data)."""
+    system_prompt: str | None = None
+    """Real-data tasks: system message prepended to each conversational prompt."""
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start of the embedded model, cached on disk keyed by its config and seed."""
+
+    enabled: bool = True
+    """Warm-start the embedded model before RL (ignored for real models)."""
+    steps: int = 600
+    """Optimizer steps of next-token training on verified solutions."""
+    batch_size: int = 64
+    """Sequences per step."""
+    learning_rate: float = 2e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    cache_dir: str | None = None
+    """Where warm-started models are cached (default: $RLX_CACHE or ~/.cache/rlx)."""
+
+
+@dataclass
+class PreferenceConfig:
+    """How DPO preference pairs are built from a verifiable task."""
+
+    num_pairs: int = 1024
+    """Pairs to build from training prompts."""
+    source: str = "policy"
+    """policy: sample from the warm-started policy, chosen = a verified correct sample, rejected = a verified
+    wrong one (prompts lacking either fall back to `synthetic`); synthetic: chosen = the reference solution,
+    rejected = a verified-wrong corruption of it."""
+    samples_per_prompt: int = 8
+    """policy source: samples drawn per prompt to find one correct and one wrong completion."""
+    temperature: float = 1.0
+    """policy source: sampling temperature."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (rlx/evaluate.py, and before/after accuracy of a training run)."""
+
+    num_prompts: int | None = None
+    """Held-out prompts to evaluate (default: the whole held-out split)."""
+    num_samples: int = 16
+    """Sampled completions per prompt for pass@k (must be >= max(ks))."""
+    ks: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """k values for unbiased pass@k."""
+    temperature: float = 1.0
+    """Sampling temperature for pass@k samples."""
+    top_p: float = 1.0
+    """Nucleus sampling for pass@k samples."""
+    max_new_tokens: int | None = None
+    """Completion budget (default: trainer.max_completion_length or the task's own)."""
+    batch_size: int = 64
+    """Prompts per generate call."""
+    before_after: bool = True
+    """train.py: evaluate greedy accuracy before and after training and write it to eval_before_after.json."""
+
+
+@dataclass
+class GradAlignmentConfig:
+    """Gradient-alignment diagnostics (arXiv 2512.00778); see rlx/alignment."""
+
+    enabled: bool = False
+    """Log alignment of each update with a target gradient."""
+    every: int = 10
+    """Log every N optimizer steps."""
+    target: str = "auto"
+    """auto | heldout_chosen | probe_rollouts | responses:<path>. auto = held-out chosen (DPO, SFT) or a
+    fixed probe batch of the run's own rollouts (GRPO, PPO)."""
+    target_size: int = 32
+    """Sequences in the target set D'."""
+    layer_groups: int = 2
+    """Number of groups the decoder blocks are split into (plus embeddings and head)."""
+    sketch_dim: int = 16384
+    """Dimension of the saved gradient sketches (0 disables them)."""
+    drift_lag: int = 1
+    """K in drift cos(grad L(t), grad L(t-K)), in logged steps."""
+    save_token_weights: bool = False
+    """Also save per-token w_t and d_t shards (safetensors)."""
+    variant: str = "auto"
+    """auto | param | activation. auto = param except under DeepSpeed ZeRO-2/3 (activation)."""
+
+
+@dataclass
+class ActivationsConfig:
+    """Pooled per-layer hidden states of a fixed probe prompt set, saved at chosen steps."""
+
+    enabled: bool = False
+    """Save activations."""
+    every: int = 50
+    """Save every N optimizer steps (and at the first and last step)."""
+    num_prompts: int = 64
+    """Probe prompts (fixed, from the held-out split)."""
+    samples_per_prompt: int = 4
+    """Completions sampled per probe prompt (the correctness direction needs correct and wrong ones)."""
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Instruments that only measure (they never change the loss)."""
+
+    grad_alignment: GradAlignmentConfig = field(default_factory=GradAlignmentConfig)
+    """Gradient alignment."""
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    """Saved activations for offline probes."""
+
+
+@dataclass
+class RelaxConfig:
+    """ReLaX latent-exploration regularizer (arXiv 2512.07558); see rlx/regularizers/relax.py."""
+
+    alpha: float = 0.1
+    """Weight of the advantage-shaped exploration loss L_xp."""
+    beta: float = 0.01
+    """Weight of the adaptive KL."""
+    xi: float | None = None
+    """DSD threshold; None calibrates it on the first rollout batch (see `xi_quantile`)."""
+    xi_quantile: float = 0.9
+    """When xi is None: xi = this quantile of DSD over the first rollout batch."""
+    dict_size: int = 50
+    """m, the number of dictionary features psi(h) = sigmoid(W h)."""
+    ridge: float = 1e-3
+    """lambda in the EDMD ridge solve."""
+    eps: float = 1e-8
+    """eps in r_j = sqrt(s_j^2 + eps)."""
+    spectrum: str = "svd"
+    """svd (singular values; authors' code, default) | eig (eigenvalue moduli; paper Eq. 6)."""
+    group: str = "prompt"
+    """prompt (mean over the prompt group, default) | batch (over the micro-batch)."""
+    dict_lr: float = 1e-3
+    """Dictionary learning: Adam learning rate."""
+    dict_batch_size: int = 64
+    """Dictionary learning: transitions per batch."""
+    dict_epochs: int = 1
+    """Dictionary learning: epochs over the first rollout batch."""
+    refit_every: int = 0
+    """Refit the dictionary every N steps (0 = only at step 0)."""
+    code_compat: bool = False
+    """Reproduce the authors' code quirks (zero padding to max length, advantage scaled by L / L_max)."""
+    save_every: int = 1
+    """Write per-trajectory DSD and spectra every N steps."""
+
+
+@dataclass
+class EntropyBonusConfig:
+    """Token-level entropy bonus: loss -= coef * mean token entropy."""
+
+    coef: float = 0.01
+    """Weight of the entropy bonus."""
+
+
+@dataclass
+class CovConfig:
+    """Clip-Cov / KL-Cov (Cui et al., arXiv 2505.22617)."""
+
+    clip_ratio: float = 0.0002
+    """Clip-Cov: fraction of tokens whose gradient is detached (chosen among covariance in [low, high])."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov: lower covariance bound."""
+    clip_cov_ub: float = 5.0
+    """Clip-Cov: upper covariance bound."""
+    kl_ratio: float = 0.002
+    """KL-Cov: fraction of highest-covariance tokens that get the KL penalty."""
+    kl_coef: float = 1.0
+    """KL-Cov: weight of the penalty |log pi - log pi_old| on those tokens."""
+
+
+@dataclass
+class RegularizersConfig:
+    """Exploration regularizers added to the policy loss. `regularizers=[relax,entropy]` sets `enabled`."""
+
+    enabled: list[str] = field(default_factory=list)
+    """Names from the registry: relax, entropy, clip_cov, kl_cov."""
+    relax: RelaxConfig = field(default_factory=RelaxConfig)
+    """ReLaX options."""
+    entropy: EntropyBonusConfig = field(default_factory=EntropyBonusConfig)
+    """Entropy-bonus options."""
+    clip_cov: CovConfig = field(default_factory=CovConfig)
+    """Clip-Cov options."""
+    kl_cov: CovConfig = field(default_factory=CovConfig)
+    """KL-Cov options."""
+
+
+@dataclass
+class ReplayConfig:
+    """Activation Replay at evaluation time (arXiv 2511.19972); see rlx/replay."""
+
+    mode: str = "off"
+    """off | learnable (the paper's method) | direct (replace layer inputs with the base model's)."""
+    base_model: str | None = None
+    """The base (pre-RL) model whose logit-lens distributions are replayed."""
+    rho: float = 0.4
+    """Positions with base logit-lens entropy <= rho * max are selected."""
+    top_k: int = 50
+    """KL is restricted to the base model's top-k tokens."""
+    lr: float = 10.0
+    """Learning rate of plain gradient descent on the offsets."""
+    steps: int = 25
+    """Optimisation steps."""
+    num_layers: int = 16
+    """L, the number of early layers in the loss (capped at the model's depth)."""
+    align: str = "code"
+    """code (the released code's one-layer offset) | paper."""
+
+
+@dataclass
+class RunConfig:
+    """One training or evaluation run."""
+
+    recipe: str = ""
+    """Name of the recipe this config came from (set by the loader)."""
+    algo: str = "grpo"
+    """grpo | dpo | sft | ppo."""
+    output_dir: str | None = None
+    """Run directory; default runs/<recipe>/<timestamp>, decided once on rank 0."""
+    seed: int = 0
+    """Seed of model init (embedded), sampling and training."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy model."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Task and data."""
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """Warm start of the embedded model."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """DPO pair construction."""
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """TRL training arguments for the algorithm (validated against its config class)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    """Measuring instruments."""
+    regularizers: RegularizersConfig = field(default_factory=RegularizersConfig)
+    """Exploration regularizers."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Activation Replay (evaluate.py)."""
+    print_config: bool = False
+    """Print the resolved config and exit."""

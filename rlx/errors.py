@@ -1,0 +1,30 @@
+"""User-facing errors: one clear message, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (a key, a value, a path), not a bug in rlx.
+
+    The message says what was wrong, what was expected and what to do.
+    """
+
+    exit_code = 2
+
+
+def exit_on_user_error(fn: Callable) -> Callable:
+    """Decorate an entry point: a `UserError` prints `error: <message>` on stderr and exits 2."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(UserError.exit_code)
+
+    return wrapper

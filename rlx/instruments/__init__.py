@@ -1,0 +1,21 @@
+"""Instruments: regularizers and diagnostics that plug into every trainer through one seam (base.py)."""
+
+from rlx.instruments.base import (
+    Instrument,
+    InstrumentSet,
+    LossContext,
+    LossTerm,
+    capture_loss_forward,
+    register_instrument,
+    registered_instruments,
+)
+
+__all__ = [
+    "Instrument",
+    "InstrumentSet",
+    "LossContext",
+    "LossTerm",
+    "capture_loss_forward",
+    "register_instrument",
+    "registered_instruments",
+]

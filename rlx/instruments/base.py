@@ -1,0 +1,267 @@
+"""The one seam where instruments plug into a trainer.
+
+Every rlx trainer (GRPO, DPO, SFT subclasses of TRL, and rlx's own PPO) computes its loss inside
+`capture_loss_forward`. That context manager hooks the policy for the duration of the loss forward only
+and records what TRL's fused LM head does not return:
+
+- `token_logps` l_t, the per-token log-probs the loss consumes, (B, S-1), in the autograd graph;
+- `hidden`, the post-final-norm last-layer states, (B, S, d), in the graph (the backbone's
+  `last_hidden_state`, which is exactly the LM head's input).
+
+Then the trainer builds a `LossContext` and hands it to `InstrumentSet.on_loss`, which asks each enabled
+instrument for an extra loss term and per-step metrics. The trainer never knows which instruments are on.
+
+    trainer._compute_loss
+      └─ capture_loss_forward(policy)          # hooks armed, removed in `finally`
+           └─ TRL loss forward (fused head) -> loss, l_t, h
+      └─ InstrumentSet.on_loss(LossContext)    # regularizers add terms, diagnostics read w_t = dL/dl_t
+      └─ loss + sum(extra) * loss_scale
+    Trainer: backward -> InstrumentSet.on_pre_optimizer_step (grads visible) -> optimizer.step
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type[Instrument]] = {}
+
+
+def register_instrument(name: str) -> Callable[[type[Instrument]], type[Instrument]]:
+    """Class decorator: make an instrument available by name (verl's `@register_policy_loss` pattern)."""
+
+    def deco(cls: type[Instrument]) -> type[Instrument]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"instrument '{name}' is registered twice ({_REGISTRY[name]} and {cls})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_instruments() -> dict[str, type[Instrument]]:
+    import rlx.instruments.catalog  # noqa: F401  (registers the built-in instruments)
+
+    return dict(_REGISTRY)
+
+
+@dataclass
+class LossContext:
+    """What an instrument sees for one micro-batch loss computation.
+
+    Shapes: B sequences, S tokens per sequence, d hidden size. Position j of `token_logps` is the
+    log-prob of token j+1 given tokens <= j, predicted from `hidden[:, j]`.
+    """
+
+    trainer: Any
+    """The trainer (for its accelerator, state, args)."""
+    algo: str
+    """grpo | dpo | sft | ppo."""
+    inputs: dict[str, Any]
+    """The trainer's micro-batch."""
+    loss: torch.Tensor
+    """The trainer's own loss for this micro-batch, scalar, in the graph (GA-scaled as the trainer returns it)."""
+    token_logps: torch.Tensor | None
+    """(B, S-1) per-token log-probs l_t the loss consumed, in the graph; zero where not scored."""
+    mask: torch.Tensor | None
+    """(B, S-1) float, 1 on tokens the loss scores (completion tokens)."""
+    hidden: torch.Tensor | None
+    """(B, S, d) post-final-norm last-layer states, in the graph."""
+    entropy: torch.Tensor | None = None
+    """(B, S-1) per-token entropy of the policy, when the trainer computed it."""
+    loss_scale: float = 1.0
+    """Factor the seam applies to extra terms so they match the trainer's gradient-accumulation scaling."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Algorithm-specific tensors, aligned with the last `completion_len` columns of `token_logps`:
+    `advantages` (B,) or (B, C), `old_logps` (B, C), `ref_logps` (B, C), `group_ids` (B,)."""
+    _weights: torch.Tensor | None = None
+
+    @property
+    def completion_len(self) -> int:
+        """C: columns of `token_logps` that belong to the completion (all of them for DPO/SFT)."""
+        return int(self.extras.get("completion_len", self.token_logps.shape[1]))
+
+    @property
+    def completion_logps(self) -> torch.Tensor:
+        """(B, C) log-probs of completion tokens."""
+        return self.token_logps[:, -self.completion_len :]
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        """(B, C) mask of completion tokens."""
+        return self.mask[:, -self.completion_len :]
+
+    @property
+    def completion_hidden(self) -> torch.Tensor:
+        """(B, C, d) states at the positions that predict completion tokens."""
+        c = self.completion_len
+        return self.hidden[:, -c - 1 : -1]
+
+    def token_weights(self) -> torch.Tensor:
+        """w_t = dL/dl_t, (B, S-1), by one autograd call on the real loss (graph kept for backward).
+
+        This reproduces every TRL loss type, normaliser and gradient-accumulation scaling without
+        re-deriving them (arXiv 2512.00778 as restated in research/gradient_alignment.md).
+        """
+        if self._weights is None:
+            (w,) = torch.autograd.grad(self.loss, self.token_logps, retain_graph=True, allow_unused=True)
+            self._weights = torch.zeros_like(self.token_logps) if w is None else w.detach()
+        return self._weights
+
+
+@dataclass
+class LossTerm:
+    """An instrument's answer to `on_loss`: an extra loss (unscaled; None for pure diagnostics) and metrics."""
+
+    loss: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Instrument:
+    """Base class. Override only the events you need; every method is optional.
+
+    Instruments are built with `(cfg, run)` where `cfg` is their own config section and `run` the
+    `RunContext` (run dir, diagnostics writer, full config).
+    """
+
+    name: ClassVar[str] = ""
+    needs_hidden: ClassVar[bool] = False
+    """True when `on_loss` reads `ctx.hidden` (the seam then hooks the backbone)."""
+    changes_loss: ClassVar[bool] = False
+    """True for regularizers (they add a loss term); False for pure measurements."""
+
+    def __init__(self, cfg: Any, run: Any) -> None:
+        self.cfg = cfg
+        self.run = run
+
+    def on_train_begin(self, trainer: Any) -> None: ...
+
+    def on_loss(self, ctx: LossContext) -> LossTerm | None:
+        return None
+
+    def on_pre_optimizer_step(self, trainer: Any) -> None:
+        """Gradients are in `.grad` (all-reduced; clipped) except under DeepSpeed, see rlx/instruments/README."""
+
+    def on_step_end(self, trainer: Any) -> None: ...
+
+    def on_train_end(self, trainer: Any) -> None: ...
+
+
+class InstrumentSet:
+    """The enabled instruments of a run, called in a fixed order on every rank."""
+
+    def __init__(self, instruments: list[Instrument]):
+        self.instruments = instruments
+
+    @property
+    def needs_hidden(self) -> bool:
+        return any(i.needs_hidden for i in self.instruments)
+
+    def __bool__(self) -> bool:
+        return bool(self.instruments)
+
+    def __iter__(self) -> Iterator[Instrument]:
+        return iter(self.instruments)
+
+    def on_loss(self, ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the loss with every extra term added (scaled by `ctx.loss_scale`) and all metrics."""
+        loss, metrics = ctx.loss, {}
+        for inst in self.instruments:
+            term = inst.on_loss(ctx)
+            if term is None:
+                continue
+            if term.loss is not None:
+                loss = loss + term.loss * ctx.loss_scale
+            metrics.update(term.metrics)
+        return loss, metrics
+
+    def call(self, event: str, trainer: Any) -> None:
+        for inst in self.instruments:
+            getattr(inst, event)(trainer)
+
+
+# ---- capture of l_t and h during the loss forward -----------------------------------------------------
+
+
+def unwrap_policy(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside DDP / DeepSpeed / PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def backbone_of(policy: nn.Module) -> nn.Module:
+    """The decoder stack whose `last_hidden_state` feeds the LM head (post final norm)."""
+    return getattr(policy, policy.base_model_prefix, None) or policy.model
+
+
+@dataclass
+class Captured:
+    token_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    _logps: list = field(default_factory=list)
+    _ent: list = field(default_factory=list)
+    _mask: list = field(default_factory=list)
+    _hid: list = field(default_factory=list)
+
+    def finish(self) -> Captured:
+        # TRL may chunk one loss forward over sub-batches; concatenate them back.
+        cat = lambda xs: torch.cat(xs, 0) if len(xs) > 1 else (xs[0] if xs else None)  # noqa: E731
+        self.token_logps, self.entropy = cat(self._logps), cat(self._ent)
+        self.label_mask, self.hidden = cat(self._mask), cat(self._hid)
+        return self
+
+
+@contextlib.contextmanager
+def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Captured]:
+    """Hook the policy for one loss forward; yields a `Captured` filled when the block exits.
+
+    Only forwards called with `fused_lm_head=True` (TRL's loss path) or `rlx_capture=True` are
+    recorded, so generation, reference and no-grad passes are ignored. Hooks are always removed.
+    """
+    policy = unwrap_policy(model)
+    cap = Captured()
+    depth = {"n": 0}
+
+    def top_pre(module, args, kwargs):
+        if kwargs.get("fused_lm_head") or kwargs.get("rlx_capture"):
+            depth["n"] += 1
+
+    def top_post(module, args, kwargs, out):
+        if not (kwargs.get("fused_lm_head") or kwargs.get("rlx_capture")):
+            return
+        depth["n"] -= 1
+        if getattr(out, "log_probs", None) is not None:
+            cap._logps.append(out.log_probs)
+            if getattr(out, "entropy", None) is not None:
+                cap._ent.append(out.entropy)
+            if getattr(out, "label_mask", None) is not None:
+                cap._mask.append(out.label_mask.float())
+
+    def backbone_post(module, args, out):
+        if depth["n"] > 0:
+            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            cap._hid.append(h)
+
+    handles = [
+        policy.register_forward_pre_hook(top_pre, with_kwargs=True),
+        policy.register_forward_hook(top_post, with_kwargs=True),
+    ]
+    try:
+        if hidden:
+            handles.append(backbone_of(policy).register_forward_hook(backbone_post))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+        cap.finish()

@@ -1,0 +1,1 @@
+"""Importing this module registers every built-in instrument. Add one import per instrument module."""
