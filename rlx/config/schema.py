@@ -215,38 +215,46 @@ class DiagnosticsConfig:
 
 @dataclass
 class RelaxConfig:
-    """ReLaX latent-exploration regularizer (arXiv 2512.07558); see rlx/regularizers/relax.py."""
+    """ReLaX latent-exploration regularizer (arXiv 2512.07558); see rlx/regularizers/ and docs/relax.md."""
 
     alpha: float = 0.1
-    """Weight of the advantage-shaped exploration loss L_xp."""
+    """Weight of the advantage-shaped exploration loss L_xp (paper Table 3: 0.1)."""
     beta: float = 0.01
-    """Weight of the adaptive KL."""
+    """Weight of the adaptive KL on trajectories with A > 0 and DSD > xi; needs reference log-probs, so
+    GRPO must run with trainer.beta != 0 (a tiny value such as 1e-9 is enough); 0 switches the KL off."""
     xi: float | None = None
-    """DSD threshold; None calibrates it on the first rollout batch (see `xi_quantile`)."""
-    xi_quantile: float = 0.9
-    """When xi is None: xi = this quantile of DSD over the first rollout batch."""
+    """DSD threshold; None calibrates it once on the first rollout batch as xi_scale * median DSD."""
+    xi_scale: float = 25.0
+    """When xi is None: xi = xi_scale * median DSD at step 0 (paper: DSD ~ 1 at step 0 and xi = 25)."""
     dict_size: int = 50
     """m, the number of dictionary features psi(h) = sigmoid(W h)."""
     ridge: float = 1e-3
-    """lambda in the EDMD ridge solve."""
-    eps: float = 1e-8
-    """eps in r_j = sqrt(s_j^2 + eps)."""
+    """lambda in the EDMD ridge solve K = (Px^T Px + lambda I)^-1 Px^T Py."""
+    eps: float = 1e-3
+    """eps in the smoothed modulus r_j = sqrt(s_j^2 + eps) (authors' code: 1e-3)."""
     spectrum: str = "svd"
-    """svd (singular values; authors' code, default) | eig (eigenvalue moduli; paper Eq. 6)."""
+    """svd (singular values of K; authors' code, default) | eig (eigenvalue moduli; paper Eq. 6)."""
     group: str = "prompt"
-    """prompt (mean over the prompt group, default) | batch (over the micro-batch)."""
+    """Set of the log-mean-exp: prompt (the prompt group, paper) | batch (the micro-batch, authors' code)."""
     dict_lr: float = 1e-3
-    """Dictionary learning: Adam learning rate."""
+    """Dictionary learning: Adam learning rate (authors' code 1e-3; paper 1e-4)."""
     dict_batch_size: int = 64
-    """Dictionary learning: transitions per batch."""
+    """Dictionary learning: trajectories per Adam step."""
     dict_epochs: int = 1
-    """Dictionary learning: epochs over the first rollout batch."""
+    """Dictionary learning: epochs over the fitting batch."""
+    dict_max_positions: int = 512
+    """Dictionary learning: only the first N completion positions of each trajectory are used."""
+    dict_seed: int = 42
+    """Seed of the dictionary initialisation (a private generator; the global RNG is untouched)."""
     refit_every: int = 0
-    """Refit the dictionary every N steps (0 = only at step 0)."""
+    """Refit the dictionary every N optimizer steps (0 = fit once at step 0; authors' code: 50)."""
     code_compat: bool = False
-    """Reproduce the authors' code quirks (zero padding to max length, advantage scaled by L / L_max)."""
+    """Reproduce the authors' code quirks: zero-padded states to max_completion_length with all transitions
+    used, and advantage scaled by L / L_max. For full parity also set group=batch and xi=10."""
+    max_completion_length: int | None = None
+    """L_max for code_compat (default: trainer.max_completion_length)."""
     save_every: int = 1
-    """Write per-trajectory DSD and spectra every N steps."""
+    """Write per-trajectory DSD and singular-value spectra every N optimizer steps (0 = never)."""
 
 
 @dataclass
@@ -254,7 +262,7 @@ class EntropyBonusConfig:
     """Token-level entropy bonus: loss -= coef * mean token entropy."""
 
     coef: float = 0.01
-    """Weight of the entropy bonus."""
+    """Weight of the entropy bonus (token-mean over the micro-batch's completion tokens)."""
 
 
 @dataclass
@@ -268,9 +276,10 @@ class CovConfig:
     clip_cov_ub: float = 5.0
     """Clip-Cov: upper covariance bound."""
     kl_ratio: float = 0.002
-    """KL-Cov: fraction of highest-covariance tokens that get the KL penalty."""
+    """KL-Cov: fraction of highest-covariance tokens that get the KL penalty (verl 7B recipe: 0.002)."""
     kl_coef: float = 1.0
-    """KL-Cov: weight of the penalty |log pi - log pi_old| on those tokens."""
+    """KL-Cov: weight of the penalty |log pi - log pi_old| on those tokens; needs old log-probs, i.e. an
+    off-policy GRPO setting (trainer.num_iterations > 1 or steps_per_generation > gradient_accumulation_steps)."""
 
 
 @dataclass
