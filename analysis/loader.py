@@ -1,0 +1,426 @@
+"""Load rlx run directories for offline analysis.
+
+A run directory (written by `rlx.train`) holds:
+
+    config.yaml               resolved RunConfig
+    metrics.jsonl             one JSON object per logging step: {"step": ..., <TRL metric names>: ...}
+    eval_before_after.json    greedy accuracy before/after training (optional)
+    eval.json                 rlx.evaluate output (optional)
+    diagnostics/manifest.json every file an instrument wrote, with its schema version (rlx/diagnostics)
+
+`Run(path)` reads all of it and checks it: a missing, truncated or newer-schema file raises
+`RunLoadError` naming the file, or, with `strict=False`, is skipped with a `RunLoadWarning`.
+Files a rank wrote alone (`name.rank{r}.ext`) are merged: tables are concatenated with a `rank`
+column, tensor files are returned one per rank. `load_runs([...])` loads several runs for comparison;
+`RunSet.metrics(...)` aligns them on `step`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rlx.diagnostics.manifest import MANIFEST_NAME, MANIFEST_VERSION
+from rlx.errors import UserError
+
+# Newest schema version of each instrument's files this package understands. An instrument that is not
+# listed is read generically and must be at schema version 1.
+SUPPORTED_SCHEMA: dict[str, int] = {
+    "grad_alignment": 1,
+    "relax": 1,
+    "activations": 1,
+    "activation_replay": 1,
+    "replay": 1,
+}
+DEFAULT_SUPPORTED_SCHEMA = 1
+_RANK_RE = re.compile(r"\.rank(\d+)(?=\.[^.]+$|$)")
+
+
+class RunLoadError(UserError):
+    """A run-directory file is missing, truncated, unreadable or has a schema newer than this package."""
+
+
+class RunLoadWarning(UserWarning):
+    """A file was skipped because the caller asked for `strict=False`."""
+
+
+@dataclass
+class TensorFile:
+    """One safetensors file: its tensors (as float/int numpy arrays), its metadata and the rank that wrote it."""
+
+    path: Path
+    rank: int
+    metadata: dict[str, str]
+    tensors: dict[str, np.ndarray]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+
+@dataclass
+class DiagFile:
+    """A manifest entry, validated; `load()` reads (and caches) its contents."""
+
+    entry: dict[str, Any]
+    path: Path
+    _cache: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+    @property
+    def instrument(self) -> str:
+        return self.entry.get("instrument", "")
+
+    @property
+    def format(self) -> str:
+        return self.entry.get("format") or self.path.suffix.lstrip(".")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.entry.get("schema_version", 0))
+
+    @property
+    def rank(self) -> int:
+        return int(self.entry.get("rank", 0))
+
+    @property
+    def key(self) -> str:
+        """The manifest path with any `.rank{r}` removed: the same logical file across ranks."""
+        return _RANK_RE.sub("", self.entry["path"])
+
+    def load(self) -> Any:
+        if self._cache is None:
+            self._cache = _read(self.path, self.format)
+        return self._cache
+
+
+def _read(path: Path, fmt: str) -> Any:
+    """Read one diagnostics file; any decoding failure becomes a `RunLoadError` naming the file."""
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        if fmt == "safetensors":
+            from safetensors import safe_open
+            from safetensors.numpy import load_file
+
+            with safe_open(str(path), "np") as fh:
+                meta = dict(fh.metadata() or {})
+            return TensorFile(path, 0, meta, load_file(str(path)))
+        if fmt == "json":
+            return json.loads(path.read_text())
+        if fmt == "jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except Exception as e:  # pyarrow, safetensors and json raise unrelated types for a truncated file
+        raise RunLoadError(
+            f"{path}: cannot read this {fmt} file ({type(e).__name__}: {e}); it is truncated or corrupt. "
+            "Re-run the instrument or remove the entry from diagnostics/manifest.json."
+        ) from e
+    raise RunLoadError(
+        f"{path}: unknown format '{fmt}' in the manifest; expected parquet, safetensors or json."
+    )
+
+
+def _validate(path: Path, fmt: str, schema_version: int) -> None:
+    """Cheap integrity checks without reading the payload (parquet footer, safetensors header/size)."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_metadata(path)
+        elif fmt == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "np") as fh:
+                meta = fh.metadata() or {}
+            inner = meta.get("schema_version")
+            if inner is not None and int(inner) != schema_version:
+                raise RunLoadError(
+                    f"{path}: schema_version {inner} in the file header but {schema_version} in the manifest; "
+                    "the file was rewritten outside DiagnosticsWriter."
+                )
+        elif fmt == "json":
+            json.loads(path.read_text())
+    except RunLoadError:
+        raise
+    except Exception as e:
+        raise RunLoadError(
+            f"{path}: cannot read this {fmt} file ({type(e).__name__}: {e}); it is truncated or corrupt. "
+            "Re-run the instrument or remove the entry from diagnostics/manifest.json."
+        ) from e
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise RunLoadError(
+                f"{path}: line {i} is not valid JSON ({e}); the file is truncated or corrupt. "
+                "Expected one JSON object per logging step."
+            ) from e
+    df = pd.DataFrame(rows)
+    if len(df) and "step" not in df.columns:
+        raise RunLoadError(f"{path}: no 'step' field; expected one JSON object per logging step with 'step'.")
+    if len(df):
+        # TRL logs train metrics and e.g. eval or final summaries at the same step: merge them per step.
+        df = df.groupby("step", as_index=False, sort=True).last()
+        df["step"] = df["step"].astype(int)
+    return df
+
+
+class Run:
+    """One run directory, loaded and checked.
+
+    Attributes: `path`, `config` (OmegaConf DictConfig or None), `metrics` (DataFrame, one row per
+    logged step, sorted by `step`), `eval_before_after` and `eval` (dicts or None), `manifest` (dict),
+    `files` (validated `DiagFile`s), `skipped` (messages of files skipped with `strict=False`).
+    """
+
+    def __init__(self, path: str | Path, strict: bool = True, label: str | None = None):
+        self.path = Path(path)
+        self.strict = strict
+        self.skipped: list[str] = []
+        if not self.path.is_dir():
+            raise RunLoadError(
+                f"{self.path}: not a directory; expected an rlx run directory (with config.yaml)."
+            )
+        self.config = self._guard(self.path / "config.yaml", self._load_config, required=True)
+        self.metrics = self._guard(self.path / "metrics.jsonl", _read_jsonl, required=True)
+        if self.metrics is None:
+            self.metrics = pd.DataFrame({"step": pd.Series([], dtype=int)})
+        self.eval_before_after = self._guard(self.path / "eval_before_after.json", _read_json, required=False)
+        self.eval = self._guard(self.path / "eval.json", _read_json, required=False)
+        self.manifest, self.files = self._load_manifest()
+        self.label = label or self._default_label()
+
+    # ---- loading -------------------------------------------------------------------------------------
+
+    def _fail(self, msg: str) -> None:
+        if self.strict:
+            raise RunLoadError(msg)
+        warnings.warn(msg, RunLoadWarning, stacklevel=3)
+        self.skipped.append(msg)
+
+    def _guard(self, path: Path, reader, required: bool) -> Any:
+        if not path.exists():
+            if required:
+                self._fail(f"{path}: missing; every rlx run directory has it (written by rlx.train).")
+            return None
+        try:
+            return reader(path)
+        except RunLoadError as e:
+            self._fail(str(e))
+        except Exception as e:
+            self._fail(f"{path}: cannot read it ({type(e).__name__}: {e}).")
+        return None
+
+    @staticmethod
+    def _load_config(path: Path) -> Any:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(path)
+
+    def _load_manifest(self) -> tuple[dict[str, Any], list[DiagFile]]:
+        mpath = self.path / "diagnostics" / MANIFEST_NAME
+        empty = {"format": "rlx-diagnostics", "manifest_version": MANIFEST_VERSION, "files": []}
+        if not mpath.exists():
+            return empty, []
+        manifest = self._guard(mpath, _read_json, required=True)
+        if manifest is None:
+            return empty, []
+        if int(manifest.get("manifest_version", 0)) > MANIFEST_VERSION:
+            self._fail(
+                f"{mpath}: manifest_version {manifest.get('manifest_version')} is newer than this package "
+                f"reads ({MANIFEST_VERSION}); upgrade rlx to analyse this run."
+            )
+            return manifest, []
+        files = []
+        for entry in manifest.get("files", []):
+            path = self.path / "diagnostics" / entry["path"]
+            inst = entry.get("instrument", "")
+            supported = SUPPORTED_SCHEMA.get(inst, DEFAULT_SUPPORTED_SCHEMA)
+            version = int(entry.get("schema_version", 0))
+            if not path.exists():
+                self._fail(f"{path}: listed in {mpath} but missing; the run was copied incompletely.")
+                continue
+            if version > supported:
+                self._fail(
+                    f"{path}: schema_version {version} of instrument '{inst}' is newer than this package "
+                    f"reads ({supported}); upgrade rlx (analysis/) to read it."
+                )
+                continue
+            try:
+                _validate(path, entry.get("format") or path.suffix.lstrip("."), version)
+            except RunLoadError as e:
+                self._fail(str(e))
+                continue
+            files.append(DiagFile(entry, path))
+        return manifest, files
+
+    def _default_label(self) -> str:
+        recipe = self._cfg("recipe") or ""
+        return f"{recipe}:{self.path.name}" if recipe else self.path.name
+
+    def _cfg(self, dotted: str, default: Any = None) -> Any:
+        if self.config is None:
+            return default
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.select(self.config, dotted, default=default)
+        return default if value is None else value
+
+    # ---- queries -------------------------------------------------------------------------------------
+
+    @property
+    def algo(self) -> str:
+        return str(self._cfg("algo", "?"))
+
+    @property
+    def recipe(self) -> str:
+        return str(self._cfg("recipe", ""))
+
+    def cfg(self, dotted: str, default: Any = None) -> Any:
+        """A config value by dotted key (None-safe)."""
+        return self._cfg(dotted, default)
+
+    def find(
+        self, instrument: str | None = None, name: str | None = None, fmt: str | None = None
+    ) -> list[DiagFile]:
+        """Manifest files matching all given fields (sorted by path, ranks adjacent)."""
+        out = [
+            f
+            for f in self.files
+            if (instrument is None or f.instrument == instrument)
+            and (name is None or f.name == name)
+            and (fmt is None or f.format == fmt)
+        ]
+        return sorted(out, key=lambda f: (f.key, f.rank))
+
+    def has(self, instrument: str | None = None, name: str | None = None) -> bool:
+        return bool(self.find(instrument, name))
+
+    def table(self, instrument: str | None = None, name: str | None = None) -> pd.DataFrame | None:
+        """All matching parquet files concatenated; per-rank and per-step files merged (`rank` column added)."""
+        frames = []
+        for f in self.find(instrument, name, "parquet"):
+            try:
+                df = f.load()
+            except RunLoadError as e:
+                self._fail(str(e))
+                continue
+            df = df.copy()
+            if "rank" not in df.columns:
+                df["rank"] = f.rank
+            frames.append(df)
+        if not frames:
+            return None
+        return pd.concat(frames, ignore_index=True)
+
+    def tensors(self, instrument: str | None = None, name: str | None = None) -> list[TensorFile]:
+        """All matching safetensors files, each with its rank, in manifest-path order."""
+        out = []
+        for f in self.find(instrument, name, "safetensors"):
+            try:
+                tf = f.load()
+            except RunLoadError as e:
+                self._fail(str(e))
+                continue
+            tf.rank = f.rank
+            out.append(tf)
+        return out
+
+    def json(self, instrument: str | None = None, name: str | None = None) -> list[Any]:
+        return [f.load() for f in self.find(instrument, name, "json")]
+
+    def metric(self, name: str) -> pd.Series | None:
+        """One metric over steps (index = step), NaN-free; None when the run never logged it."""
+        if name not in self.metrics.columns:
+            return None
+        s = self.metrics.set_index("step")[name].dropna()
+        return s if len(s) else None
+
+    def __repr__(self) -> str:
+        return (
+            f"Run({str(self.path)!r}, algo={self.algo}, steps={len(self.metrics)}, files={len(self.files)})"
+        )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunLoadError(f"{path}: not valid JSON ({e}); the file is truncated or corrupt.") from e
+
+
+class RunSet(Sequence):
+    """Several runs loaded together; labels are made unique."""
+
+    def __init__(self, runs: Iterable[Run]):
+        self.runs = list(runs)
+        seen: dict[str, int] = {}
+        for r in self.runs:
+            n = seen.get(r.label, 0)
+            seen[r.label] = n + 1
+            if n:
+                r.label = f"{r.label}#{n + 1}"
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.runs[i]
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(self.runs)
+
+    def metrics(self, names: Sequence[str] | None = None, how: str = "outer") -> pd.DataFrame:
+        """Long table (run, step, metric, value) restricted to `names`; `how="inner"` keeps only steps
+        every run logged (steps aligned across runs)."""
+        frames = []
+        for r in self.runs:
+            m = r.metrics
+            cols = [c for c in (names or m.columns) if c in m.columns and c != "step"]
+            if not cols or not len(m):
+                continue
+            long = m[["step", *cols]].melt(id_vars="step", var_name="metric", value_name="value").dropna()
+            long.insert(0, "run", r.label)
+            frames.append(long)
+        if not frames:
+            return pd.DataFrame(columns=["run", "step", "metric", "value"])
+        df = pd.concat(frames, ignore_index=True)
+        df["value"] = pd.to_numeric(df["value"], errors="coerce")
+        if how == "inner":
+            steps = None
+            for _, g in df.groupby("run"):
+                s = set(g["step"])
+                steps = s if steps is None else steps & s
+            df = df[df["step"].isin(steps or set())]
+        return df.sort_values(["run", "metric", "step"]).reset_index(drop=True)
+
+    def wide(self, metric: str, how: str = "outer") -> pd.DataFrame:
+        """One metric: index = step, one column per run (NaN where a run did not log that step)."""
+        df = self.metrics([metric], how=how)
+        if not len(df):
+            return pd.DataFrame()
+        return df.pivot_table(index="step", columns="run", values="value", aggfunc="last")
+
+
+def load_runs(paths: Iterable[str | Path], strict: bool = True) -> RunSet:
+    """Load several run directories for comparison."""
+    return RunSet(Run(p, strict=strict) for p in paths)
