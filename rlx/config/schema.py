@@ -74,7 +74,7 @@ class TaskConfig:
 
     name: str = "arithmetic"
     """arithmetic | countdown (embedded, generated) | gsm8k (real data) | ultrafeedback (real preference data)."""
-    num_train: int = 20000
+    num_train: int = 8000
     """Generated tasks: number of training problems."""
     num_eval: int = 200
     """Generated tasks: number of held-out problems (disjoint from train)."""
@@ -317,7 +317,25 @@ class ReplayConfig:
     num_layers: int = 16
     """L, the number of early layers in the loss (capped at the model's depth)."""
     align: str = "code"
-    """code (the released code's one-layer offset) | paper."""
+    """code (the released code's one-layer offset: RL layer-l input vs base layer-l output) | paper (output vs output)."""
+    positions: str = "auto"
+    """Eligible positions. auto = image/video pad tokens for VLMs, prompt tokens for text models (learnable), every
+    non-pad token (direct); prompt | visual | all force one rule."""
+    exclude_special: bool = True
+    """Text models: special tokens (chat-template markers, bos/eos) are never eligible for learnable replay."""
+    fp32: bool = False
+    """Compute the logit-lens norm, logits and KL in float32 (the released code stays in the model dtype)."""
+    lens_chunk_size: int = 16384
+    """Vocabulary rows per chunk in full-vocabulary logit-lens entropy, top-k and KL."""
+    log_final_loss: bool = False
+    """Also evaluate the loss at the final offsets (one extra forward; the released code never does)."""
+    direct_num_layers: int = 7
+    """direct: L, the number of early layers whose inputs are replaced (released agent/video scripts: 7)."""
+    direct_thresholds: list[float] | None = None
+    """direct: absolute per-layer base-entropy thresholds in nats (released scripts: Qwen2.5-VL values); None uses
+    the relative rule entropy <= rho * max over eligible positions."""
+    direct_require_lower: bool = True
+    """direct: also require base entropy < RL entropy at the position (the released scripts do)."""
 
 
 @dataclass
