@@ -1,0 +1,208 @@
+"""ReLaX pure functions against independent float64 references and closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rlx.regularizers.dictionary import fit_dictionary, init_dictionary, residual_loss
+from rlx.regularizers.dsd import dynamic_spectral_dispersion
+from rlx.regularizers.koopman import dictionary_features, koopman_operator
+from rlx.regularizers.loss import adaptive_kl, exploration_loss, k3_kl, positive_advantage
+
+RIDGE, EPS = 1e-3, 1e-3
+
+
+def relax_dsd(hidden, mask, weight, spectrum="svd"):
+    k = koopman_operator(dictionary_features(hidden, weight), mask, RIDGE)
+    return dynamic_spectral_dispersion(k, spectrum, EPS)
+
+
+def numpy_dsd(h: np.ndarray, length: int, w: np.ndarray, spectrum="svd") -> float:
+    """Independent float64 reference: ridge least squares by an augmented lstsq, no normal equations."""
+    psi = 1.0 / (1.0 + np.exp(-(h[:length] @ w.T)))
+    m = w.shape[0]
+    px, py = psi[:-1], psi[1:]
+    a = np.vstack([px, np.sqrt(RIDGE) * np.eye(m)])
+    b = np.vstack([py, np.zeros((m, m))])
+    k = np.linalg.lstsq(a, b, rcond=None)[0]
+    s = np.linalg.svd(k, compute_uv=False) if spectrum == "svd" else np.abs(np.linalg.eigvals(k))
+    r = np.sqrt(s**2 + EPS)
+    return float(np.var(r, ddof=1))
+
+
+def random_batch(seed=0, b=5, t=40, d=16, m=50):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, d, generator=g, dtype=torch.float64) * 2
+    lengths = torch.tensor([t, t - 3, 17, 9, 2][:b])
+    mask = (torch.arange(t)[None] < lengths[:, None]).double()
+    weight = torch.randn(m, d, generator=g, dtype=torch.float64) * 0.5
+    return hidden, mask, lengths, weight
+
+
+@pytest.mark.parametrize("spectrum", ["svd", "eig"])
+def test_dsd_matches_independent_float64(spectrum):
+    hidden, mask, lengths, weight = random_batch()
+    dsd, _ = relax_dsd(hidden, mask, weight, spectrum)
+    ref = [
+        numpy_dsd(hidden[i].numpy(), int(lengths[i]), weight.numpy(), spectrum) for i in range(len(lengths))
+    ]
+    np.testing.assert_allclose(dsd.numpy(), ref, rtol=1e-6)
+
+
+def test_dsd_fp32_close_to_float64():
+    hidden, mask, lengths, weight = random_batch(seed=1)
+    d64, _ = relax_dsd(hidden, mask, weight)
+    d32, _ = relax_dsd(hidden.float(), mask.float(), weight.float())
+    assert d32.dtype == torch.float32
+    np.testing.assert_allclose(d32.double().numpy(), d64.numpy(), rtol=1e-3)
+
+
+def test_padding_invariance():
+    hidden, mask, lengths, weight = random_batch(seed=2)
+    dsd, spec = relax_dsd(hidden, mask, weight)
+    garbage = torch.randn(hidden.shape[0], 7, hidden.shape[2], dtype=torch.float64) * 100
+    padded = torch.cat([hidden, garbage], 1)
+    pmask = torch.cat([mask, torch.zeros(mask.shape[0], 7, dtype=mask.dtype)], 1)
+    noisy = torch.where(pmask.bool()[..., None], padded, torch.randn_like(padded))  # junk under every pad
+    dsd2, spec2 = relax_dsd(noisy, pmask, weight)
+    torch.testing.assert_close(dsd2, dsd, rtol=1e-10, atol=0)
+    torch.testing.assert_close(spec2, spec, rtol=1e-10, atol=1e-12)
+    # each trajectory alone (cropped to its length) gives the same value as in the padded batch
+    for i in range(len(lengths)):
+        L = int(lengths[i])
+        alone, _ = relax_dsd(hidden[i : i + 1, :L], None, weight)
+        torch.testing.assert_close(alone[0], dsd[i], rtol=1e-10, atol=0)
+
+
+def _grad_to_hidden(hidden, mask, weight, adv, group_ids, xi=1e9):
+    hidden = hidden.clone().float().requires_grad_(True)
+    dsd, _ = relax_dsd(hidden, mask, weight.float())
+    loss, _ = exploration_loss(dsd, positive_advantage(adv), group_ids, xi)
+    loss.backward()
+    return loss, hidden.grad
+
+
+@pytest.mark.parametrize(
+    "case", ["constant", "length2", "length1", "all_masked_positions", "zero_adv", "all_over_xi"]
+)
+def test_finite_gradients_degenerate(case):
+    torch.manual_seed(0)
+    b, t, d = 4, 12, 8
+    weight = init_dictionary(50, d, seed=3)
+    hidden = torch.randn(b, t, d)
+    mask = torch.ones(b, t)
+    adv = torch.tensor([1.0, 0.5, -0.3, 2.0])
+    xi = 1e9
+    if case == "constant":
+        hidden = torch.ones(b, t, d) * torch.randn(1, 1, d)
+    elif case == "length2":
+        mask[:, 2:] = 0
+    elif case == "length1":
+        mask[:, 1:] = 0
+    elif case == "all_masked_positions":
+        mask[:] = 0
+    elif case == "zero_adv":
+        adv = torch.tensor([-1.0, -0.5, 0.0, -2.0])
+    elif case == "all_over_xi":
+        xi = -1.0
+    loss, grad = _grad_to_hidden(hidden, mask, weight, adv, torch.zeros(b, dtype=torch.long), xi)
+    assert torch.isfinite(loss)
+    assert grad is not None and torch.isfinite(grad).all()
+    if case in ("zero_adv", "all_over_xi", "all_masked_positions", "length1"):
+        assert float(grad.abs().max()) == 0.0
+    if case == "length2":
+        assert float(grad[:, 2:].abs().max()) == 0.0 and float(grad[:, :2].abs().max()) > 0
+
+
+def test_exploration_loss_gradient_closed_form():
+    g = torch.Generator().manual_seed(4)
+    adv = torch.randn(8, generator=g, dtype=torch.float64)
+    d = (torch.rand(8, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    a = positive_advantage(adv)
+    loss, _ = exploration_loss(d, a, None, xi=1e9)
+    (grad,) = torch.autograd.grad(loss, d)
+    e = torch.exp(-a * d.detach())
+    closed = -(1 / 8) * a * e / e.mean()
+    torch.testing.assert_close(grad, closed, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(loss, torch.log(e.mean()))
+
+
+def test_exploration_loss_groups_and_stop_gradient():
+    a = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.5, 0.0], dtype=torch.float64)
+    d = torch.tensor([0.5, 3.0, 30.0, 1.0, 2.0, 40.0], dtype=torch.float64, requires_grad=True)
+    gid = torch.tensor([7, 7, 7, 9, 9, 9])
+    loss, z = exploration_loss(d, a, gid, xi=25.0)
+    e = torch.exp(-a * d.detach())
+    per_group = torch.stack([torch.log(e[:3].mean()), torch.log(e[3:].mean())])
+    torch.testing.assert_close(loss, per_group.mean())
+    (grad,) = torch.autograd.grad(loss, d)
+    assert grad[2] == 0  # a > 0 and DSD > xi: detached
+    assert grad[1] == 0 and grad[5] == 0  # a = 0: no push
+    closed0 = 0.5 * -(1 / 3) * a[0] * e[0] / e[:3].mean()
+    torch.testing.assert_close(grad[0], closed0)
+
+
+def test_positive_advantage_code_compat_length_scaling():
+    adv = torch.tensor([2.0, -1.0, 1.0])
+    lengths = torch.tensor([10, 20, 30])
+    torch.testing.assert_close(positive_advantage(adv), torch.tensor([2.0, 0.0, 1.0]))
+    torch.testing.assert_close(positive_advantage(adv, lengths, 40), torch.tensor([0.5, 0.0, 0.75]))
+
+
+def test_adaptive_kl_by_hand():
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -0.2, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.3, -20.0, -0.1]])
+    tok = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    traj = torch.tensor([True, False])
+    k3 = lambda lp, r: np.exp(r - lp) - (r - lp) - 1  # noqa: E731
+    expected = (k3(-1.0, -1.5) + k3(-2.0, -1.0)) / 5
+    torch.testing.assert_close(
+        adaptive_kl(logps, ref, tok, traj), torch.tensor(expected, dtype=torch.float32)
+    )
+    # clamp at 10 for the huge ratio, masked trajectory 1 only
+    got = adaptive_kl(logps, ref, tok, torch.tensor([False, True]))
+    manual = (k3(-0.1, -0.3) + min(float(k3(-0.2, -20.0)), 10.0) + min(float(k3(-9.0, -0.1)), 10.0)) / 5
+    torch.testing.assert_close(got, torch.tensor(manual, dtype=torch.float32))
+    assert float(k3_kl(torch.zeros(3), torch.zeros(3)).abs().max()) == 0
+
+
+def test_residual_loss_matches_numpy_and_fit_reduces_it():
+    g = torch.Generator().manual_seed(5)
+    n, t, d = 48, 30, 12
+    a_true = torch.linalg.qr(torch.randn(d, d, generator=g))[0] * 0.95
+    h = torch.zeros(n, t, d)
+    h[:, 0] = torch.randn(n, d, generator=g)
+    for s in range(1, t):
+        h[:, s] = h[:, s - 1] @ a_true.T + 0.05 * torch.randn(n, d, generator=g)
+    mask = torch.ones(n, t)
+    mask[::3, 20:] = 0
+    w0 = init_dictionary(50, d, seed=42)
+    # numpy reference of the surrogate residual
+    psi = 1 / (1 + np.exp(-(h.double().numpy() @ w0.double().numpy().T)))
+    v = (mask[:, :-1] * mask[:, 1:]).bool().numpy()
+    px, py = psi[:, :-1][v], psi[:, 1:][v]
+    k = np.linalg.solve(px.T @ px + RIDGE * np.eye(50), px.T @ py)
+    _, s_, vh = np.linalg.svd(k)
+    ref = np.linalg.norm(py @ vh - (px @ vh) * s_) / n
+    got = residual_loss(w0.double(), h.double(), mask.double(), RIDGE)
+    np.testing.assert_allclose(float(got), ref, rtol=1e-6)
+    w1, losses = fit_dictionary(h, mask, batch_size=16, epochs=15, lr=1e-2, seed=42)
+    assert w1.shape == (50, d) and len(losses) == 45
+    after = float(residual_loss(w1, h, mask, RIDGE))
+    before = float(residual_loss(w0, h, mask, RIDGE))
+    assert after < 0.9 * before, (before, after)
+    w2, _ = fit_dictionary(h, mask, batch_size=16, epochs=15, lr=1e-2, seed=42)
+    torch.testing.assert_close(w1, w2)  # deterministic
+
+
+def test_init_dictionary_bound_and_rng_untouched():
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    w = init_dictionary(50, 64, seed=42)
+    after = torch.rand(3)
+    torch.testing.assert_close(before, after)
+    assert float(w.abs().max()) <= (0.75 / 64) ** 0.5
+    torch.testing.assert_close(w, init_dictionary(50, 64, seed=42))
