@@ -1,0 +1,206 @@
+"""PPO math (rlx/algorithms/ppo.py) against hand-computed numbers and a closed form in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlx.algorithms.ppo import (
+    AdaptiveKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    token_level_rewards,
+)
+
+f64 = dict(dtype=torch.float64)
+
+
+def t(x):
+    return torch.tensor(x, **f64)
+
+
+# ---- GAE -----------------------------------------------------------------------------------------------
+
+
+def test_gae_gamma1_lambda1_ragged_by_hand():
+    # gamma = lambda = 1: A_t = sum_{k >= t} r_k - V_t, R_t = sum_{k >= t} r_k (terminal value 0).
+    rewards = t([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]])  # 9.0 is padding and must not leak
+    values = t([[0.5, 0.2, 0.4], [1.0, -1.0, 7.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, t([[0.5, 0.8, 0.6], [1.0, 3.0, 0.0]]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, t([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]), rtol=0, atol=1e-12)
+
+
+def test_gae_099_095_ragged_by_hand():
+    # Worked by hand, gamma*lambda = 0.9405:
+    # row 0 (len 2): d1 = 1 - 0.2 = 0.8; d0 = 0 + .99*.2 - .5 = -0.302; A0 = -0.302 + .9405*.8 = 0.4504
+    # row 1 (len 1): A0 = 2 - 0.5 = 1.5
+    # row 2 (len 3): d2 = 0.2; d1 = .99*.8 - .6 = 0.192, A1 = 0.192 + .9405*.2 = 0.3801;
+    #                d0 = -.1 + .99*.6 - .4 = 0.094, A0 = 0.094 + .9405*.3801 = 0.45148405
+    rewards = t([[0.0, 1.0, 5.0], [2.0, 5.0, 5.0], [-0.1, 0.0, 1.0]])
+    values = t([[0.5, 0.2, 3.0], [0.5, 3.0, 3.0], [0.4, 0.6, 0.8]])
+    mask = t([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    adv, ret = gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    expected_adv = t([[0.4504, 0.8, 0.0], [1.5, 0.0, 0.0], [0.45148405, 0.3801, 0.2]])
+    expected_ret = t([[0.9504, 1.0, 0.0], [2.0, 0.0, 0.0], [0.85148405, 0.9801, 1.0]])
+    torch.testing.assert_close(adv, expected_adv, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, expected_ret, rtol=0, atol=1e-12)
+
+
+def _gae_closed_form(r, v, lengths, gamma, lam):
+    """A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, V_T = 0: a matrix product."""
+    out = torch.zeros_like(r)
+    for i, n in enumerate(lengths):
+        rr, vv = r[i, :n], v[i, :n]
+        v_next = torch.cat([vv[1:], vv.new_zeros(1)])
+        delta = rr + gamma * v_next - vv
+        idx = torch.arange(n, dtype=torch.float64)
+        expo = idx[None, :] - idx[:, None]  # l = k - t
+        weights = torch.where(expo >= 0, (gamma * lam) ** expo.clamp(min=0), torch.zeros_like(expo))
+        out[i, :n] = weights @ delta
+    return out
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95)])
+def test_gae_matches_closed_form_random_ragged(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 4, 0, 5]
+    r = torch.randn(5, 7, generator=g, **f64)
+    v = torch.randn(5, 7, generator=g, **f64)
+    mask = torch.zeros(5, 7, **f64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    adv, ret = gae(r, v, mask, gamma, lam)
+    ref = _gae_closed_form(r, v, lengths, gamma, lam)
+    torch.testing.assert_close(adv, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, (ref + v) * mask, rtol=0, atol=1e-12)
+
+
+def test_gae_mask_holes_are_skipped():
+    # A hole (e.g. a tool-output token) is skipped: the result equals GAE on the compressed row.
+    r, v = t([[0.3, 8.0, 1.0]]), t([[0.1, 8.0, 0.4]])
+    adv, _ = gae(r, v, t([[1, 0, 1]]), 0.99, 0.95)
+    ref, _ = gae(t([[0.3, 1.0]]), t([[0.1, 0.4]]), t([[1, 1]]), 0.99, 0.95)
+    torch.testing.assert_close(adv[:, [0, 2]], ref)
+    assert adv[0, 1] == 0
+
+
+# ---- whitening -----------------------------------------------------------------------------------------
+
+
+def test_masked_whiten_by_hand():
+    # masked entries 1, 2, 3, 4: mean 2.5, unbiased var = 5/3
+    x = t([[1.0, 2.0, 3.0], [4.0, 100.0, -50.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    s = math.sqrt(5 / 3)
+    expected = t([[-1.5 / s, -0.5 / s, 0.5 / s], [1.5 / s, 0.0, 0.0]])
+    torch.testing.assert_close(masked_whiten(x, mask), expected, rtol=0, atol=1e-8)
+    torch.testing.assert_close(expected[0, 0], t(-1.1618950038622251))
+    w = masked_whiten(x, mask)
+    assert abs(masked_mean(w, mask).item()) < 1e-12
+    unshifted = masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(unshifted, (expected + 2.5) * mask, rtol=0, atol=1e-8)
+
+
+# ---- losses --------------------------------------------------------------------------------------------
+
+# rows of (A, rho): inside range, outside high, outside low, large rho with A<0 (unclipped pessimistic branch),
+# rho < 1 with A > 0 (unclipped), padding.
+ADV = [[1.0, 1.0, -1.0, -1.0], [-2.0, 1.0, 5.0, 5.0]]
+RATIO = [[1.1, 1.5, 0.5, 3.0], [1.5, 0.5, 1.0, 1.0]]
+MASK = [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def _policy(**kw):
+    a, rho, m = t(ADV), t(RATIO), t(MASK)
+    out = clipped_policy_loss(torch.log(rho), torch.zeros_like(rho), a, **kw)
+    return out, m
+
+
+def test_clipped_policy_loss_by_hand():
+    out, m = _policy(epsilon=0.2)
+    # per token: -1.1 (inside), max(-1.5,-1.2) = -1.2 (clipped), max(0.5,0.8) = 0.8 (clipped),
+    # max(3.0,1.2) = 3.0, max(3.0,2.4) = 3.0, max(-0.5,-0.8) = -0.5
+    torch.testing.assert_close(out.loss * m, t([[-1.1, -1.2, 0.8, 3.0], [3.0, -0.5, 0.0, 0.0]]))
+    torch.testing.assert_close(masked_mean(out.loss, m), t(4.0 / 6))
+    torch.testing.assert_close(out.clipped * m, t([[0, 1, 1, 0], [0, 0, 0, 0]]))
+    torch.testing.assert_close(masked_mean(out.clipped, m), t(2 / 6))
+
+
+def test_clipped_policy_loss_epsilon_high_and_dual_clip_by_hand():
+    out, m = _policy(epsilon=0.2, epsilon_high=0.28, dual_clip=2.0)
+    # epsilon_high: token (A=1, rho=1.5) -> -1.28. Dual clip c=2: (A=-1, rho=3) -> min(3.0, 2.0) = 2.0;
+    # (A=-2, rho=1.5) keeps 3.0 < 4.0.
+    torch.testing.assert_close(out.loss * m, t([[-1.1, -1.28, 0.8, 2.0], [3.0, -0.5, 0.0, 0.0]]))
+    torch.testing.assert_close(masked_mean(out.loss, m), t(2.92 / 6))
+    torch.testing.assert_close(out.dual_clipped * m, t([[0, 0, 0, 1], [0, 0, 0, 0]]))
+
+
+def test_clipped_policy_loss_gradient_is_masked_rho_a():
+    # d L_t / d log pi_t = -A_t rho_t on unclipped tokens, 0 on clipped ones (research/gradient_alignment.md 1.3)
+    a, rho = t(ADV), t(RATIO)
+    logps = torch.log(rho).requires_grad_(True)
+    out = clipped_policy_loss(logps, torch.zeros_like(rho), a, epsilon=0.2)
+    out.loss.sum().backward()
+    torch.testing.assert_close(logps.grad, -a * rho * (1 - out.clipped))
+
+
+def test_clipped_value_loss_by_hand():
+    values = t([[0.5, 1.0, 0.0], [2.0, 0.0, 4.0]])
+    old = t([[0.4, 0.5, 0.5], [1.0, 1.0, 4.0]])
+    ret = t([[1.0, 1.0, 1.0], [0.0, 0.0, 9.0]])
+    m = t([[1, 1, 1], [1, 1, 0]])
+    loss, clipped = clipped_value_loss(values, old, ret, cliprange_value=0.2)
+    # inside: .5*.25; clipped: V_clip=.7 -> .5*.09; V_clip=.3 but unclipped 1.0 larger -> .5;
+    # V_clip=1.2, unclipped 4 larger -> 2.0; V_clip=.8 -> .5*.64 = .32 (clipped)
+    torch.testing.assert_close(loss * m, t([[0.125, 0.045, 0.5], [2.0, 0.32, 0.0]]))
+    torch.testing.assert_close(masked_mean(loss, m), t(2.99 / 5))
+    torch.testing.assert_close(masked_mean(clipped, m), t(0.4))
+    loss_nc, clipped_nc = clipped_value_loss(values, old, ret, cliprange_value=None)
+    torch.testing.assert_close(masked_mean(loss_nc, m), t(2.625 / 5))
+    assert clipped_nc.sum() == 0
+
+
+# ---- KL, rewards, EV, controller -----------------------------------------------------------------------
+
+
+def test_kl_estimators_by_hand():
+    lp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    torch.testing.assert_close(kl_estimate(lp, ref, "k1"), t([math.log(2)]))
+    torch.testing.assert_close(kl_estimate(lp, ref, "k2"), t([0.5 * math.log(2) ** 2]))
+    torch.testing.assert_close(kl_estimate(lp, ref, "k3"), t([0.5 - 1 + math.log(2)]))
+    with pytest.raises(ValueError):
+        kl_estimate(lp, ref, "k9")
+
+
+def test_token_level_rewards_by_hand():
+    kl = t([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0], [1.0, 1.0, 1.0]])
+    mask = t([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    r = token_level_rewards(t([1.0, 0.5, 3.0]), kl, mask, beta=0.5)
+    torch.testing.assert_close(r, t([[-0.05, -0.1, 0.85], [-0.2, 0.25, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_explained_variance():
+    ret = t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = t([[1, 1, 1], [1, 0, 0]])
+    assert explained_variance(ret, ret, m).item() == pytest.approx(1.0)
+    assert explained_variance(torch.zeros_like(ret), ret, m).item() == pytest.approx(0.0)
+    # V = R - (1, -1, 1, -1): Var[R - V] = 4/3, Var[R] = 5/3 -> EV = 0.2
+    v = ret - t([[1.0, -1.0, 1.0], [-1.0, 0.0, 0.0]])
+    assert explained_variance(v, ret, m).item() == pytest.approx(0.2)
+
+
+def test_adaptive_kl_controller_by_hand():
+    c = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    c.update(current_kl=1.5, n_steps=10)  # error clipped to +0.2 -> 0.1 * 1.02
+    assert c.value == pytest.approx(0.102)
+    c.update(current_kl=0.9, n_steps=10)  # error -0.1 -> * 0.99
+    assert c.value == pytest.approx(0.10098)
