@@ -1,0 +1,183 @@
+"""Activation Replay (Xing et al., "Boosting Reasoning in Large Multimodal Models via Activation Replay",
+arXiv 2511.19972) at evaluation time.
+
+One entry for evaluation code, driven by `cfg.replay` (`ReplayConfig`):
+
+    with activation_replay(rl_model, base_model, input_ids, attention_mask, cfg.replay, tokenizer=tok) as log:
+        out = rl_model.generate(input_ids=input_ids, attention_mask=attention_mask, **decoding)
+
+`mode=off` is a no-op context; `learnable` optimises per-prompt offsets (the paper's method); `direct`
+replaces early-layer inputs with the base model's (the released agent/video scripts). Decoding settings are
+the caller's, so accuracy and pass@k compare with and without replay under identical decoding. A context
+covers one `generate` call; to reuse one preparation for several calls use `prepare_replay` + `inject`.
+See docs/activation_replay.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlx.errors import UserError
+from rlx.replay.direct import DirectReplay, direct_replay
+from rlx.replay.hooks import HookSet, count_hooks, decoder_parts
+from rlx.replay.inject import InjectionLog, inject
+from rlx.replay.learnable import LearnableReplay, learnable_replay
+from rlx.replay.streams import eligible_positions
+
+MODES = ("off", "learnable", "direct")
+
+__all__ = [
+    "MODES",
+    "DirectReplay",
+    "HookSet",
+    "InjectionLog",
+    "LearnableReplay",
+    "activation_replay",
+    "count_hooks",
+    "decoder_parts",
+    "inject",
+    "load_base_model",
+    "prepare_replay",
+    "replay_generate",
+]
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return getattr(cfg, key, default) if not isinstance(cfg, dict) else cfg.get(key, default)
+
+
+def prepare_replay(
+    rl_model: nn.Module,
+    base_model: nn.Module | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: Any,
+    tokenizer: Any = None,
+    **model_inputs: Any,
+) -> LearnableReplay | DirectReplay | None:
+    """Prepare replay for one batch (left padding allowed); None when `cfg.mode == "off"`.
+
+    `model_inputs` (e.g. `pixel_values`, `image_grid_thw`) are passed to every forward, as to `generate`.
+    """
+    mode = _get(cfg, "mode", "off")
+    if mode not in MODES:
+        raise UserError(f"replay.mode={mode!r}: expected one of {', '.join(MODES)}.")
+    if mode == "off":
+        return None
+    if base_model is None:
+        raise UserError(
+            f"replay.mode={mode} needs the base model: set replay.base_model=PATH (base_model=PATH)."
+        )
+    special = tuple(getattr(tokenizer, "all_special_ids", ()) or ())
+    with torch.inference_mode(False):
+        input_ids, attention_mask = input_ids.clone(), attention_mask.clone()
+        model_inputs = {k: v.clone() if torch.is_tensor(v) else v for k, v in model_inputs.items()}
+        eligible = eligible_positions(
+            rl_model,
+            input_ids,
+            attention_mask,
+            _get(cfg, "positions", "auto"),
+            mode,
+            special,
+            _get(cfg, "exclude_special", True),
+        )
+        common = dict(
+            rho=_get(cfg, "rho", 0.4),
+            align=_get(cfg, "align", "code"),
+            fp32=_get(cfg, "fp32", False),
+            chunk=_get(cfg, "lens_chunk_size", 16384),
+            model_inputs=model_inputs,
+        )
+        if mode == "learnable":
+            return learnable_replay(
+                rl_model,
+                base_model,
+                input_ids,
+                attention_mask,
+                eligible,
+                num_layers=_get(cfg, "num_layers", 16),
+                top_k=_get(cfg, "top_k", 50),
+                lr=_get(cfg, "lr", 10.0),
+                steps=_get(cfg, "steps", 25),
+                log_final_loss=_get(cfg, "log_final_loss", False),
+                **common,
+            )
+        thresholds = _get(cfg, "direct_thresholds", None)
+        return direct_replay(
+            rl_model,
+            base_model,
+            input_ids,
+            attention_mask,
+            eligible,
+            num_layers=_get(cfg, "direct_num_layers", 7),
+            thresholds=list(thresholds) if thresholds is not None else None,
+            require_lower=_get(cfg, "direct_require_lower", True),
+            **common,
+        )
+
+
+@contextlib.contextmanager
+def activation_replay(
+    rl_model: nn.Module,
+    base_model: nn.Module | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: Any,
+    tokenizer: Any = None,
+    **model_inputs: Any,
+) -> Iterator[InjectionLog]:
+    """Prepare replay for this batch and arm it for the next `generate` on `rl_model` inside the block."""
+    state = prepare_replay(rl_model, base_model, input_ids, attention_mask, cfg, tokenizer, **model_inputs)
+    with inject(rl_model, state) as log:
+        yield log
+
+
+def replay_generate(
+    rl_model: nn.Module,
+    base_model: nn.Module | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: Any,
+    tokenizer: Any = None,
+    model_inputs: dict[str, Any] | None = None,
+    **generate_kwargs: Any,
+) -> Any:
+    """`rl_model.generate(...)` with replay prepared for and injected into this batch's prefill."""
+    model_inputs = model_inputs or {}
+    with activation_replay(rl_model, base_model, input_ids, attention_mask, cfg, tokenizer, **model_inputs):
+        return rl_model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **model_inputs, **generate_kwargs
+        )
+
+
+def load_base_model(path: str, like: nn.Module) -> nn.Module:
+    """Load the base model from a local directory (or hub id) in the RL model's dtype and device, frozen, eval."""
+    from pathlib import Path
+
+    import transformers
+
+    dtype = next(like.parameters()).dtype
+    device = next(like.parameters()).device
+    errors = []
+    for cls_name in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        cls = getattr(transformers, cls_name, None)
+        if cls is None:
+            continue
+        try:
+            model = cls.from_pretrained(path, dtype=dtype)
+            break
+        except (OSError, ValueError, KeyError) as e:
+            errors.append(f"{cls_name}: {e}")
+    else:
+        hint = "" if Path(path).exists() else " (no such directory)"
+        raise UserError(
+            f"cannot load replay base model from {path!r}{hint}: {'; '.join(errors)[:400]}. "
+            "Set replay.base_model to the RL model's pre-RL checkpoint directory."
+        )
+    model.to(device).eval().requires_grad_(False)
+    return model

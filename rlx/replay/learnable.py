@@ -1,0 +1,204 @@
+"""Learnable-token Activation Replay (Xing et al., arXiv 2511.19972, §4; released `ReplayQwen2VLChat`).
+
+Per prompt, zero-initialised offsets δ (B, S, d) are added to the residual stream entering decoder layer 0 at
+eligible positions E (image/video pads for VLMs, prompt tokens for text models) and tuned by plain gradient
+descent so that the RL model's logit-lens distributions in the first L layers match the base model's at
+low-entropy positions:
+
+    S_{l,i} = { t ∈ E_i : H_l^base(i, t) <= ρ · max_{t' ∈ E_i} H_l^base(i, t') }
+    𝓛_i(δ) = (1 / |E_i|) Σ_{l<L} (1 / |S_{l,i}|) Σ_{t∈S_{l,i}} KL(P_l(i,t) ‖ Q_l(i,t))
+    δ ← δ − η ∇_δ Σ_i 𝓛_i                                             (η = 10, 25 steps, L = 16, ρ = 0.4)
+
+P and Q are softmaxes of base and RL logit-lens logits restricted to the base top-k (50) ids. The base side is
+the output of base layer l; the RL side is the *input* of RL layer l with `align="code"` (the released code's
+one-layer offset) or its output with `align="paper"`. Summing per-sample losses keeps batched rows exactly
+independent (the released code's `batchmean` would couple them).
+
+Cost: the base side (entropy, selection, top-k ids and log-probs) is computed once per prompt; each step runs
+the RL model only up to the deepest stream the loss reads (`StopForward`) with frozen weights, so backward
+computes activation gradients only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlx.replay.hooks import DecoderParts, decoder_parts
+from rlx.replay.logit_lens import entropy_topk, logits_at, rms_norm, topk_kl
+from rlx.replay.streams import frozen, layer_streams
+
+
+@dataclass
+class LayerTargets:
+    """Base-model side of one layer's loss term, at the selected positions only (N of them)."""
+
+    layer: int
+    rows: torch.Tensor
+    """(N,) batch index of each selected position."""
+    cols: torch.Tensor
+    """(N,) sequence index of each selected position."""
+    top_ids: torch.Tensor
+    """(N, k) base top-k token ids."""
+    logp: torch.Tensor
+    """(N, k) base log-probabilities renormalised over those ids."""
+    weight: torch.Tensor
+    """(N,) 1 / (|S_{l,i}| · |E_i|) for the row i the position belongs to."""
+
+
+@dataclass
+class LearnableReplay:
+    """Optimised offsets for one batch of prompts, ready to inject at prefill."""
+
+    offsets: torch.Tensor
+    """(B, S, d) offsets, zero outside eligible positions."""
+    eligible: torch.Tensor
+    """(B, S) bool eligible positions."""
+    num_layers: int
+    """L actually used (capped at the model's depth)."""
+    losses: torch.Tensor
+    """(steps, B) per-sample loss before each update (one more row, at the final offsets, if log_final_loss)."""
+    num_selected: torch.Tensor
+    """(L, B) selected positions per layer and row."""
+    mode: str = field(default="learnable")
+
+
+def check_pair(rl: DecoderParts, base: DecoderParts) -> None:
+    from rlx.errors import UserError
+
+    d_rl, d_base = rl.head.weight.shape, base.head.weight.shape
+    if rl.depth != base.depth or d_rl != d_base:
+        raise UserError(
+            f"replay pair mismatch: RL model has {rl.depth} layers and LM head {tuple(d_rl)}, base model has "
+            f"{base.depth} layers and {tuple(d_base)}. The base must be the RL model's own pre-RL checkpoint "
+            "(same architecture and tokenizer); set replay.base_model to it."
+        )
+
+
+@torch.no_grad()
+def base_targets(
+    base: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eligible: torch.Tensor,
+    num_layers: int,
+    rho: float = 0.4,
+    top_k: int = 50,
+    fp32: bool = False,
+    chunk: int = 16384,
+    model_inputs: dict[str, Any] | None = None,
+) -> list[LayerTargets]:
+    """Run the base model once (up to layer L-1) and keep, per layer, the selected positions' top-k targets."""
+    parts = decoder_parts(base)
+    _, outs = layer_streams(
+        base, input_ids, attention_mask, outputs=range(num_layers), model_inputs=model_inputs
+    )
+    b = input_ids.shape[0]
+    rows, cols = eligible.nonzero(as_tuple=True)
+    n_elig = eligible.sum(1).clamp_min(1).float()
+    targets = []
+    for layer in range(num_layers):
+        x = rms_norm(parts.norm, outs[layer][rows, cols], fp32)
+        ent, ids, top_logits = entropy_topk(x, parts.head, top_k, chunk)
+        hmax = torch.full((b,), -torch.inf, device=ent.device).scatter_reduce(0, rows, ent, "amax")
+        sel = ent <= rho * hmax[rows]
+        r = rows[sel]
+        count = torch.bincount(r, minlength=b).float()
+        logp = torch.log_softmax(top_logits[sel].float() if fp32 else top_logits[sel], -1)
+        weight = 1.0 / (count[r] * n_elig[r])
+        targets.append(LayerTargets(layer, r, cols[sel], ids[sel], logp, weight))
+    return targets
+
+
+def replay_loss(
+    streams: dict[int, torch.Tensor],
+    targets: list[LayerTargets],
+    rl: DecoderParts,
+    batch: int,
+    fp32: bool = False,
+) -> torch.Tensor:
+    """Per-sample loss 𝓛_i (B,) from RL streams {l: (B, S, d)}; rows with no selected position contribute 0."""
+    loss = None
+    for t in targets:
+        if t.rows.numel() == 0:
+            continue
+        x = rms_norm(rl.norm, streams[t.layer][t.rows, t.cols], fp32)
+        kl = topk_kl(t.logp, logits_at(x, rl.head, t.top_ids))
+        term = torch.zeros(batch, dtype=torch.float32, device=kl.device).index_add(
+            0, t.rows, kl.float() * t.weight
+        )
+        loss = term if loss is None else loss + term
+    if loss is None:
+        return torch.zeros(batch, dtype=torch.float32, device=streams[next(iter(streams))].device)
+    return loss
+
+
+def learnable_replay(
+    rl_model: nn.Module,
+    base_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eligible: torch.Tensor,
+    *,
+    num_layers: int = 16,
+    rho: float = 0.4,
+    top_k: int = 50,
+    lr: float = 10.0,
+    steps: int = 25,
+    align: str = "code",
+    fp32: bool = False,
+    chunk: int = 16384,
+    log_final_loss: bool = False,
+    model_inputs: dict[str, Any] | None = None,
+) -> LearnableReplay:
+    """Optimise the offsets for a batch (left padding allowed); see the module docstring for the objective."""
+    if align not in ("code", "paper"):
+        from rlx.errors import UserError
+
+        raise UserError(f"replay.align={align!r}: expected code or paper.")
+    rl, base = decoder_parts(rl_model), decoder_parts(base_model)
+    check_pair(rl, base)
+    depth = rl.depth
+    n_layers = max(1, min(num_layers, depth))
+    emb = rl_model.get_input_embeddings().weight
+    b, s = input_ids.shape
+    mask = eligible[..., None].to(emb.dtype)
+    delta = torch.zeros(b, s, emb.shape[1], dtype=emb.dtype, device=emb.device)
+    empty = LearnableReplay(
+        delta, eligible, n_layers, torch.zeros(0, b), torch.zeros(n_layers, b, dtype=torch.long)
+    )
+    if steps <= 0 and not log_final_loss:
+        return empty
+    targets = base_targets(
+        base_model, input_ids, attention_mask, eligible, n_layers, rho, top_k, fp32, chunk, model_inputs
+    )
+    num_selected = torch.stack([torch.bincount(t.rows, minlength=b) for t in targets])
+    losses = []
+    with frozen(rl_model), torch.inference_mode(False), torch.enable_grad():
+        for step in range(steps + (1 if log_final_loss else 0)):
+            delta.requires_grad_(True)
+            ins, outs = layer_streams(
+                rl_model,
+                input_ids,
+                attention_mask,
+                inputs=range(n_layers) if align == "code" else (),
+                outputs=range(n_layers) if align == "paper" else (),
+                offsets=delta * mask,
+                model_inputs=model_inputs,
+            )
+            per_sample = replay_loss(ins if align == "code" else outs, targets, rl, b, fp32)
+            losses.append(per_sample.detach())
+            if step == steps or not per_sample.requires_grad:
+                break
+            (grad,) = torch.autograd.grad(per_sample.sum(), delta)
+            delta = (delta.detach() - lr * grad).detach()
+    return LearnableReplay(
+        offsets=(delta.detach() * mask),
+        eligible=eligible,
+        num_layers=n_layers,
+        losses=torch.stack(losses) if losses else torch.zeros(0, b),
+        num_selected=num_selected,
+    )

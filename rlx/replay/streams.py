@@ -1,0 +1,151 @@
+"""Residual streams at decoder-layer inputs/outputs, captured with hooks and cut short after the last one needed.
+
+Also the eligibility rule (which positions replay may touch) and a context that freezes weights so the
+backward of the learnable-offset loop only computes activation gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlx.errors import UserError
+from rlx.replay.hooks import (
+    HookSet,
+    StopForward,
+    decoder_parts,
+    hidden_from,
+    layer_output,
+    prefill_position_ids,
+    with_hidden,
+)
+
+
+def layer_streams(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    inputs: Sequence[int] = (),
+    outputs: Sequence[int] = (),
+    offsets: torch.Tensor | None = None,
+    model_inputs: dict[str, Any] | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """One forward over the prompt; returns ({l: input of layer l}, {l: output of layer l}), each (B, S, d).
+
+    `offsets` (B, S, d), already masked, is added to the input of layer 0 (the layer-0 input is embeddings plus
+    offsets, so `inputs[0]` includes them). The forward stops, via `StopForward`, right after the deepest
+    requested stream, so later layers and the LM head are never run. Gradients flow if the caller enables them.
+    """
+    parts = decoder_parts(model)
+    need_in, need_out = sorted(set(inputs)), sorted(set(outputs))
+    if not need_in and not need_out:
+        return {}, {}
+    last_out = need_out[-1] if need_out else -1
+    last_in = need_in[-1] if need_in else -1
+    if max(last_in, last_out) >= parts.depth:
+        raise ValueError(f"layer {max(last_in, last_out)} requested but the model has {parts.depth} layers")
+    got_in: dict[int, torch.Tensor] = {}
+    got_out: dict[int, torch.Tensor] = {}
+
+    def add_offsets(module, args, kwargs):
+        h = hidden_from(args, kwargs)
+        return with_hidden(args, kwargs, h + offsets.to(h.dtype))
+
+    def cap_in(idx):
+        def hook(module, args, kwargs):
+            got_in[idx] = hidden_from(args, kwargs)
+
+        return hook
+
+    def cap_out(idx):
+        def hook(module, args, output):
+            got_out[idx] = layer_output(output)
+
+        return hook
+
+    def stop_pre(module, args, kwargs):
+        raise StopForward
+
+    def stop_post(module, args, output):
+        raise StopForward
+
+    with HookSet() as hooks:
+        if offsets is not None:
+            hooks.pre(parts.layers[0], add_offsets)
+        for i in need_in:
+            hooks.pre(parts.layers[i], cap_in(i))
+        for i in need_out:
+            hooks.post(parts.layers[i], cap_out(i))
+        if last_out >= last_in:
+            hooks.post(parts.layers[last_out], stop_post)
+        else:
+            hooks.pre(parts.layers[last_in], stop_pre)
+        kwargs = dict(model_inputs or {})
+        pos = prefill_position_ids(model, attention_mask)
+        if pos is not None:
+            kwargs.setdefault("position_ids", pos)
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        except StopForward:
+            pass
+    missing = [i for i in need_in if i not in got_in] + [i for i in need_out if i not in got_out]
+    if missing:
+        raise RuntimeError(f"layer streams {missing} were not captured; the model did not run those layers")
+    return got_in, got_out
+
+
+@contextlib.contextmanager
+def frozen(*models: nn.Module) -> Iterator[None]:
+    """Turn off requires_grad on all weights (restored on exit) so backward computes activation grads only."""
+    saved = [(p, p.requires_grad) for m in models for p in m.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def eligible_positions(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rule: str,
+    mode: str,
+    special_ids: Sequence[int] = (),
+    exclude_special: bool = True,
+) -> torch.Tensor:
+    """(B, S) bool: where replay may act.
+
+    auto: image/video pad tokens for VLM prompts that contain them, else prompt tokens (learnable);
+    every non-pad token (direct, as the released agent/video scripts). prompt: non-pad tokens minus special
+    tokens when `exclude_special`; visual: image/video pad tokens; all: every non-pad token.
+    """
+    real = attention_mask.bool()
+    visual_ids = decoder_parts(model).image_token_ids
+    if rule == "auto":
+        if mode == "direct":
+            rule = "all"
+        elif visual_ids and torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device)).any():
+            rule = "visual"
+        else:
+            rule = "prompt"
+    if rule == "all":
+        return real
+    if rule == "visual":
+        if not visual_ids:
+            raise UserError(
+                "replay.positions=visual but the model has no image/video token ids; use positions=prompt or auto."
+            )
+        return real & torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
+    if rule == "prompt":
+        if exclude_special and len(special_ids):
+            return real & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
+        return real
+    raise UserError(f"replay.positions={rule!r}: expected auto, prompt, visual or all.")
