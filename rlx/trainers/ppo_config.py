@@ -103,6 +103,14 @@ class PPOConfig(GRPOConfig):
         metadata={"help": "Learning rate of the critic's parameters (None = `learning_rate`)."},
     )
 
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "Passed to DDP. PPO needs False: the critic runs outside the DDP forward, so DDP's unused-parameter "
+            "search would mark its parameters unused and then fail when their gradients arrive."
+        },
+    )
+
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
