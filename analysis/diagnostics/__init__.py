@@ -1,0 +1,17 @@
+"""Diagnostics: each a function from a loaded `Run` to a tidy pandas table.
+
+| module | tables | needs |
+|---|---|---|
+| `training` | `training_curves` | metrics.jsonl |
+| `grad_alignment` | `components`, `tertiles`, `layer_groups`, `pos_neg_cosine`, `classify`, `sketch_similarity`, `drift` | diagnostics.grad_alignment |
+| `relax` | `dsd_over_steps`, `masked_fraction`, `spectra` | regularizers=[relax] |
+| `entropy` | `entropy_dynamics`, `entropy_metrics` | diagnostics.activations / logged metrics |
+| `activation_shift` | `activation_shift`, `shift_matrix` | the Activation Replay analysis |
+| `correctness` | `correctness_direction`, `probe_accuracy` | diagnostics.activations |
+
+Every function returns an empty table (with its columns) when the run did not record what it needs.
+"""
+
+from analysis.diagnostics import activation_shift, correctness, entropy, grad_alignment, relax, training
+
+__all__ = ["activation_shift", "correctness", "entropy", "grad_alignment", "relax", "training"]

@@ -1,0 +1,272 @@
+"""Gradient alignment tables (arXiv 2512.00778; research/gradient_alignment.md §1, §3-4).
+
+Input: the `grad_alignment` instrument's table (rows per logged step and component: `step`,
+`component`, `G`, `cos`, `norm`, `n_tokens`, `target`, `variant`) and its gradient sketches
+(safetensors). G is the raw inner product <g_T, -grad L_component>: G > 0 means the update moves the
+model toward the target responses D'.
+
+- `components`: G, cos and norm of total / positive / negative / KL learning over steps;
+- `tertiles`: the |w| reweighting tertiles top / mid / bot over steps (G_top + G_mid + G_bot = G_total);
+- `layer_groups`: G per layer group over steps (heatmap);
+- `pos_neg_cosine`: cos(grad L_pos, grad L_neg), the entanglement of positive and negative learning;
+- `classify`: supervised-like vs RL-like per run and target, by the rule of §5.8: SL-like iff G_total > 0
+  on >= 90% of logged steps and CV = std/|mean| < 1, else RL-like;
+- `sketch_similarity` / `drift`: cosines between the saved sketches of grad L at pairs of steps.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from analysis.diagnostics._util import empty, pick
+from analysis.loader import Run
+
+INSTRUMENT = "grad_alignment"
+MAIN = ("total", "pos", "neg", "kl")
+TERTILES = ("top", "mid", "bot")
+_SYNONYMS = {
+    "all": "total",
+    "loss": "total",
+    "positive": "pos",
+    "negative": "neg",
+    "regularization": "kl",
+    "reg": "kl",
+    "tertile_top": "top",
+    "tertile_mid": "mid",
+    "tertile_bot": "bot",
+    "bottom": "bot",
+    "middle": "mid",
+}
+SL_FRAC_POSITIVE = 0.9
+SL_MAX_CV = 1.0
+RULE = f"supervised-like iff G_total > 0 on >= {SL_FRAC_POSITIVE:.0%} of logged steps and CV = std/|mean| < {SL_MAX_CV:g}"
+
+
+def _canon(c: str) -> str:
+    c = str(c)
+    return _SYNONYMS.get(c.lower(), c.lower() if c.lower() in MAIN + TERTILES else c)
+
+
+def table(run: Run) -> pd.DataFrame | None:
+    """The instrument's rows with canonical component names and `target`/`variant` filled; None if absent."""
+    df = run.table(instrument=INSTRUMENT)
+    if df is None or not len(df):
+        return None
+    df = df.copy()
+    if "component" not in df.columns:
+        return None
+    df["component"] = df["component"].map(_canon)
+    for col, default in (("target", "default"), ("variant", "param")):
+        if col not in df.columns:
+            df[col] = default
+        df[col] = df[col].fillna(default).astype(str)
+    if "rank" in df.columns and df["rank"].nunique() > 1:
+        df = df[df["rank"] == df["rank"].min()]  # globally reduced values are identical on every rank
+    return df.sort_values("step").reset_index(drop=True)
+
+
+def _subset(run: Run, comps: tuple[str, ...]) -> pd.DataFrame:
+    df = table(run)
+    cols = ["step", "target", "variant", "component", "G", "cos", "norm", "n_tokens"]
+    if df is None:
+        return empty(cols)
+    df = df[df["component"].isin(comps)]
+    keep = [c for c in cols if c in df.columns]
+    return df[keep].reset_index(drop=True)
+
+
+def components(run: Run) -> pd.DataFrame:
+    """step, target, variant, component in (total, pos, neg, kl), G, cos, norm, n_tokens."""
+    return _subset(run, MAIN)
+
+
+def tertiles(run: Run) -> pd.DataFrame:
+    """step, target, variant, component in (top, mid, bot), G, cos, norm, n_tokens."""
+    return _subset(run, TERTILES)
+
+
+_GROUP_RE = re.compile(r"^(?:layer|layers|group|lg)[:/_=]?(.+)$")
+
+
+def layer_groups(run: Run) -> pd.DataFrame:
+    """step, target, group, G, cos: G per layer group (embeddings, decoder blocks i-j, head)."""
+    df = table(run)
+    cols = ["step", "target", "group", "G", "cos"]
+    if df is None:
+        return empty(cols)
+    gcol = pick(df, "layer_group", "group")
+    if gcol is not None:
+        sub = df[df[gcol].notna() & ~df[gcol].astype(str).isin(["", "all", "None", "nan"])].copy()
+        sub["group"] = sub[gcol].astype(str)
+        if gcol == "group" or "component" not in sub.columns:
+            pass
+        sub = sub[sub["component"].isin(("total",))] if (sub["component"] == "total").any() else sub
+    else:
+        m = df["component"].astype(str).str.extract(_GROUP_RE)[0]
+        sub = df[m.notna()].copy()
+        sub["group"] = m[m.notna()]
+    if not len(sub):
+        return empty(cols)
+    if "cos" not in sub.columns:
+        sub["cos"] = np.nan
+    return sub[cols].reset_index(drop=True)
+
+
+def pos_neg_cosine(run: Run) -> pd.DataFrame:
+    """step, target, cos_pos_neg = cos(grad L_pos, grad L_neg)."""
+    cols = ["step", "target", "cos_pos_neg"]
+    df = table(run)
+    if df is not None:
+        col = pick(df, "cos_pos_neg")
+        if col is not None:
+            out = df.dropna(subset=[col]).groupby(["step", "target"], as_index=False)[col].first()
+            return out.rename(columns={col: "cos_pos_neg"})[cols]
+        sub = df[df["component"].isin(("pos_neg", "pos_vs_neg", "cos_pos_neg", "entanglement"))]
+        if len(sub):
+            val = pick(sub, "cos", "value", "G")
+            return sub.rename(columns={val: "cos_pos_neg"})[cols].reset_index(drop=True)
+    s = None
+    for name in ("grad_align/cos_pos_neg", "grad_alignment/cos_pos_neg"):
+        s = run.metric(name)
+        if s is not None:
+            break
+    if s is None:
+        return empty(cols)
+    return pd.DataFrame({"step": s.index, "target": "default", "cos_pos_neg": s.to_numpy()})
+
+
+def classify(run: Run) -> pd.DataFrame:
+    """One row per target: n_steps, frac_positive, sign_flip_rate, mean_G, std_G, cv, regime, rule."""
+    comp = components(run)
+    cols = [
+        "run",
+        "target",
+        "n_steps",
+        "frac_positive",
+        "sign_flip_rate",
+        "mean_G",
+        "std_G",
+        "cv",
+        "regime",
+        "rule",
+    ]
+    rows = []
+    for target, g in comp[comp["component"] == "total"].groupby("target"):
+        G = g.sort_values("step")["G"].to_numpy(float)
+        G = G[np.isfinite(G)]
+        if not len(G):
+            continue
+        mean, std = float(G.mean()), float(G.std(ddof=1)) if len(G) > 1 else 0.0
+        cv = std / abs(mean) if mean != 0 else float("inf")
+        frac = float((G > 0).mean())
+        signs = np.sign(G)
+        flips = float((signs[1:] != signs[:-1]).mean()) if len(G) > 1 else 0.0
+        sl = frac >= SL_FRAC_POSITIVE and cv < SL_MAX_CV
+        rows.append(
+            {
+                "run": run.label,
+                "target": target,
+                "n_steps": len(G),
+                "frac_positive": frac,
+                "sign_flip_rate": flips,
+                "mean_G": mean,
+                "std_G": std,
+                "cv": cv,
+                "regime": "supervised-like" if sl else "RL-like",
+                "rule": RULE,
+            }
+        )
+    return pd.DataFrame(rows, columns=cols) if rows else empty(cols)
+
+
+# ---- sketches ----------------------------------------------------------------------------------------------
+
+_STEP_RE = re.compile(r"(\d+)")
+
+
+def sketches(run: Run, kind: str | None = None) -> pd.DataFrame:
+    """Long list of saved sketch vectors: columns step, kind, vector (np.ndarray).
+
+    Reads every grad_alignment safetensors file: 2-D tensors (n_steps, k) paired with a `steps` tensor,
+    or 1-D tensors whose step is in the file metadata (`step`) or in the tensor name (`total/000010`).
+    `kind` is the tensor name with digits and separators stripped (e.g. `loss`, `target`, `pos`)."""
+    rows = []
+    for tf in run.tensors(instrument=INSTRUMENT):
+        steps = tf.tensors.get("steps", tf.tensors.get("step"))
+        for key, arr in tf.tensors.items():
+            if key in ("steps", "step") or arr.dtype.kind not in "fc":
+                continue
+            base = _STEP_RE.sub("", key).strip("/_.:") or "sketch"
+            if arr.ndim == 2 and steps is not None and len(steps) == arr.shape[0]:
+                rows += [
+                    {"step": int(s), "kind": base, "vector": arr[i].astype(np.float64)}
+                    for i, s in enumerate(steps)
+                ]
+            elif arr.ndim == 1:
+                m = _STEP_RE.search(key)
+                step = int(m.group(1)) if m else int(tf.metadata.get("step", -1))
+                rows.append({"step": step, "kind": base, "vector": arr.astype(np.float64)})
+    df = pd.DataFrame(rows, columns=["step", "kind", "vector"])
+    if kind is not None:
+        df = df[df["kind"] == kind]
+    return df.sort_values(["kind", "step"]).reset_index(drop=True)
+
+
+def _default_kind(sk: pd.DataFrame) -> str | None:
+    kinds = list(sk["kind"].unique())
+    for k in ("loss", "total", "grad", "update", "sketch"):
+        if k in kinds:
+            return k
+    return kinds[0] if kinds else None
+
+
+def sketch_similarity(run: Run, kind: str | None = None) -> pd.DataFrame:
+    """Tidy cosine matrix between the sketches of one kind: step_i, step_j, cos (all pairs, incl. i == j)."""
+    sk = sketches(run)
+    kind = kind or _default_kind(sk)
+    sk = sk[sk["kind"] == kind].drop_duplicates("step", keep="last")
+    cols = ["kind", "step_i", "step_j", "cos"]
+    if len(sk) < 1:
+        return empty(cols)
+    v = np.stack(sk["vector"].to_numpy())
+    v = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-30)
+    c = v @ v.T
+    steps = sk["step"].to_numpy()
+    return pd.DataFrame(
+        [
+            {"kind": kind, "step_i": int(a), "step_j": int(b), "cos": float(c[i, j])}
+            for i, a in enumerate(steps)
+            for j, b in enumerate(steps)
+        ],
+        columns=cols,
+    )
+
+
+def drift(run: Run, lag: int = 1, kind: str | None = None) -> pd.DataFrame:
+    """step, drift_cos = cos(grad L(t), grad L(t - lag logged steps)): from the table when logged, else sketches."""
+    cols = ["step", "drift_cos", "source"]
+    df = table(run)
+    if df is not None:
+        col = pick(df, "drift", "drift_cos")
+        if col is not None:
+            sub = df.dropna(subset=[col]).groupby("step", as_index=False)[col].first()
+            return pd.DataFrame({"step": sub["step"], "drift_cos": sub[col], "source": "logged"})[cols]
+        sub = df[df["component"] == "drift"]
+        if len(sub):
+            val = pick(sub, "cos", "value")
+            out = sub.groupby("step", as_index=False)[val].first()
+            return pd.DataFrame({"step": out["step"], "drift_cos": out[val], "source": "logged"})[cols]
+    sim = sketch_similarity(run, kind)
+    if not len(sim):
+        return empty(cols)
+    steps = sorted(sim["step_i"].unique())
+    m = sim.set_index(["step_i", "step_j"])["cos"]
+    rows = [
+        {"step": s, "drift_cos": float(m[(s, steps[i - lag])]), "source": "sketch"}
+        for i, s in enumerate(steps)
+        if i >= lag
+    ]
+    return pd.DataFrame(rows, columns=cols) if rows else empty(cols)

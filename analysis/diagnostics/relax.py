@@ -1,0 +1,162 @@
+"""ReLaX dynamics (arXiv 2512.07558; research/relax.md §1.4, §2).
+
+DSD(x) = sample variance of the smoothed singular values r_j = sqrt(s_j^2 + eps) of the per-trajectory
+Koopman matrix K fitted on the last-layer states (the code's variant; `spectrum: eig` uses eigenvalue
+moduli, paper Eq. 6). Input: the `relax` instrument's per-trajectory table (step, DSD, advantage,
+masked flag) and its saved spectra (safetensors); `relax/*` metrics from metrics.jsonl as a fallback.
+
+- `dsd_over_steps`: DSD mean and quantiles per step over all trajectories and over positive-advantage
+  ones (the only ones the loss pushes);
+- `masked_fraction`: share of trajectories with DSD > xi (their DSD push is detached and they get KL);
+- `spectra`: the sorted singular-value spectrum per step (mean and 10/90% quantiles over trajectories).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from analysis.diagnostics._util import empty, pick
+from analysis.loader import Run
+
+INSTRUMENT = "relax"
+
+
+def trajectories(run: Run) -> pd.DataFrame | None:
+    """Per-trajectory rows (step, dsd, advantage, masked, ...), canonical names; None when not recorded."""
+    df = run.table(instrument=INSTRUMENT)
+    if df is None or not len(df):
+        return None
+    df = df.copy()
+    ren = {}
+    for canon, cands in (
+        ("dsd", ("dsd", "DSD", "spectral_dispersion")),
+        ("advantage", ("advantage", "adv", "A")),
+        ("masked", ("masked", "kl_mask", "mask", "over_xi")),
+    ):
+        c = pick(df, *cands)
+        if c is not None and c != canon:
+            ren[c] = canon
+    df = df.rename(columns=ren)
+    if "dsd" not in df.columns or "step" not in df.columns:
+        return None
+    return df
+
+
+def _quantile_rows(step: int, subset: str, x: np.ndarray) -> dict:
+    x = x[np.isfinite(x)]
+    base = {"step": step, "subset": subset, "n": len(x)}
+    if not len(x):
+        return {**base, "mean": np.nan, "q10": np.nan, "median": np.nan, "q90": np.nan}
+    return {
+        **base,
+        "mean": float(x.mean()),
+        "q10": float(np.quantile(x, 0.1)),
+        "median": float(np.median(x)),
+        "q90": float(np.quantile(x, 0.9)),
+    }
+
+
+def dsd_over_steps(run: Run) -> pd.DataFrame:
+    """step, subset in (all, positive), n, mean, q10, median, q90 of per-trajectory DSD.
+
+    Falls back to logged `relax/*dsd*` metrics (subset from the metric name, only `mean` filled)."""
+    cols = ["step", "subset", "n", "mean", "q10", "median", "q90"]
+    df = trajectories(run)
+    rows = []
+    if df is not None:
+        for step, g in df.groupby("step"):
+            dsd = g["dsd"].to_numpy(float)
+            rows.append(_quantile_rows(int(step), "all", dsd))
+            if "advantage" in g.columns:
+                rows.append(_quantile_rows(int(step), "positive", dsd[g["advantage"].to_numpy(float) > 0]))
+        return pd.DataFrame(rows, columns=cols)
+    for c in run.metrics.columns:
+        if c.startswith("relax/") and "dsd" in c.lower():
+            s = run.metric(c)
+            if s is None:
+                continue
+            subset = "positive" if ("pos" in c.lower()) else "all"
+            rows += [{"step": int(k), "subset": subset, "n": np.nan, "mean": float(v)} for k, v in s.items()]
+    return pd.DataFrame(rows, columns=cols) if rows else empty(cols)
+
+
+def masked_fraction(run: Run) -> pd.DataFrame:
+    """step, masked_fraction (of all trajectories), masked_fraction_positive, xi (when logged)."""
+    cols = ["step", "masked_fraction", "masked_fraction_positive", "xi"]
+    df = trajectories(run)
+    if df is not None and "masked" in df.columns:
+        rows = []
+        for step, g in df.groupby("step"):
+            m = g["masked"].astype(float).to_numpy()
+            pos = g["advantage"].to_numpy(float) > 0 if "advantage" in g.columns else np.ones(len(g), bool)
+            xi = float(g["xi"].iloc[-1]) if "xi" in g.columns else np.nan
+            rows.append(
+                {
+                    "step": int(step),
+                    "masked_fraction": float(m.mean()),
+                    "masked_fraction_positive": float(m[pos].mean()) if pos.any() else np.nan,
+                    "xi": xi,
+                }
+            )
+        return pd.DataFrame(rows, columns=cols)
+    for name in ("relax/masked_fraction", "relax/mask_frac", "relax/kl_mask_frac"):
+        s = run.metric(name)
+        if s is not None:
+            xi = run.metric("relax/xi")
+            return pd.DataFrame(
+                {
+                    "step": s.index.astype(int),
+                    "masked_fraction": s.to_numpy(float),
+                    "masked_fraction_positive": np.nan,
+                    "xi": xi.reindex(s.index).to_numpy(float) if xi is not None else np.nan,
+                }
+            )[cols]
+    return empty(cols)
+
+
+_STEP_RE = re.compile(r"(\d+)")
+
+
+def spectra(run: Run) -> pd.DataFrame:
+    """step, index (j-th largest singular value, 0-based), mean, q10, q90 over trajectories."""
+    cols = ["step", "index", "mean", "q10", "q90", "n"]
+    rows = []
+    for tf in run.tensors(instrument=INSTRUMENT):
+        key = pick(
+            pd.DataFrame(columns=list(tf.tensors)), "singular_values", "spectrum", "spectra", "sv", "S"
+        )
+        if key is None:
+            continue
+        sv = np.asarray(tf.tensors[key], dtype=np.float64)
+        if sv.ndim == 1:
+            sv = sv[None]
+        steps = tf.tensors.get("step", tf.tensors.get("steps"))
+        if steps is not None and len(steps) == len(sv):
+            step_of_row = np.asarray(steps).astype(int)
+        else:
+            meta_step = tf.metadata.get("step")
+            if meta_step is None:
+                m = _STEP_RE.search(tf.path.stem)
+                meta_step = m.group(1) if m else -1
+            step_of_row = np.full(len(sv), int(meta_step))
+        sv = -np.sort(-np.abs(sv), axis=1)
+        for step in np.unique(step_of_row):
+            block = sv[step_of_row == step]
+            for j in range(block.shape[1]):
+                col = block[:, j]
+                rows.append(
+                    {
+                        "step": int(step),
+                        "index": j,
+                        "mean": float(col.mean()),
+                        "q10": float(np.quantile(col, 0.1)),
+                        "q90": float(np.quantile(col, 0.9)),
+                        "n": len(col),
+                    }
+                )
+    if not rows:
+        return empty(cols)
+    return pd.DataFrame(rows, columns=cols).sort_values(["step", "index"]).reset_index(drop=True)

@@ -1,0 +1,57 @@
+"""Training curves from metrics.jsonl: the TRL metrics every run logs."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.loader import RunSet
+
+# TRL names (GRPO: reward, entropy, kl, completions/mean_length; DPO: rewards/accuracies, rewards/margins).
+STANDARD = (
+    "reward",
+    "reward_std",
+    "loss",
+    "grad_norm",
+    "entropy",
+    "kl",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "completions/mean_length",
+    "learning_rate",
+)
+
+
+def training_curves(runs: RunSet, names: tuple[str, ...] = STANDARD) -> pd.DataFrame:
+    """Long table run, step, metric, value for the standard metrics each run logged (steps aligned)."""
+    return runs.metrics(list(names))
+
+
+def eval_summary(runs: RunSet) -> pd.DataFrame:
+    """One row per run: algo, logged steps, last reward, and the before/after eval numbers when present."""
+    rows = []
+    for r in runs:
+        row = {"run": r.label, "algo": r.algo, "recipe": r.recipe, "logged_steps": len(r.metrics)}
+        row["last_step"] = int(r.metrics["step"].max()) if len(r.metrics) else None
+        for m in ("reward", "rewards/accuracies", "loss"):
+            s = r.metric(m)
+            if s is not None:
+                row[f"last_{m}"] = float(s.iloc[-1])
+        for src, prefix in ((r.eval_before_after, ""), (r.eval, "eval/")):
+            if isinstance(src, dict):
+                for k, v in _flatten(src).items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        row[prefix + k] = v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

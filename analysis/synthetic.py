@@ -1,0 +1,225 @@
+"""Synthetic run directories written through the real `DiagnosticsWriter` (tests, docs, notebook smoke runs).
+
+`make_run(path, algo, ...)` writes config.yaml, metrics.jsonl, eval_before_after.json and, on request,
+the files each instrument writes, with planted structure the analyses must recover (e.g. a correctness
+direction along a known axis, positive G for DPO, a low-entropy-heavy activation shift).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from rlx.config.schema import RunConfig
+from rlx.diagnostics import DiagnosticsWriter
+
+
+def make_run(
+    path: str | Path,
+    algo: str = "grpo",
+    steps: int = 10,
+    *,
+    grad_alignment: bool = False,
+    relax: bool = False,
+    activations: bool = False,
+    activation_shift: bool = False,
+    world_size: int = 1,
+    seed: int = 0,
+    recipe: str | None = None,
+) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.algo, cfg.recipe, cfg.output_dir = algo, recipe or f"synthetic_{algo}", str(path)
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with open(path / "metrics.jsonl", "w") as fh:
+        for s in range(1, steps + 1):
+            row = {
+                "step": s,
+                "loss": float(1 / s),
+                "grad_norm": float(1 + rng.random()),
+                "learning_rate": 1e-5,
+            }
+            if algo == "grpo":
+                row.update(reward=float(0.3 + 0.05 * s), entropy=float(2.0 - 0.1 * s), kl=float(0.01 * s))
+                if relax:
+                    row["relax/dsd_mean"] = float(1 + s)
+            else:
+                row.update({"rewards/accuracies": min(1.0, 0.5 + 0.05 * s), "rewards/margins": 0.1 * s})
+            fh.write(json.dumps(row) + "\n")
+    (path / "eval_before_after.json").write_text(
+        json.dumps({"before": {"accuracy": 0.4}, "after": {"accuracy": 0.55}})
+    )
+    for rank in range(world_size):
+        w = DiagnosticsWriter(path, rank=rank, world_size=world_size)
+        per_rank = world_size > 1
+        if grad_alignment and rank == 0:
+            _grad_alignment(w, algo, steps, rng)
+        if relax:
+            _relax(w, steps, rng, per_rank)
+        if activations:
+            _activations(w, steps, rng, rank, world_size)
+        if activation_shift and rank == 0:
+            _activation_shift(w, rng)
+    return path
+
+
+def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
+    rows, sketches = [], {}
+    for s in range(1, steps + 1):
+        if algo == "dpo":
+            pos, neg, kl = 1.0 / s + 0.2, 0.1 * s / steps, 0.0
+        else:
+            pos, neg, kl = 0.3 * rng.standard_normal() + 0.1, -0.3 * rng.standard_normal(), 0.01
+        total = pos + neg + kl
+        top, mid = 0.6 * total + 0.05 * rng.standard_normal(), 0.3 * total
+        for comp, G in (
+            ("total", total),
+            ("pos", pos),
+            ("neg", neg),
+            ("kl", kl),
+            ("top", top),
+            ("mid", mid),
+            ("bot", total - top - mid),
+        ):
+            rows.append(
+                {
+                    "step": s,
+                    "component": comp,
+                    "G": G,
+                    "cos": float(np.tanh(G)),
+                    "norm": abs(G) + 1,
+                    "n_tokens": 100,
+                    "target": "default",
+                    "variant": "param",
+                }
+            )
+        for g, share in (("embed", 0.1), ("blocks0-1", 0.5), ("blocks2-3", 0.3), ("head", 0.1)):
+            rows.append(
+                {
+                    "step": s,
+                    "component": f"layer:{g}",
+                    "G": share * total,
+                    "cos": float(np.tanh(share * total)),
+                    "norm": 1.0,
+                    "n_tokens": 100,
+                    "target": "default",
+                    "variant": "param",
+                }
+            )
+        sketches[f"loss/{s:06d}"] = torch.tensor(
+            rng.standard_normal(64) + (2.0 if algo == "dpo" else 0.0), dtype=torch.float16
+        )
+    w.write_parquet(
+        "grad_alignment.parquet", rows, schema_version=1, instrument="grad_alignment", description="synthetic"
+    )
+    w.write_tensors(
+        "grad_alignment_sketches.safetensors",
+        sketches,
+        schema_version=1,
+        instrument="grad_alignment",
+        description="synthetic",
+    )
+
+
+def _relax(w: DiagnosticsWriter, steps: int, rng, per_rank: bool) -> None:
+    rows = []
+    for s in range(1, steps + 1):
+        adv = rng.standard_normal(16)
+        dsd = np.exp(rng.standard_normal(16)) * (1 + s)
+        rows += [
+            {
+                "step": s,
+                "traj": i,
+                "dsd": float(d),
+                "advantage": float(a),
+                "masked": bool(d > 8 and a > 0),
+                "xi": 8.0,
+            }
+            for i, (d, a) in enumerate(zip(dsd, adv))
+        ]
+        sv = np.sort(np.abs(rng.standard_normal((16, 10))) * (1 + s / steps), axis=1)[:, ::-1].copy()
+        w.write_tensors(
+            f"relax/spectra_{s:06d}.safetensors",
+            {"singular_values": torch.tensor(sv)},
+            schema_version=1,
+            instrument="relax",
+            description="synthetic",
+            metadata={"step": str(s)},
+            per_rank=per_rank,
+        )
+    w.write_parquet(
+        "relax/trajectories.parquet",
+        rows,
+        schema_version=1,
+        instrument="relax",
+        description="synthetic",
+        per_rank=per_rank,
+    )
+
+
+def _activations(
+    w: DiagnosticsWriter, steps: int, rng, rank: int, world_size: int, layers: int = 3, d: int = 8
+) -> None:
+    prompts = list(range(rank, 16, world_size))
+    axis = np.zeros(d)
+    axis[0] = 1.0
+    for s in (0, steps // 2, steps):
+        n_per = 4
+        pid = np.repeat(prompts, n_per)
+        reward = (rng.random(len(pid)) < 0.5).astype(np.float32)
+        h = rng.standard_normal((len(pid), layers + 1, d))
+        for layer in range(1, layers + 1):  # correctness readable from layer 1 on, strongest late
+            h[:, layer] += np.outer(2 * reward - 1, axis) * layer
+        lens = rng.integers(2, 6, len(pid))
+        tok_sample = np.repeat(np.arange(len(pid)), lens)
+        w.write_tensors(
+            f"activations/step_{s:06d}.safetensors",
+            {
+                "last": torch.tensor(h, dtype=torch.float16),
+                "mean": torch.tensor(h * 0.5, dtype=torch.float16),
+                "reward": torch.tensor(reward),
+                "prompt_id": torch.tensor(pid, dtype=torch.long),
+                "mean_logp": torch.tensor(rng.standard_normal(len(pid)), dtype=torch.float32),
+                "completion_len": torch.tensor(lens, dtype=torch.long),
+                "token_logp": torch.tensor(-rng.random(len(tok_sample)) * (1 + s), dtype=torch.float32),
+                "token_entropy": torch.tensor(
+                    rng.random(len(tok_sample)) * 3 / (1 + 0.1 * s), dtype=torch.float32
+                ),
+                "token_sample": torch.tensor(tok_sample, dtype=torch.long),
+            },
+            schema_version=1,
+            instrument="activations",
+            description="synthetic",
+            metadata={"step": str(s), "pooling": "last,mean"},
+            per_rank=world_size > 1,
+        )
+
+
+def _activation_shift(w: DiagnosticsWriter, rng) -> None:
+    rows = []
+    edges = [0.0, 1.0, 2.0, 3.0, 4.5]
+    for layer in range(4):
+        for b in range(4):
+            rows.append(
+                {
+                    "layer": layer,
+                    "bucket": b,
+                    "entropy_lo": edges[b],
+                    "entropy_hi": edges[b + 1],
+                    "kl_mean": float((4 - b) * 0.1 * (1 + layer) + 0.01 * rng.random()),
+                    "n_positions": 50,
+                }
+            )
+    w.write_parquet(
+        "activation_shift.parquet",
+        rows,
+        schema_version=1,
+        instrument="activation_replay",
+        description="synthetic",
+    )
