@@ -1,0 +1,305 @@
+"""The `relax` regularizer: ReLaX latent exploration (arXiv 2512.07558) behind the instrument seam.
+
+Per loss micro-batch (no extra forward: the states come from the seam's hook on the loss forward):
+
+    h_i      = fp32 post-norm last-layer states predicting completion i's tokens    (B, C, d)
+    K_i      = EDMD ridge operator of sigmoid(W h_i) over valid transitions          (B, m, m)
+    d_i      = DSD(K_i) (singular values by default)                                 (B,)
+    a_i      = max(A_i, 0)  [* L_i / L_max with code_compat]
+    loss    += alpha * L_xp(d, a; groups) + beta * token-mean(M_i * clamp(k3 KL))
+
+W is fitted once at the first loss call (optionally refitted every `refit_every` steps) on detached
+states of the first rollout batch, on rank 0, broadcast to all ranks, and saved as
+`diagnostics/relax/dictionary.safetensors`; a run directory that already holds one (resume) reuses it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from rlx.errors import UserError
+from rlx.instruments.base import (
+    Instrument,
+    LossContext,
+    LossTerm,
+    backbone_of,
+    register_instrument,
+    unwrap_policy,
+)
+from rlx.regularizers.dictionary import fit_dictionary
+from rlx.regularizers.dsd import SPECTRA, dynamic_spectral_dispersion
+from rlx.regularizers.koopman import dictionary_features, koopman_operator
+from rlx.regularizers.loss import adaptive_kl, exploration_loss, kl_mask, positive_advantage
+
+SCHEMA_VERSION = 1
+DICT_FILE = "relax/dictionary.safetensors"
+
+
+def sequence_advantages(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) advantages; token-level (B, C) ones are averaged over each completion's valid tokens."""
+    if adv.dim() == 1:
+        return adv.float()
+    return (adv.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def group_ids_of(ctx: LossContext, n: int) -> torch.Tensor:
+    """Prompt-group ids (B,): the trainer's tags, else consecutive blocks of trainer.num_generations."""
+    gid = ctx.extras.get("group_ids")
+    if gid is not None:
+        return gid
+    r = int(getattr(ctx.trainer, "num_generations", 0) or n)
+    return torch.arange(n) // r
+
+
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@register_instrument("relax")
+class Relax(Instrument):
+    """ReLaX: alpha * L_xp + beta * adaptive KL, with per-step DSD metrics and per-trajectory dumps."""
+
+    needs_hidden = True
+    changes_loss = True
+
+    def __init__(self, cfg: Any, run: Any) -> None:
+        super().__init__(cfg, run)
+        if cfg.spectrum not in SPECTRA:
+            raise UserError(
+                f"regularizers.relax.spectrum={cfg.spectrum!r}: expected one of {', '.join(SPECTRA)}. "
+                "Use svd (authors' code, default) or eig (paper Eq. 6)."
+            )
+        if cfg.group not in ("prompt", "batch"):
+            raise UserError(
+                f"regularizers.relax.group={cfg.group!r}: expected prompt or batch. "
+                "prompt = log-mean-exp over each prompt group (paper); batch = over the micro-batch (code)."
+            )
+        if cfg.alpha < 0 or cfg.beta < 0 or cfg.dict_size < 2:
+            raise UserError(
+                f"regularizers.relax: alpha={cfg.alpha}, beta={cfg.beta}, dict_size={cfg.dict_size}; "
+                "expected alpha >= 0, beta >= 0 and dict_size >= 2. Fix the recipe or override."
+            )
+        self.weight: torch.Tensor | None = None
+        self.xi: float | None = None if cfg.xi is None else float(cfg.xi)
+        self.fit_step = -1
+        self.micro = 0
+        self.rows: list[dict[str, Any]] = []
+
+    # ---- events ------------------------------------------------------------------------------------
+
+    def on_train_begin(self, trainer: Any) -> None:
+        if self.cfg.beta > 0 and getattr(trainer, "beta", None) == 0.0:
+            raise UserError(
+                f"regularizers.relax.beta={self.cfg.beta} needs reference log-probs, which TRL's GRPO computes "
+                "only when trainer.beta != 0. Set trainer.beta=1e-9 (TRL's own uniform KL then has negligible "
+                "weight; recipes/grpo_relax_tiny.yaml does this), or regularizers.relax.beta=0 to drop the "
+                "adaptive KL."
+            )
+        self._load_dictionary()
+
+    def on_loss(self, ctx: LossContext) -> LossTerm | None:
+        cfg = self.cfg
+        step = int(getattr(getattr(ctx.trainer, "state", None), "global_step", 0) or 0)
+        hidden = ctx.completion_hidden.float()
+        mask = ctx.completion_mask.float()
+        if self.weight is None or (cfg.refit_every and step > self.fit_step and step % cfg.refit_every == 0):
+            self._fit(ctx, step)
+        weight = self.weight.to(hidden.device)
+
+        lengths = mask.sum(1)
+        adv = sequence_advantages(ctx.extras["advantages"], mask)
+        if cfg.code_compat:
+            # Authors' verl: states zeroed past the response and padded to L_max, every transition used.
+            l_max = self._max_len(ctx)
+            hidden = hidden * mask.unsqueeze(-1)
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, max(l_max - hidden.shape[1], 0)))
+            koop = koopman_operator(dictionary_features(hidden, weight), None, cfg.ridge)
+            a = positive_advantage(adv, lengths, l_max)
+        else:
+            koop = koopman_operator(dictionary_features(hidden, weight), mask, cfg.ridge)
+            a = positive_advantage(adv)
+        dsd, spectrum = dynamic_spectral_dispersion(koop, cfg.spectrum, cfg.eps)
+
+        if self.xi is None:
+            self._calibrate_xi(dsd.detach())
+        gids = group_ids_of(ctx, dsd.shape[0]).to(dsd.device) if cfg.group == "prompt" else None
+        l_xp, _ = exploration_loss(dsd, a, gids, self.xi)
+        masked = kl_mask(a, dsd, self.xi)
+        total = cfg.alpha * l_xp
+        kl = torch.zeros((), device=dsd.device)
+        if cfg.beta > 0:
+            ref = ctx.extras.get("ref_logps")
+            if ref is None:
+                raise UserError(
+                    "regularizers.relax.beta > 0 but the trainer passed no reference log-probs; set "
+                    "trainer.beta=1e-9 (GRPO) or regularizers.relax.beta=0."
+                )
+            kl = adaptive_kl(ctx.completion_logps, ref, mask, masked)
+            total = total + cfg.beta * kl
+
+        d = dsd.detach()
+        pos = a > 0
+        metrics = {
+            "relax/dsd_mean": float(d.mean()),
+            "relax/dsd_pos_mean": float(d[pos].mean()) if bool(pos.any()) else math.nan,
+            "relax/spectral_spread": float((d * pos).mean()),  # the authors' logged curve: mean DSD * 1[A>0]
+            "relax/masked_frac": float(masked.float().mean()),
+            "relax/loss": float(l_xp.detach()),
+            "relax/kl": float(kl.detach()),
+            "relax/xi": float(self.xi),
+        }
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            self._record(step, ctx, d, spectrum.detach(), adv, a, lengths, masked, gids)
+        self.micro += 1
+        return LossTerm(total, metrics)
+
+    def on_step_end(self, trainer: Any) -> None:
+        self._flush()
+
+    def on_train_end(self, trainer: Any) -> None:
+        self._flush()
+
+    # ---- dictionary --------------------------------------------------------------------------------
+
+    def _dict_path(self):
+        return self.run.writer.path(DICT_FILE) if self.run is not None and self.run.writer else None
+
+    def _load_dictionary(self) -> None:
+        path = self._dict_path()
+        if path is None or not path.exists():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+            self.weight = fh.get_tensor("W").float()
+        self.fit_step = int(meta.get("fit_step", 0))
+        if self.cfg.xi is None and meta.get("xi") not in (None, "None"):
+            self.xi = float(meta["xi"])
+
+    def _rollout_states(self, ctx: LossContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached completion states of this rank's whole rollout batch (one no-grad pass over TRL's
+        buffered micro-batches), or of the current micro-batch when the trainer buffers none."""
+        cap = self.cfg.dict_max_positions
+        batches = getattr(ctx.trainer, "_buffered_inputs", None)
+        if not batches or not isinstance(batches, list) or "prompt_ids" not in batches[0]:
+            return ctx.completion_hidden.detach()[:, :cap], ctx.completion_mask.detach()[:, :cap]
+        backbone = backbone_of(unwrap_policy(ctx.trainer.model))
+        states, masks = [], []
+        with torch.no_grad():
+            for b in batches:
+                p = b["prompt_ids"].shape[1]
+                ids = torch.cat([b["prompt_ids"], b["completion_ids"][:, :cap]], 1)
+                att = torch.cat([b["prompt_mask"], b["completion_mask"][:, :cap]], 1)
+                out = backbone(input_ids=ids, attention_mask=att)
+                h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                t = ids.shape[1] - p
+                states.append(h[:, p - 1 : p - 1 + t].float())
+                masks.append(b["completion_mask"][:, :cap].float())
+        width = max(s.shape[1] for s in states)
+        states = [torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[1])) for s in states]
+        masks = [torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]
+        return torch.cat(states), torch.cat(masks)
+
+    def _fit(self, ctx: LossContext, step: int) -> None:
+        cfg = self.cfg
+        hidden, mask = self._rollout_states(ctx)
+        device = ctx.completion_hidden.device
+        rank = self.run.rank if self.run is not None else 0
+        losses: list[float] = []
+        if rank == 0:
+            weight, losses = fit_dictionary(
+                hidden.cpu(),
+                mask.cpu(),
+                dict_size=cfg.dict_size,
+                ridge=cfg.ridge,
+                lr=cfg.dict_lr,
+                batch_size=cfg.dict_batch_size,
+                epochs=cfg.dict_epochs,
+                max_positions=cfg.dict_max_positions,
+                seed=cfg.dict_seed,
+                init=self.weight,
+            )
+            weight = weight.to(device)
+        else:
+            weight = torch.empty(cfg.dict_size, hidden.shape[-1], device=device)
+        if _dist():
+            torch.distributed.broadcast(weight, src=0)
+        self.weight = weight.detach().float()
+        self.fit_step = step
+        self._fit_losses = losses
+        if self.xi is not None:  # xi is calibrated once, on the first fit, and then kept (authors: fixed)
+            self._save_dictionary()
+
+    def _calibrate_xi(self, dsd: torch.Tensor) -> None:
+        """xi = xi_scale * median DSD of this first batch (rank 0's value, broadcast)."""
+        xi = torch.tensor([float(dsd.median()) * self.cfg.xi_scale], device=dsd.device)
+        if _dist():
+            torch.distributed.broadcast(xi, src=0)
+        self.xi = float(xi.item())
+        self._save_dictionary()
+
+    def _save_dictionary(self) -> None:
+        if self.run is None or self.run.writer is None or self.run.rank != 0:
+            return
+        self.run.writer.write_tensors(
+            DICT_FILE,
+            {"W": self.weight.cpu()},
+            schema_version=SCHEMA_VERSION,
+            instrument="relax",
+            description="ReLaX Koopman dictionary W (m, d), psi(h) = sigmoid(W h); reused on resume.",
+            metadata={"fit_step": str(self.fit_step), "xi": str(self.xi)},
+        )
+        self.run.writer.write_json(
+            "relax/dictionary_fit.json",
+            {"fit_step": self.fit_step, "xi": self.xi, "losses": getattr(self, "_fit_losses", [])},
+            schema_version=SCHEMA_VERSION,
+            instrument="relax",
+            description="ReLaX dictionary fit: residual loss per Adam step, calibrated xi.",
+        )
+
+    def _max_len(self, ctx: LossContext) -> int:
+        if self.cfg.max_completion_length:
+            return int(self.cfg.max_completion_length)
+        args = getattr(ctx.trainer, "args", None)
+        return int(getattr(args, "max_completion_length", None) or ctx.completion_len)
+
+    # ---- dumps -------------------------------------------------------------------------------------
+
+    def _record(self, step, ctx, dsd, spectrum, adv, a, lengths, masked, gids) -> None:
+        gids = group_ids_of(ctx, dsd.shape[0]) if gids is None else gids
+        spec = spectrum.float().cpu().numpy()
+        for i in range(dsd.shape[0]):
+            self.rows.append(
+                {
+                    "step": step + 1,
+                    "micro_step": self.micro,
+                    "index": i,
+                    "group_id": int(gids[i]),
+                    "advantage": float(adv[i]),
+                    "a": float(a[i]),
+                    "length": int(lengths[i]),
+                    "dsd": float(dsd[i]),
+                    "kl_masked": bool(masked[i]),
+                    "xi": float(self.xi),
+                    "spectrum": spec[i].tolist(),
+                }
+            )
+
+    def _flush(self) -> None:
+        if not self.rows or self.run is None or self.run.writer is None:
+            self.rows = []
+            return
+        step = self.rows[-1]["step"]
+        self.run.writer.write_parquet(
+            f"relax/trajectories_step{step:06d}.parquet",
+            self.rows,
+            schema_version=SCHEMA_VERSION,
+            instrument="relax",
+            description="ReLaX per-trajectory DSD, advantage, KL mask and spectrum (moduli of K) at one step.",
+            per_rank=True,
+        )
+        self.rows = []
