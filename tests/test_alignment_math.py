@@ -1,0 +1,252 @@
+"""Gradient alignment math on a tiny random Qwen2 (fp32 identities; float64 / closed-form references)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from rlx.alignment.math import (
+    component_weights,
+    cosine,
+    dot,
+    head_grad_from_activations,
+    kl_token_weights,
+    layer_groups,
+    reweighting_units,
+    run_summary,
+    sq_norm,
+    tertile_weights,
+    weighted_grad,
+)
+from rlx.alignment.sketch import CountSketch, sketch_cosine
+from rlx.alignment.target import batch_from_ids, target_gradient, target_head_gradient, target_nll
+
+V = 24
+
+
+def tiny_model(dtype=torch.float32, seed=0, tie=False) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
+    return Qwen2ForCausalLM(cfg).to(dtype)
+
+
+def token_logps(model, ids):
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def rel(a, b):
+    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-30)
+
+
+def grpo_like(model, ids, mask, adv, ref, beta):
+    """GRPO 'grpo' loss on-policy with a k3 KL term: mean_i mean_t (-A_i + beta k3_t)."""
+    lp = token_logps(model, ids)
+    ratio = torch.exp(lp - lp.detach())
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    per_tok = -ratio * adv[:, None] + beta * kl
+    loss = ((per_tok * mask).sum(-1) / mask.sum(-1)).mean()
+    return loss, lp
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (6, 10), generator=g)
+    mask = torch.zeros(6, 9)
+    for i, L in enumerate([9, 7, 5, 9, 8, 6]):
+        mask[i, 2:L] = 1
+    target = batch_from_ids([[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [10, 11, 12]], 0, "t")
+    params = [p for p in model.parameters() if p.requires_grad]
+    gT, R = target_gradient(model, target, params)
+    return model, ids, mask, target, params, gT, R
+
+
+def test_grpo_components_and_tertiles_sum_to_optimizer_gradient(setup):
+    model, ids, mask, _, params, gT, _ = setup
+    adv = torch.tensor([1.0, -0.5, 0.0, 2.0, -1.5, 0.3])
+    with torch.no_grad():
+        ref = token_logps(model, ids) + 0.1 * torch.randn(6, 9, generator=torch.Generator().manual_seed(2))
+    beta = 0.04
+    model.zero_grad()
+    loss, lp = grpo_like(model, ids, mask, adv, ref, beta)
+    (w,) = torch.autograd.grad(loss, lp, retain_graph=True)
+    w_kl = kl_token_weights(w, mask, lp.detach(), ref, adv, beta)
+    # closed form: c_i = 1/(n_i B), w_kl = c_i beta (1 - exp(ref - lp))
+    c = 1.0 / (mask.sum(-1) * 6)
+    expected = c[:, None] * beta * (1 - torch.exp(ref - lp.detach())) * mask
+    assert torch.allclose(w_kl, expected, rtol=1e-5, atol=1e-9)
+    comps = component_weights(w, mask, w_kl)
+    assert torch.allclose(sum(comps.values()), w * mask, atol=1e-9)
+    G = {k: dot(gT, weighted_grad(lp, params, cw)).item() for k, cw in comps.items()}
+    tert = tertile_weights(comps["pos"] + comps["neg"], reweighting_units("sequence", mask))
+    G_t = {k: dot(gT, weighted_grad(lp, params, tw)).item() for k, tw in tert.items()}
+    v = [torch.randn_like(p) for p in params]
+    d_v = dot(v, weighted_grad(lp, params, w * mask)).item()
+    loss.backward()
+    grad = [p.grad.clone() for p in params]
+    G_total = dot(gT, grad).item()
+    assert rel(G["pos"] + G["neg"] + G["kl"], G_total) < 1e-5
+    assert rel(G_t["top"] + G_t["mid"] + G_t["bot"] + G["kl"], G_total) < 1e-5
+    assert rel(d_v, dot(v, grad).item()) < 1e-5  # sum_t w_t grad l_t == optimizer gradient
+    # positive learning = positive advantage sequences
+    pos_rows = (comps["pos"] != 0).any(-1)
+    assert pos_rows.tolist() == [True, False, False, True, False, True]
+    # zero-advantage sequence lands in the bottom tertile
+    assert (tert["top"][2] == 0).all() and (tert["mid"][2] == 0).all() and (tert["top"][3] != 0).any()
+
+
+def test_dpo_pair_tertiles_and_signs(setup):
+    model, ids, mask, _, params, gT, _ = setup
+    beta, P = 0.1, 3
+    model.zero_grad()
+    lp = token_logps(model, ids)
+    with torch.no_grad():
+        ref = lp.detach() - 0.05
+    h = ((lp - ref) * mask).sum(-1)
+    margin = h[:P] - h[P:]
+    loss = -torch.nn.functional.logsigmoid(beta * margin).mean()
+    (w,) = torch.autograd.grad(loss, lp, retain_graph=True)
+    omega = torch.sigmoid(-beta * margin.detach())
+    # chosen rows: w = -(beta/P) omega_i on every scored token; rejected: +(beta/P) omega_i
+    assert torch.allclose(w[:P], (-(beta / P) * omega[:, None]) * mask[:P], atol=1e-8)
+    comps = component_weights(w, mask)
+    assert (comps["pos"][:P] == w[:P] * mask[:P]).all() and (comps["pos"][P:] == 0).all()
+    pair = torch.cat([torch.arange(P), torch.arange(P)])
+    tert = tertile_weights(w * mask, reweighting_units("pair", mask, pair))
+    top_pair = int(torch.argmax(omega))
+    assert (tert["top"][top_pair] != 0).any() and (tert["top"][top_pair + P] != 0).any()
+    G = {k: dot(gT, weighted_grad(lp, params, x)).item() for k, x in {**comps, **tert}.items()}
+    loss.backward()
+    G_total = dot(gT, [p.grad for p in params]).item()
+    assert rel(G["pos"] + G["neg"], G_total) < 1e-5
+    assert rel(G["top"] + G["mid"] + G["bot"], G_total) < 1e-5
+
+
+def test_tertiles_hand_example():
+    w = torch.tensor([[0.3, 0.1, -0.2, 0.0], [0.5, -0.4, 0.05, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 0]])
+    t = tertile_weights(w, reweighting_units("token", mask))
+    # |w| ranks: .5,.4 top | .3,.2 mid | .1,.05 bot
+    assert t["top"].nonzero().tolist() == [[1, 0], [1, 1]]
+    assert t["mid"].nonzero().tolist() == [[0, 0], [0, 2]]
+    assert t["bot"].nonzero().tolist() == [[0, 1], [1, 2]]
+    assert torch.equal(t["top"] + t["mid"] + t["bot"], w * mask)
+
+
+def test_kl_weights_float64_with_clipping():
+    g = torch.Generator().manual_seed(3)
+    B, C = 4, 5
+    lp = (torch.randn(B, C, generator=g, dtype=torch.float64) - 2).requires_grad_()
+    old = lp.detach() + 0.3 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    ref = lp.detach() + 0.2 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, C, dtype=torch.float64)
+    mask[0, -2:] = 0
+    beta, eps = 0.05, 0.2
+    ratio = torch.exp(lp - old)
+    surr = -torch.min(ratio * adv[:, None], ratio.clamp(1 - eps, 1 + eps) * adv[:, None])
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    loss = ((surr + beta * kl) * mask).sum() / mask.sum() / 2.0  # bnpo-like, GA=2
+    (w,) = torch.autograd.grad(loss, lp)
+    w_kl = kl_token_weights(w, mask, lp.detach(), ref, adv, beta, old_logps=old, eps_low=eps, eps_high=eps)
+    expected = beta * (1 - torch.exp(ref - lp.detach())) * mask / mask.sum() / 2.0
+    assert torch.allclose(w_kl.double(), expected, rtol=1e-5, atol=1e-12)
+
+
+def test_target_gradient_is_isolated_and_exact(setup):
+    model, _, _, target, params, gT, R = setup
+    model.train()
+    model.zero_grad(set_to_none=True)
+    rng = torch.get_rng_state()
+    g2, R2 = target_gradient(model, target, params, chunk=1)
+    assert model.training and all(p.grad is None for p in params)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert rel(R2, R) < 1e-6 and rel(dot(g2, gT).item(), sq_norm(gT).item()) < 1e-5
+    # float64 reference of the NLL and of a directional derivative (central difference)
+    m64 = tiny_model(torch.float64)
+    m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    R64 = target_nll(m64, target)
+    assert rel(R, R64) < 1e-5
+    u = [g / math.sqrt(sq_norm(gT).item()) for g in gT]
+    eps = 1e-5
+    with torch.no_grad():
+        for p, d in zip(m64.parameters(), u):
+            p.add_(eps * d.double())
+        Rp = target_nll(m64, target)
+        for p, d in zip(m64.parameters(), u):
+            p.sub_(2 * eps * d.double())
+        Rm = target_nll(m64, target)
+    assert rel((Rp - Rm) / (2 * eps), math.sqrt(sq_norm(gT).item())) < 1e-4
+
+
+def test_head_activation_variant_matches_parameter_head_gradient(setup):
+    model, ids, mask, target, params, gT, _ = setup
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    head_i = names.index("lm_head.weight")
+    cap = {}
+    hnd = model.model.register_forward_hook(lambda m, a, o: cap.__setitem__("h", o.last_hidden_state))
+    lp = token_logps(model, ids)
+    hnd.remove()
+    coef = torch.randn(6, 9, generator=torch.Generator().manual_seed(4)) * mask
+    g_param = weighted_grad(lp, params, coef)[head_i]
+    sel = mask > 0
+    g_act = head_grad_from_activations(
+        cap["h"][:, :-1][sel], model.lm_head.weight, ids[:, 1:][sel], coef[sel]
+    )
+    assert torch.allclose(g_act, g_param, rtol=1e-4, atol=1e-6)
+    gT_head, _ = target_head_gradient(model, model.model, target)
+    assert torch.allclose(gT_head, gT[head_i], rtol=1e-4, atol=1e-6)
+
+
+def test_layer_groups_qwen2_names():
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    g = layer_groups(names, num_layers=4, k=2)
+    assert set(g) == {"all", "embed", "blocks_0-1", "blocks_2-3", "head"}
+    assert sorted(sum((g[k] for k in g if k != "all"), [])) == g["all"]
+    assert [names[i] for i in g["embed"]] == ["model.embed_tokens.weight"]
+    assert {names[i] for i in g["head"]} == {"model.norm.weight", "lm_head.weight"}
+    assert all(".layers.2." in names[i] or ".layers.3." in names[i] for i in g["blocks_2-3"])
+    lora = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    assert layer_groups(lora, 4, 2)["blocks_0-1"] == [0]
+
+
+def test_run_summary_hand_computed():
+    s = run_summary([1.0, 2.0, 3.0, 2.0])
+    assert s["frac_positive"] == 1.0 and s["sign_flip_rate"] == 0.0
+    assert math.isclose(s["cv"], math.sqrt(0.5) / 2.0) and s["regime"] == "supervised-like"
+    s = run_summary([1.0, -1.0, 1.0, -1.0, 1.0])
+    assert s["frac_positive"] == 0.6 and s["sign_flip_rate"] == 1.0 and s["regime"] == "RL-like"
+    s = run_summary([1.0] * 9 + [-100.0])  # 90% positive but CV > 1
+    assert s["frac_positive"] == 0.9 and s["cv"] > 1 and s["regime"] == "RL-like"
+    assert run_summary([float("nan"), 1.0])["n_nonfinite"] == 1
+    assert math.isclose(cosine(1.0, 4.0, 1.0), 0.5)
+
+
+def test_countsketch_linear_deterministic_and_accurate():
+    shapes = [torch.Size([300, 20]), torch.Size([50])]
+    sk = CountSketch(shapes, dim=4096, seed=7)
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(s, generator=g) for s in shapes]
+    b = [0.6 * x + 0.8 * torch.randn(x.shape, generator=g) for x in a]
+    sa, sb = sk(a), sk(b)
+    assert torch.allclose(sk([x + y for x, y in zip(a, b)]), sa + sb, atol=1e-4)
+    assert torch.equal(CountSketch(shapes, dim=4096, seed=7)(a), sa)
+    exact = cosine(dot(a, b).item(), sq_norm(a).item(), sq_norm(b).item())
+    assert abs(sketch_cosine(sa, sb) - exact) < 0.05
+    assert abs(sa.norm().item() ** 2 / sq_norm(a).item() - 1) < 0.1
