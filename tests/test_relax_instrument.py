@@ -100,7 +100,12 @@ def test_relax_step_metrics_gradients_dumps_and_resume(tmp_path):
     shard = by_path["relax/trajectories_step000001.rank0.parquet"]
     assert shard["schema_version"] == 1 and shard["instrument"] == "relax"
     df = pd.read_parquet(tmp_path / "diagnostics" / shard["path"])
-    assert len(df) == B and len(df["spectrum"][0]) == 50
+    assert len(df) == B and list(df["masked"]) == [False] * B
+    spec = by_path["relax/spectra_step000001.rank0.safetensors"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "diagnostics" / spec["path"])
+    assert tensors["singular_values"].shape == (B, 50) and tensors["step"].tolist() == [1] * B
     torch.testing.assert_close(torch.tensor(df["dsd"].values), dsd.double(), rtol=1e-6, atol=0)
     assert list(df["length"]) == [10, 7, 3, 2, 10, 9, 5, 1]
     # resume: a fresh instrument in the same run dir reloads W and xi instead of refitting

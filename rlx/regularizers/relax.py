@@ -87,6 +87,7 @@ class Relax(Instrument):
         self.fit_step = -1
         self.micro = 0
         self.rows: list[dict[str, Any]] = []
+        self.spectra: list[torch.Tensor] = []
 
     # ---- events ------------------------------------------------------------------------------------
 
@@ -271,7 +272,6 @@ class Relax(Instrument):
 
     def _record(self, step, ctx, dsd, spectrum, adv, a, lengths, masked, gids) -> None:
         gids = group_ids_of(ctx, dsd.shape[0]) if gids is None else gids
-        spec = spectrum.float().cpu().numpy()
         for i in range(dsd.shape[0]):
             self.rows.append(
                 {
@@ -283,23 +283,36 @@ class Relax(Instrument):
                     "a": float(a[i]),
                     "length": int(lengths[i]),
                     "dsd": float(dsd[i]),
-                    "kl_masked": bool(masked[i]),
+                    "masked": bool(masked[i]),
                     "xi": float(self.xi),
-                    "spectrum": spec[i].tolist(),
                 }
             )
+        self.spectra.append(spectrum.float().cpu())
 
     def _flush(self) -> None:
-        if not self.rows or self.run is None or self.run.writer is None:
-            self.rows = []
+        rows, spectra = self.rows, self.spectra
+        self.rows, self.spectra = [], []
+        if not rows or self.run is None or self.run.writer is None:
             return
-        step = self.rows[-1]["step"]
+        step = rows[-1]["step"]
         self.run.writer.write_parquet(
             f"relax/trajectories_step{step:06d}.parquet",
-            self.rows,
+            rows,
             schema_version=SCHEMA_VERSION,
             instrument="relax",
-            description="ReLaX per-trajectory DSD, advantage, KL mask and spectrum (moduli of K) at one step.",
+            description="ReLaX per-trajectory DSD, advantage, length and KL mask at one optimizer step.",
             per_rank=True,
         )
-        self.rows = []
+        self.run.writer.write_tensors(
+            f"relax/spectra_step{step:06d}.safetensors",
+            {
+                "singular_values": torch.cat(spectra),
+                "step": torch.tensor([r["step"] for r in rows]),
+                "dsd": torch.tensor([r["dsd"] for r in rows]),
+            },
+            schema_version=SCHEMA_VERSION,
+            instrument="relax",
+            description="ReLaX spectrum of each trajectory's Koopman operator (rows aligned with the parquet).",
+            metadata={"step": str(step), "spectrum": self.cfg.spectrum},
+            per_rank=True,
+        )
