@@ -27,6 +27,10 @@ UNITS = {
     "rewards/margins": "DPO implicit-reward margin (nats)",
     "completions/mean_length": "completion length (tokens)",
     "learning_rate": "learning rate",
+    "entropy_cov/cov": "Cov(log pi, A) per token (nats x advantage)",
+    "entropy_cov/cov_top": "Cov(log pi, A), top 0.2% tokens",
+    "clip_cov/cov_mean": "Cov(log pi, A) per token",
+    "kl_cov/cov_mean": "Cov(log pi, A) per token",
 }
 _LS = {"total": "-", "pos": "--", "neg": ":", "kl": "-.", "top": "-", "mid": "--", "bot": ":"}
 

@@ -175,22 +175,33 @@ def relax_section(runs: RunSet) -> Section | None:
 
 def entropy_section(runs: RunSet) -> Section | None:
     dyn = _per_run(runs, entropy.entropy_dynamics)
-    if not dyn:
+    logged = _per_run(runs, entropy.entropy_metrics)
+    if not (dyn or logged):
         return None
     s = Section(
         "Entropy dynamics",
-        "Per-token policy entropy and log-prob of the probe completions saved by diagnostics.activations. "
+        "Training batches: the entropy and Cov(log pi, A) statistics the trainer and instruments logged. "
+        "Probe set (diagnostics.activations): per-token policy entropy and log-prob of the probe completions; "
         "Cov(log pi, A) is the token-level covariance of Cui et al. (arXiv 2505.22617) with group advantages.",
     )
-    df = plots.with_run(dyn)
-    s.figure(plots.entropy_quantiles(df), "entropy quantiles")
-    s.figure(plots.high_entropy_and_cov(df), "high-entropy fraction and covariance")
-    s.table(
-        df[
-            ["run", "step", "entropy_mean", "entropy_q50", "high_entropy_frac", "cov_logp_adv", "mean_reward"]
-        ],
-        "Per saved step",
-    )
+    if logged:
+        long = plots.with_run(logged)
+        for metric in sorted(long["metric"].unique()):
+            s.figure(plots.metric_curves(long, metric), metric)
+    if dyn:
+        df = plots.with_run(dyn)
+        s.figure(plots.entropy_quantiles(df), "entropy quantiles")
+        s.figure(plots.high_entropy_and_cov(df), "high-entropy fraction and covariance")
+        cols = [
+            "run",
+            "step",
+            "entropy_mean",
+            "entropy_q50",
+            "high_entropy_frac",
+            "cov_logp_adv",
+            "mean_reward",
+        ]
+        s.table(df[cols], "Probe set, per saved step")
     return s
 
 

@@ -102,7 +102,7 @@ def masked_fraction(run: Run) -> pd.DataFrame:
                 }
             )
         return pd.DataFrame(rows, columns=cols)
-    for name in ("relax/masked_fraction", "relax/mask_frac", "relax/kl_mask_frac"):
+    for name in ("relax/masked_frac", "relax/masked_fraction", "relax/kl_mask_frac"):
         s = run.metric(name)
         if s is not None:
             xi = run.metric("relax/xi")
@@ -123,7 +123,8 @@ _STEP_RE = re.compile(r"(\d+)")
 def spectra(run: Run) -> pd.DataFrame:
     """step, index (j-th largest singular value, 0-based), mean, q10, q90 over trajectories."""
     cols = ["step", "index", "mean", "q10", "q90", "n"]
-    rows = []
+    rows: list[dict] = []
+    blocks: dict[int, list[np.ndarray]] = {}
     for tf in run.tensors(instrument=INSTRUMENT):
         key = pick(
             pd.DataFrame(columns=list(tf.tensors)), "singular_values", "spectrum", "spectra", "sv", "S"
@@ -144,19 +145,22 @@ def spectra(run: Run) -> pd.DataFrame:
             step_of_row = np.full(len(sv), int(meta_step))
         sv = -np.sort(-np.abs(sv), axis=1)
         for step in np.unique(step_of_row):
-            block = sv[step_of_row == step]
-            for j in range(block.shape[1]):
-                col = block[:, j]
-                rows.append(
-                    {
-                        "step": int(step),
-                        "index": j,
-                        "mean": float(col.mean()),
-                        "q10": float(np.quantile(col, 0.1)),
-                        "q90": float(np.quantile(col, 0.9)),
-                        "n": len(col),
-                    }
-                )
+            blocks.setdefault(int(step), []).append(sv[step_of_row == step])
+    for step, parts in sorted(blocks.items()):  # ranks' trajectories of one step merged
+        width = min(p.shape[1] for p in parts)
+        block = np.concatenate([p[:, :width] for p in parts])
+        for j in range(width):
+            col = block[:, j]
+            rows.append(
+                {
+                    "step": step,
+                    "index": j,
+                    "mean": float(col.mean()),
+                    "q10": float(np.quantile(col, 0.1)),
+                    "q90": float(np.quantile(col, 0.9)),
+                    "n": len(col),
+                }
+            )
     if not rows:
         return empty(cols)
     return pd.DataFrame(rows, columns=cols).sort_values(["step", "index"]).reset_index(drop=True)

@@ -6,13 +6,13 @@ import pandas as pd
 
 from analysis.loader import RunSet
 
-# TRL names (GRPO: reward, entropy, kl, completions/mean_length; DPO: rewards/accuracies, rewards/margins).
+# TRL names (GRPO: reward, kl, completions/mean_length; DPO: rewards/accuracies, rewards/margins). Entropy
+# has its own report section (diagnostics/entropy.py).
 STANDARD = (
     "reward",
     "reward_std",
     "loss",
     "grad_norm",
-    "entropy",
     "kl",
     "rewards/accuracies",
     "rewards/margins",

@@ -1,0 +1,132 @@
+"""Run loader: manifest files, schema versions, truncation, per-rank merge, step alignment."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.loader import Run, RunLoadError, RunLoadWarning, load_runs
+from analysis.synthetic import make_run
+from rlx.diagnostics import DiagnosticsWriter
+from rlx.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    return {
+        "grpo": make_run(root / "grpo", "grpo", steps=6, grad_alignment=True, activations=True, world_size=2),
+        "dpo": make_run(root / "dpo", "dpo", steps=4, grad_alignment=True),
+    }
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_loads_config_metrics_eval_and_manifest(runs):
+    r = Run(runs["grpo"])
+    assert r.algo == "grpo" and r.recipe == "synthetic_grpo"
+    assert list(r.metrics["step"]) == [1, 2, 3, 4, 5, 6]
+    assert r.metric("reward").loc[6] == pytest.approx(0.6)
+    assert r.eval_before_after["after"]["accuracy"] == 0.55
+    assert r.eval is None
+    assert {f.instrument for f in r.files} == {"grad_alignment", "activations"}
+    assert r.table(instrument="grad_alignment")["step"].max() == 6
+
+
+def test_per_rank_files_are_merged(runs):
+    r = Run(runs["grpo"])
+    files = r.find(instrument="activations")
+    assert {f.rank for f in files} == {0, 1}
+    assert all(".rank" in f.entry["path"] for f in files) and len({f.key for f in files}) == 3
+    from analysis.diagnostics.correctness import activation_steps
+
+    steps = activation_steps(r)
+    assert [s for s, _ in steps] == [0, 3, 6]
+    t = steps[0][1]
+    # ranks 0 and 1 hold the even and odd probe prompts, 4 samples each: all 16 prompts after the merge
+    assert sorted(np.unique(t["prompt_id"])) == list(range(16)) and len(t["reward"]) == 64
+    assert t["token_sample"].max() == 63  # token indices shifted per rank
+
+
+def test_truncated_parquet_is_rejected_naming_the_file(runs, tmp_path):
+    run = _copy(runs["dpo"], tmp_path / "run")
+    bad = run / "diagnostics" / "grad_alignment.parquet"
+    _truncate(bad)
+    with pytest.raises(RunLoadError, match="grad_alignment.parquet") as e:
+        Run(run)
+    assert "truncated or corrupt" in str(e.value) and isinstance(e.value, UserError)
+    with pytest.warns(RunLoadWarning, match="grad_alignment.parquet"):
+        r = Run(run, strict=False)
+    assert not r.has(name="grad_alignment") and r.has(name="grad_alignment_sketches")
+    assert len(r.skipped) == 1
+
+
+def test_truncated_safetensors_is_rejected_naming_the_file(runs, tmp_path):
+    run = _copy(runs["grpo"], tmp_path / "run")
+    bad = run / "diagnostics" / "activations" / "step_000003.rank1.safetensors"
+    _truncate(bad, 0.7)
+    with pytest.raises(RunLoadError, match=r"step_000003\.rank1\.safetensors"):
+        Run(run)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        r = Run(run, strict=False)
+    assert any("step_000003.rank1.safetensors" in str(w.message) for w in rec)
+    assert len(r.find(instrument="activations")) == 5
+
+
+def test_newer_schema_and_missing_files_are_rejected(runs, tmp_path):
+    run = _copy(runs["dpo"], tmp_path / "run")
+    w = DiagnosticsWriter(run)
+    w.write_tensors(
+        "future.safetensors",
+        {"x": torch.zeros(2)},
+        schema_version=99,
+        instrument="grad_alignment",
+        description="",
+    )
+    with pytest.raises(RunLoadError, match=r"future\.safetensors: schema_version 99 .* newer"):
+        Run(run)
+    (run / "diagnostics" / "future.safetensors").unlink()
+    with pytest.raises(RunLoadError, match=r"future\.safetensors: listed in .*manifest.json but missing"):
+        Run(run)
+    m = json.loads((run / "diagnostics" / "manifest.json").read_text())
+    m["files"] = [f for f in m["files"] if f["path"] != "future.safetensors"]
+    (run / "diagnostics" / "manifest.json").write_text(json.dumps(m))
+    (run / "config.yaml").unlink()
+    with pytest.raises(RunLoadError, match=r"config\.yaml: missing"):
+        Run(run)
+
+
+def test_truncated_metrics_line_is_rejected(runs, tmp_path):
+    run = _copy(runs["dpo"], tmp_path / "run")
+    p = run / "metrics.jsonl"
+    p.write_text(p.read_text()[:-15])
+    with pytest.raises(RunLoadError, match=r"metrics\.jsonl: line 4 is not valid JSON"):
+        Run(run)
+
+
+def test_load_runs_aligns_steps(runs):
+    rs = load_runs([runs["grpo"], runs["dpo"]])
+    assert len(rs) == 2
+    long = rs.metrics(["loss"], how="inner")
+    assert sorted(long["step"].unique()) == [1, 2, 3, 4]  # only steps both runs logged
+    wide = rs.wide("loss")
+    assert wide.shape == (6, 2) and wide[rs[1].label].isna().sum() == 2
+    assert wide.loc[2].tolist() == [0.5, 0.5]
+    # same recipe twice gets unique labels
+    rs2 = load_runs([runs["dpo"], runs["dpo"]])
+    assert rs2[0].label != rs2[1].label
