@@ -1,0 +1,167 @@
+"""Activation Replay hooks: layer lookup, exception safety, prefill-only injection, zero-offset identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from rlx.errors import UserError
+from rlx.replay import HookSet, count_hooks, decoder_parts, inject, prepare_replay, replay_generate
+from rlx.replay.hooks import StopForward
+from rlx.replay.tiny import ARCHS, left_padded_batch, tiny_pair
+
+GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=1)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request):
+    return tiny_pair(request.param, layers=3, hidden=32, noise=0.2)
+
+
+def test_decoder_parts_text_models(pair):
+    base, rl = pair
+    parts = decoder_parts(rl)
+    assert parts.depth == 3 and parts.layers is rl.model.layers
+    assert parts.norm is rl.model.norm and parts.head is rl.lm_head
+    assert parts.image_token_ids == ()
+
+
+def test_decoder_parts_qwen25_vl_layout():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32),
+        image_token_id=120,
+        video_token_id=121,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    parts = decoder_parts(model)
+    assert parts.layers is model.model.language_model.layers
+    assert parts.norm is model.model.language_model.norm and parts.head is model.lm_head
+    assert parts.image_token_ids == (120, 121)
+
+
+def test_unknown_layout_is_a_user_error():
+    with pytest.raises(UserError, match="cannot find decoder layers"):
+        decoder_parts(torch.nn.Linear(2, 2))
+
+
+def test_hookset_removes_all_hooks_when_forward_raises(pair):
+    _, rl = pair
+    before = count_hooks(rl)
+    with pytest.raises(StopForward):
+        with HookSet() as hooks:
+            for layer in rl.model.layers:
+                hooks.pre(layer, lambda m, a, k: None)
+
+            def boom(m, a, o):
+                raise StopForward
+
+            hooks.post(rl.model.layers[1], boom)
+            assert hooks.active == 4 and count_hooks(rl) == before + 4
+            rl(torch.tensor([[3, 4, 5]]))
+    assert count_hooks(rl) == before
+
+
+def test_no_hook_left_after_generate_raises(pair):
+    base, rl = pair
+    ids, mask = left_padded_batch([5, 8])
+    before = count_hooks(rl)
+
+    class Boom(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            raise ValueError("boom inside generate")
+
+    for mode in ("learnable", "direct"):
+        with pytest.raises(ValueError, match="boom"):
+            replay_generate(
+                rl,
+                base,
+                ids,
+                mask,
+                dict(mode=mode, steps=2),
+                logits_processor=LogitsProcessorList([Boom()]),
+                **GREEDY,
+            )
+        assert count_hooks(rl) == before
+
+
+@pytest.mark.parametrize("mode", ["learnable", "direct"])
+def test_decode_steps_carry_no_hook(pair, mode):
+    """The prefill fires each armed hook exactly once; by the first decode step none is left on the model."""
+    base, rl = pair
+    ids, mask = left_padded_batch([5, 9, 7])
+    baseline = count_hooks(rl)
+    seen = []
+
+    class Spy(LogitsProcessor):  # runs after every forward, i.e. before each decode step
+        def __call__(self, input_ids, scores):
+            seen.append(count_hooks(rl))
+            return scores
+
+    state = prepare_replay(rl, base, ids, mask, dict(mode=mode, steps=3, rho=1.0, direct_require_lower=False))
+    with inject(rl, state) as log:
+        assert count_hooks(rl) > baseline
+        rl.generate(
+            input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([Spy()]), **GREEDY
+        )
+    assert seen == [baseline] * GREEDY["max_new_tokens"]
+    layers = range(state.num_layers) if mode == "direct" else [0]
+    assert log.fired == {i: 1 for i in layers} and log.batch_sizes in ([3], [])
+
+
+@pytest.mark.parametrize("mode", ["learnable", "direct"])
+def test_zero_replay_is_token_identical(pair, mode):
+    """0 steps (offsets 0) / empty masks: identical to plain generate, left padded, greedy and K samples."""
+    base, rl = pair
+    ids, mask = left_padded_batch([4, 9, 6], seed=1)
+    cfg = dict(mode=mode, steps=0, direct_thresholds=[-1.0] * 3)
+    plain = rl.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    replayed = replay_generate(rl, base, ids, mask, cfg, **GREEDY)
+    assert torch.equal(plain, replayed)
+    sample = dict(GREEDY, do_sample=True, num_return_sequences=3, top_k=0, max_new_tokens=8)
+    torch.manual_seed(7)
+    plain = rl.generate(input_ids=ids, attention_mask=mask, **sample)
+    torch.manual_seed(7)
+    replayed = replay_generate(rl, base, ids, mask, cfg, **sample)
+    assert plain.shape[0] == 9 and torch.equal(plain, replayed)
+
+
+def test_num_return_sequences_expands_offsets(pair):
+    """K samples of B prompts use the same offsets as B·K repeated prompts (repeat-interleave order)."""
+    base, rl = pair
+    ids, mask = left_padded_batch([4, 9], seed=2)
+    state = prepare_replay(rl, base, ids, mask, dict(mode="learnable", steps=3, lr=1e-3))
+    assert state.offsets.abs().sum() > 0
+    sample = dict(GREEDY, do_sample=True, top_k=0, max_new_tokens=8)
+    torch.manual_seed(3)
+    with inject(rl, state):
+        expanded = rl.generate(input_ids=ids, attention_mask=mask, num_return_sequences=3, **sample)
+    state.offsets = state.offsets.repeat_interleave(3, 0)
+    torch.manual_seed(3)
+    with inject(rl, state):
+        repeated = rl.generate(
+            input_ids=ids.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(3, 0), **sample
+        )
+    assert torch.equal(expanded, repeated)
+
+
+def test_prefill_length_mismatch_raises_and_cleans_up(pair):
+    base, rl = pair
+    ids, mask = left_padded_batch([4, 6])
+    state = prepare_replay(rl, base, ids, mask, dict(mode="learnable", steps=0))
+    before = count_hooks(rl)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        with inject(rl, state):
+            rl.generate(input_ids=ids[:, 1:], attention_mask=mask[:, 1:], **GREEDY)
+    assert count_hooks(rl) == before
