@@ -228,19 +228,28 @@ def high_entropy_and_cov(df: pd.DataFrame) -> Figure:
 
 
 def activation_shift(df: pd.DataFrame, title: str = "Base -> RL logit-lens shift by base entropy") -> Figure:
-    """Heatmap of mean KL(p_base || p_rl): rows = layer, columns = base-entropy bucket (low -> high)."""
-    mat = df.pivot_table(index="layer", columns="bucket", values="kl_mean", aggfunc="mean")
-    fig, ax = _fig(6.0, 0.8 + 0.35 * max(3, len(mat)))
-    im = ax.imshow(mat.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest", origin="lower")
-    labels = []
-    for b in mat.columns:
-        row = df[df["bucket"] == b].iloc[0]
-        lo, hi = row.get("entropy_lo"), row.get("entropy_hi")
-        labels.append(f"{lo:.1f}-{hi:.1f}" if pd.notna(lo) and pd.notna(hi) else str(b))
-    ax.set_xticks(range(len(mat.columns)), labels, rotation=30, fontsize=7)
-    ax.set_yticks(range(len(mat.index)), [str(i) for i in mat.index])
+    """Heatmap of mean KL(p_base || p_rl): rows = layer ("all" = pooled), columns = base-entropy bucket
+    (low -> high)."""
+    from analysis.diagnostics.activation_shift import shift_matrix
+
+    mat = shift_matrix(df)
+    fig, ax = _fig(6.4, 1.2 + 0.35 * max(3, len(mat)))
+    im = ax.imshow(mat.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xticks(range(len(mat.columns)), list(mat.columns), rotation=25, fontsize=7, ha="right")
+    ax.set_yticks(range(len(mat.index)), list(mat.index))
+    for (i, j), v in np.ndenumerate(mat.to_numpy()):
+        if np.isfinite(v):
+            ax.text(
+                j,
+                i,
+                f"{v:.2g}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="w" if v < np.nanmax(mat.to_numpy()) / 2 else "k",
+            )
     fig.colorbar(im, ax=ax, label="mean KL (nats)")
-    return _finish(fig, ax, title, "base-model logit-lens entropy bucket (nats)", "layer", legend=False)
+    return _finish(fig, ax, title, "base-model logit-lens entropy bucket", "layer", legend=False)
 
 
 def correctness_auroc(df: pd.DataFrame, direction: str = "diff_means") -> Figure:

@@ -216,7 +216,10 @@ def activation_shift_section(runs: RunSet) -> Section | None:
     )
     for label, t in tabs.items():
         s.figure(plots.activation_shift(t, f"Logit-lens shift: {label}"), f"shift {label}")
-        s.table(activation_shift.shift_matrix(t).reset_index(), f"Mean KL (nats), layer x bucket: {label}")
+        s.table(
+            activation_shift.shift_matrix(t).reset_index(),
+            f"Mean KL (nats), layer x base-entropy bucket: {label}",
+        )
     return s
 
 
@@ -280,7 +283,7 @@ def build_sections(runs: RunSet, strict: bool = False) -> tuple[list[Section], l
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}h4{margin:.8em 0 .3em}
-figure{display:inline-block;margin:.4em}figure img{max-width:100%}figcaption{font-size:.8em;color:#666}
+figure{display:inline-block;width:48%;margin:.5%;vertical-align:top}figure img{width:100%}figcaption{font-size:.8em;color:#666}
 .tbl{border-collapse:collapse;font-size:.8em}.tbl td,.tbl th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}
 .scroll{overflow-x:auto}.note{color:#888;font-size:.8em}.warn{color:#a40}nav a{margin-right:1em}
 """

@@ -197,8 +197,8 @@ def test_activation_shift_table(synth):
     t = activation_shift.activation_shift(synth["relax"])
     assert len(t) == 16 and list(t.columns) == activation_shift.COLUMNS
     m = activation_shift.shift_matrix(t)
-    assert m.shape == (4, 4)
-    assert (m[0] > m[3]).all()  # planted: lowest-entropy bucket shifts most at every layer
+    assert m.shape == (4, 4) and m.columns[0] == "0-1 nats"
+    assert (m.iloc[:, 0] > m.iloc[:, 3]).all()  # planted: lowest-entropy bucket shifts most at every layer
 
 
 def test_missing_diagnostics_give_empty_tables(tmp_path):

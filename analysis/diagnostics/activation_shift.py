@@ -15,12 +15,14 @@ from analysis.diagnostics._util import empty, pick
 from analysis.loader import Run
 
 INSTRUMENTS = ("activation_replay", "replay", "activation_shift")
-COLUMNS = ["layer", "bucket", "entropy_lo", "entropy_hi", "kl_mean", "n_positions"]
+COLUMNS = ["layer", "bucket", "bucket_label", "entropy_lo", "entropy_hi", "kl_mean", "n_positions"]
 
 
 def activation_shift(run: Run) -> pd.DataFrame:
-    """Tidy layer x bucket table: layer, bucket (ordinal, 0 = lowest base entropy), entropy_lo/hi (nats),
-    kl_mean (nats), n_positions. Empty when the run has no Activation Replay analysis."""
+    """Tidy layer x bucket table: layer (-1 = all layers pooled), bucket (ordinal, 0 = lowest base
+    entropy), bucket_label (the bucket's range: `H/max a-b` for relative bucketing, nats otherwise),
+    entropy_lo/hi (nats observed in the bucket), kl_mean (nats), n_positions. Empty when the run has no
+    Activation Replay analysis (`python -m rlx.replay.analysis run_dir=RUN` writes it)."""
     df = None
     for inst in INSTRUMENTS:
         df = run.table(instrument=inst)
@@ -48,6 +50,17 @@ def activation_shift(run: Run) -> pd.DataFrame:
     else:
         out["bucket"] = 0
     out["n_positions"] = df[n].astype(float) if n else np.nan
+    blo, bhi = pick(df, "bucket_lo"), pick(df, "bucket_hi")
+    relative = "bucketing" in df.columns and (df["bucketing"] == "relative").all()
+    if blo and bhi and relative:
+        out["bucket_label"] = [f"H/max {a:.2g}-{b:.2g}" for a, b in zip(df[blo], df[bhi])]
+    elif blo and bhi:
+        out["bucket_label"] = [f"{a:.2g}-{b:.2g} nats" for a, b in zip(df[blo], df[bhi])]
+    else:
+        out["bucket_label"] = [
+            f"{a:.2g}-{b:.2g} nats" if pd.notna(a) and pd.notna(b) else str(k)
+            for a, b, k in zip(out["entropy_lo"], out["entropy_hi"], out["bucket"])
+        ]
     return out[COLUMNS].sort_values(["layer", "bucket"]).reset_index(drop=True)
 
 
@@ -55,4 +68,9 @@ def shift_matrix(table: pd.DataFrame) -> pd.DataFrame:
     """Pivot: rows = layer, columns = bucket, values = mean KL."""
     if not len(table):
         return pd.DataFrame()
-    return table.pivot_table(index="layer", columns="bucket", values="kl_mean", aggfunc="mean")
+    mat = table.pivot_table(index="layer", columns="bucket", values="kl_mean", aggfunc="mean")
+    labels = table.drop_duplicates("bucket").set_index("bucket")["bucket_label"]
+    mat.columns = [labels.get(b, str(b)) for b in mat.columns]
+    mat.index = ["all" if i < 0 else str(i) for i in mat.index]
+    mat.index.name = "layer"
+    return mat
