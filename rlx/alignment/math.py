@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -111,13 +111,19 @@ def reweighting_units(level: str, mask: torch.Tensor, pair_index: torch.Tensor |
     return torch.where(mask > 0, ids, torch.full_like(ids, -1))
 
 
-def tertile_weights(w: torch.Tensor, units: torch.Tensor) -> dict[str, torch.Tensor]:
+def tertile_weights(
+    w: torch.Tensor,
+    units: torch.Tensor,
+    gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Split w_t into equal thirds of units ranked by their reweighting score (§1.6).
 
     The score of a unit is its mean |w_t| over scored tokens (for sigmoid DPO this is beta * omega_i / B; for
     GRPO it is proportional to |A_i| / |o_i|; per token it is |w_t|). Units are sorted by score, descending,
     ties broken by unit id, and cut into three parts whose sizes differ by at most one (the top third gets the
     extra unit). Returns {"top", "mid", "bot"}: (B, T) weights that sum exactly to w on scored tokens.
+    `gather(scores) -> (all_scores, offset)` ranks this batch's units among several (e.g. all ranks'), the
+    local units sitting at `offset` in `all_scores`.
     """
     valid = units >= 0
     uid, inv = torch.unique(units[valid], return_inverse=True)
@@ -126,19 +132,25 @@ def tertile_weights(w: torch.Tensor, units: torch.Tensor) -> dict[str, torch.Ten
     score = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(0, inv, absw)
     count = torch.zeros(n, dtype=torch.float64, device=w.device).index_add_(0, inv, torch.ones_like(absw))
     score = score / count.clamp_min(1)
-    # stable descending sort by score; unique() already orders by id, so ties keep id order
-    order = torch.sort(-score, stable=True).indices
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(n, device=w.device)
-    sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
-    bounds = [sizes[0], sizes[0] + sizes[1]]
-    tier = torch.zeros(n, dtype=torch.long, device=w.device)
-    tier[rank >= bounds[0]] = 1
-    tier[rank >= bounds[1]] = 2
+    all_scores, offset = (score, 0) if gather is None else gather(score)
+    tier = _tiers(all_scores.to(score.device))[offset : offset + n]
     token_tier = torch.full_like(units, -1)
     token_tier[valid] = tier[inv]
     zero = torch.zeros_like(w)
     return {name: torch.where(token_tier == i, w, zero) for i, name in enumerate(("top", "mid", "bot"))}
+
+
+def _tiers(score: torch.Tensor) -> torch.Tensor:
+    """Tier 0/1/2 (top/mid/bot) of each score: equal thirds of a stable descending sort (ties keep order)."""
+    n = score.numel()
+    order = torch.sort(-score, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=score.device)
+    sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
+    tier = torch.zeros(n, dtype=torch.long, device=score.device)
+    tier[rank >= sizes[0]] = 1
+    tier[rank >= sizes[0] + sizes[1]] = 2
+    return tier
 
 
 # ---- gradients and reductions -----------------------------------------------------------------------------

@@ -2,3 +2,4 @@
 import rlx.instruments.activations  # noqa: F401,E402
 import rlx.regularizers.relax  # noqa: F401,E402
 import rlx.regularizers.token_level  # noqa: F401,E402
+import rlx.alignment.instrument  # noqa: F401,E402

@@ -1,0 +1,650 @@
+"""The `grad_alignment` instrument: per-step gradient alignment with a target set (arXiv 2512.00778).
+
+Data flow of one logged optimizer step (every `every` steps, and step 1):
+
+    on_loss (each micro-batch)        w_t = dL/dl_t (the seam), split into pos / neg / kl and tertiles;
+                                      first micro-batch: g_T on D' (probe pass, isolated);
+                                      param variant: one backward per component of sum_t w_t m_c l_t
+                                      (vectors accumulated over micro-batches), one per tertile (dotted
+                                      with g_T at once); activation variant: head gradients from hooked states
+    Trainer: backward (+ DDP all-reduce)
+    before grad clipping              the optimizer's gradient .grad (global, pre-clip): G_total, norms,
+                                      layer groups, sketch, drift; snapshot of theta
+    on_step_end                       realised <g_T, delta theta>, measured delta R_T; all-reduce scalars
+                                      (DDP mean); rows to diagnostics/grad_alignment.parquet, sketches,
+                                      metrics grad_align/* to the logger
+
+G uses the sign convention G = <g_T, grad L>, g_T = grad R_T: G > 0 means a descent step lowers the NLL of
+D', i.e. moves the model toward the target. See docs/gradient_alignment.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+
+from rlx.alignment import math as am
+from rlx.alignment.sketch import CountSketch
+from rlx.alignment.target import (
+    TargetBatch,
+    batch_from_jsonl,
+    batch_from_rollouts,
+    batch_from_texts,
+    gather_batch,
+    target_gradient,
+    target_head_gradient,
+    target_nll,
+)
+from rlx.errors import UserError
+from rlx.instruments.base import Instrument, LossContext, register_instrument, unwrap_policy
+
+SCHEMA_VERSION = 1
+TABLE = "grad_alignment.parquet"
+TERTILE_LEVEL = {"dpo": "pair", "ppo": "token", "grpo": "sequence", "sft": "sequence"}
+DEFAULT_TARGET = {
+    "dpo": "heldout_chosen",
+    "sft": "heldout_chosen",
+    "grpo": "probe_rollouts",
+    "ppo": "probe_rollouts",
+}
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _gather_scores(score: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' unit scores (rank-major) and this rank's offset: tertiles are ranked globally."""
+    dist = _dist()
+    lists: list = [None] * dist.get_world_size()
+    dist.all_gather_object(lists, score.detach().cpu().tolist())
+    offset = sum(len(x) for x in lists[: dist.get_rank()])
+    return torch.tensor([v for x in lists for v in x], dtype=torch.float64), offset
+
+
+def _is_zero(trainer: Any) -> bool:
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return False
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and int(getattr(plugin, "zero_stage", 0) or 0) >= 2
+
+
+class _Step:
+    """Accumulators for one logged optimizer step (summed over micro-batches; local to the rank)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.gT: am.Vec | None = None
+        self.R_T = float("nan")
+        self.vec: dict[str, am.Vec] = {}
+        self.G: dict[str, float] = {}
+        self.n_tokens: dict[str, float] = {}
+        self.total: am.Vec | None = None
+        self.theta: am.Vec | None = None
+        self.scal: dict[str, float] = {}
+        self.tok: list[dict[str, torch.Tensor]] = []
+        self.micro = 0
+
+
+@register_instrument("grad_alignment")
+class GradAlignment(Instrument):
+    """Alignment G of each update (and of its positive / negative / KL parts and reweighting tertiles) with g_T."""
+
+    changes_loss = False
+
+    def __init__(self, cfg: Any, run: Any) -> None:
+        super().__init__(cfg, run)
+        if int(cfg.every) < 1:
+            raise UserError(
+                f"diagnostics.grad_alignment.every={cfg.every}: expected an integer >= 1 (log every N steps)."
+            )
+        if cfg.variant not in ("auto", "param", "activation"):
+            raise UserError(
+                f"diagnostics.grad_alignment.variant={cfg.variant!r}: expected auto, param or activation."
+            )
+        t = str(cfg.target)
+        if t not in ("auto", "heldout_chosen", "probe_rollouts") and not t.startswith("responses:"):
+            raise UserError(
+                f"diagnostics.grad_alignment.target={t!r}: expected auto, heldout_chosen, probe_rollouts or "
+                "responses:<path to .jsonl>."
+            )
+        self.variant = "activation" if cfg.variant == "activation" else "param"
+        self.needs_hidden = self.variant == "activation"
+        self.cur: _Step | None = None
+        self.target: TargetBatch | None = None
+        self.rows: list[dict[str, Any]] = []
+        self.series: list[float] = []
+        self.prev: deque = deque(maxlen=max(int(cfg.drift_lag), 1))
+        self.params: list[torch.nn.Parameter] | None = None
+        self._trainer = None
+
+    # ---- set-up -----------------------------------------------------------------------------------------
+
+    def _setup(self, trainer: Any) -> None:
+        if self.params is not None:
+            return
+        self._trainer = trainer
+        if self.cfg.variant == "auto" and _is_zero(trainer):
+            self.variant, self.needs_hidden = "activation", True
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        policy = unwrap_policy(model)
+        n_layers = int(getattr(policy.config.get_text_config(), "num_hidden_layers", 0) or 0)
+        self.groups = am.layer_groups(self.names, n_layers, int(self.cfg.layer_groups))
+        self.sketch = None
+        if int(self.cfg.sketch_dim) > 0 and self.variant == "param":
+            self.sketch = CountSketch(
+                [p.shape for p in self.params], int(self.cfg.sketch_dim), seed=int(self.run.cfg.seed)
+            )
+        self.algo = getattr(trainer, "rlx_algo", "") or self.run.cfg.algo
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self._setup(trainer)
+        # Read the optimizer's gradient complete (accumulated, all-reduced) and *before* clipping.
+        if self.variant == "param" and not getattr(trainer, "_rlx_ga_wrapped", False):
+            original = trainer._clip_grad_norm
+
+            def clip_with_alignment(model, _orig=original):
+                self._read_full_gradient(trainer)
+                return _orig(model)
+
+            trainer._clip_grad_norm = clip_with_alignment
+            trainer._rlx_ga_wrapped = True
+
+    def _policy(self, trainer: Any) -> torch.nn.Module:
+        return unwrap_policy(trainer.accelerator.unwrap_model(trainer.model))
+
+    def _tokenizer(self, trainer: Any) -> Any:
+        pc = trainer.processing_class
+        return getattr(pc, "tokenizer", pc)
+
+    def _target_name(self) -> str:
+        t = str(self.cfg.target)
+        return DEFAULT_TARGET.get(self.algo, "probe_rollouts") if t == "auto" else t
+
+    def _build_target(self, ctx: LossContext) -> TargetBatch:
+        name, tok, size = self._target_name(), self._tokenizer(ctx.trainer), int(self.cfg.target_size)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        if name.startswith("responses:"):
+            batch = batch_from_jsonl(tok, name.split(":", 1)[1], size)
+        elif name == "probe_rollouts":
+            if "completion_ids" not in ctx.inputs or "prompt_ids" not in ctx.inputs:
+                raise UserError(
+                    f"diagnostics.grad_alignment.target=probe_rollouts needs rollouts (prompt_ids/completion_ids); "
+                    f"algo={self.algo} has none. Use target=heldout_chosen or responses:<path>."
+                )
+            batch = batch_from_rollouts(ctx.inputs, size, pad)
+        else:  # heldout_chosen
+            from rlx.tasks import get_task
+
+            ds = get_task(self.run.cfg.task).eval_dataset()
+            ds = ds.select(range(min(size, len(ds))))
+            col = "solution" if "solution" in ds.column_names else "chosen"
+            batch = batch_from_texts(tok, ds["prompt"], ds[col], "heldout_chosen")
+        return gather_batch(batch)
+
+    # ---- per micro-batch ----------------------------------------------------------------------------------
+
+    def _logged(self, step: int) -> bool:
+        return step == 1 or step % int(self.cfg.every) == 0
+
+    def on_loss(self, ctx: LossContext) -> None:
+        trainer = ctx.trainer
+        if ctx.token_logps is None or not trainer.model.training or not torch.is_grad_enabled():
+            return None
+        self._setup(trainer)
+        step = int(trainer.state.global_step) + 1
+        if not self._logged(step):
+            return None
+        if self.cur is None or self.cur.step != step:
+            self.cur = _Step(step)
+            if self.target is None:
+                self.target = self._build_target(ctx)
+            policy = self._policy(trainer)
+            if self.variant == "param":
+                self.cur.gT, self.cur.R_T = target_gradient(policy, self.target, self.params)
+            else:
+                self.cur.gT_head, self.cur.R_T = target_head_gradient(
+                    policy, policy.model if hasattr(policy, "model") else policy, self.target
+                )
+        self.cur.micro += 1
+        w, mask, w_kl = self._weights(ctx)
+        comps = am.component_weights(w, mask, w_kl)
+        units = am.reweighting_units(TERTILE_LEVEL.get(self.algo, "sequence"), mask, self._pair_index(ctx))
+        terts = am.tertile_weights(comps["pos"] + comps["neg"], units, _gather_scores if _dist() else None)
+        for name, cw in {**comps, **terts}.items():
+            self.cur.n_tokens[name] = self.cur.n_tokens.get(name, 0.0) + float((cw != 0).sum())
+        self.cur.n_tokens["total"] = self.cur.n_tokens.get("total", 0.0) + float(mask.sum())
+        if self.variant == "param":
+            self._param_micro(ctx, comps, terts)
+        else:
+            self._activation_micro(ctx, comps, terts)
+        if self.cfg.save_token_weights:
+            self.cur.tok.append(
+                {
+                    "w": w.detach().cpu(),
+                    "mask": mask.detach().cpu(),
+                    "w_kl": (w_kl if w_kl is not None else torch.zeros_like(w)).cpu(),
+                }
+            )
+        return None
+
+    def _weights(self, ctx: LossContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """w_t of the loss the optimizer actually differentiates (times the Trainer's post-scale), mask, w_kl."""
+        w = ctx.token_weights().float() * float(getattr(ctx, "post_scale", 1.0))
+        mask = ctx.mask.float() if ctx.mask is not None else (w != 0).float()
+        w_kl = None
+        ref = ctx.extras.get("ref_logps")
+        beta = float(getattr(ctx.trainer, "beta", 0.0) or 0.0) if self.algo in ("grpo", "ppo") else 0.0
+        if ref is not None and beta != 0.0 and ctx.extras.get("advantages") is not None:
+            C = ctx.completion_len
+            w_kl = torch.zeros_like(w)
+            w_kl[:, -C:] = am.kl_token_weights(
+                w[:, -C:],
+                mask[:, -C:],
+                ctx.completion_logps,
+                ref,
+                ctx.extras["advantages"],
+                beta,
+                ctx.extras.get("old_logps"),
+                getattr(ctx.trainer, "epsilon_low", None),
+                getattr(ctx.trainer, "epsilon_high", None),
+            )
+        return w, mask, w_kl
+
+    def _pair_index(self, ctx: LossContext) -> torch.Tensor | None:
+        if "pair_index" in ctx.extras:
+            return ctx.extras["pair_index"]
+        B = ctx.token_logps.shape[0]
+        return torch.arange(B) % max(B // 2, 1) if self.algo == "dpo" else None
+
+    def _param_micro(self, ctx: LossContext, comps: dict, terts: dict) -> None:
+        cur, lp = self.cur, ctx.token_logps
+        for name, cw in comps.items():
+            g = am.weighted_grad(lp, self.params, cw)
+            cur.vec[name] = am.add_(cur.vec.get(name), g)
+        for name in (
+            "top",
+            "mid",
+        ):  # bot follows by linearity at step end: G_bot = G_pos + G_neg - G_top - G_mid
+            g = am.weighted_grad(lp, self.params, terts[name])
+            cur.G[name] = cur.G.get(name, 0.0) + am.dot(cur.gT, g).item()
+
+    def _activation_micro(self, ctx: LossContext, comps: dict, terts: dict) -> None:
+        """Head-restricted G from activations only: no parameter autograd (ZeRO-2/3 safe)."""
+        cur, trainer = self.cur, ctx.trainer
+        policy = self._policy(trainer)
+        ids = self._sequence_ids(ctx)
+        head = policy.get_output_embeddings()
+        temp = float(getattr(trainer, "temperature", 1.0) or 1.0) if self.algo in ("grpo", "ppo") else 1.0
+        h = ctx.hidden[:, :-1].detach()
+        labels = ids[:, 1:]
+        sel = ctx.mask > 0 if ctx.mask is not None else torch.ones_like(labels, dtype=torch.bool)
+        with _gathered(head.weight):
+            for name, cw in {**comps, **terts}.items():
+                g = am.head_grad_from_activations(h[sel], head.weight, labels[sel], cw[sel], temp, head.bias)
+                cur.G[name] = cur.G.get(name, 0.0) + float((g.double() * cur.gT_head.double()).sum())
+                if name in comps:
+                    cur.vec[name] = am.add_(cur.vec.get(name), [g])
+
+    def _sequence_ids(self, ctx: LossContext) -> torch.Tensor:
+        inp = ctx.inputs
+        if "prompt_ids" in inp and "completion_ids" in inp:
+            ids = torch.cat([inp["prompt_ids"], inp["completion_ids"]], 1)
+        elif "input_ids" in inp:
+            ids = inp["input_ids"]
+        else:
+            raise UserError(
+                "grad_alignment variant=activation: the trainer's batch has no token ids; use variant=param."
+            )
+        if ids.shape[1] != ctx.token_logps.shape[1] + 1:
+            raise UserError(
+                f"grad_alignment variant=activation: token ids ({ids.shape[1]}) do not match the scored positions "
+                f"({ctx.token_logps.shape[1]} + 1); use variant=param."
+            )
+        return ids
+
+    # ---- full gradient (before clipping) --------------------------------------------------------------------
+
+    def _read_full_gradient(self, trainer: Any) -> None:
+        cur = self.cur
+        if (
+            cur is None
+            or cur.total is not None
+            or cur.step != int(trainer.state.global_step) + 1
+            or cur.gT is None
+        ):
+            return
+        cur.total = [
+            p.grad.detach().float().clone()
+            if p.grad is not None
+            else torch.zeros_like(p, dtype=torch.float32)
+            for p in self.params
+        ]
+        cur.theta = [p.detach().float().clone() for p in self.params]
+
+    def on_pre_optimizer_step(self, trainer: Any) -> None:
+        # Reached without clipping when max_grad_norm <= 0; then .grad is still the unclipped gradient.
+        if self.variant == "param" and self.cur is not None and self.cur.total is None:
+            if float(getattr(trainer.args, "max_grad_norm", 0) or 0) <= 0:
+                self._read_full_gradient(trainer)
+
+    # ---- step end: realised alignment, reduction, records ---------------------------------------------------
+
+    def on_step_end(self, trainer: Any) -> None:
+        cur = self.cur
+        if cur is None or cur.step != int(trainer.state.global_step):
+            return
+        self.cur = None
+        world = trainer.accelerator.num_processes
+        rec: dict[str, float] = {}
+        sk: dict[str, torch.Tensor] = {}
+        comp_names = [c for c in ("pos", "neg", "kl") if c in cur.vec]
+        local = {f"n_{k}": v for k, v in cur.n_tokens.items()}
+        if self.variant == "param":
+            gT = cur.gT
+            for c in comp_names:
+                local[f"G_{c}"] = am.dot(gT, cur.vec[c]).item()
+            for t in ("top", "mid"):
+                local[f"G_{t}"] = cur.G.get(t, 0.0)
+            local["G_pg"] = sum(local.get(f"G_{c}", 0.0) for c in ("pos", "neg"))
+            local["sq_pos_neg"] = am.dot(cur.vec["pos"], cur.vec["neg"]).item()
+            for c in comp_names:
+                local[f"sq_{c}"] = am.sq_norm(cur.vec[c]).item()
+            if self.sketch is not None or world > 1:
+                sketcher = self.sketch or CountSketch(
+                    [p.shape for p in self.params], 16384, int(self.run.cfg.seed)
+                )
+                for c in comp_names:
+                    sk[c] = sketcher(cur.vec[c])
+        else:
+            for c in comp_names + ["top", "mid", "bot"]:
+                local[f"G_{c}"] = cur.G.get(c, 0.0)
+            local["sq_pos_neg"] = am.dot(cur.vec["pos"], cur.vec["neg"]).item()
+            for c in comp_names:
+                local[f"sq_{c}"] = am.sq_norm(cur.vec[c]).item()
+            local["G_pg"] = local["G_pos"] + local["G_neg"]
+        keys = sorted(local)
+        vals = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        dist = _dist()
+        if dist is not None:
+            dev = trainer.accelerator.device
+            t = vals.to(dev)
+            dist.all_reduce(t)
+            vals = t.cpu()
+            for c in list(sk):
+                s = sk[c].to(dev)
+                dist.all_reduce(s)
+                sk[c] = s.cpu() / world
+        for k, v in zip(keys, vals.tolist()):
+            rec[k] = v if k.startswith("n_") else v / world
+        if dist is not None and self.variant == "param":
+            # component norms of the globally averaged vectors: from the all-reduced sketches (estimates)
+            for c in comp_names:
+                rec[f"sq_{c}"] = float(sk[c].double().norm() ** 2)
+            rec["sq_pos_neg"] = float(sk["pos"].double() @ sk["neg"].double())
+        norm_source = "sketch" if (dist is not None and self.variant == "param") else "exact"
+        if self.variant == "param":
+            rec["G_bot"] = rec["G_pg"] - rec["G_top"] - rec["G_mid"]
+        rows = (
+            self._rows_param(trainer, cur, rec, sk)
+            if self.variant == "param"
+            else self._rows_activation(cur, rec)
+        )
+        for r in rows:
+            r.setdefault("norm_source", norm_source if r["component"] in ("pos", "neg", "kl") else "exact")
+        self._emit(trainer, cur, rows, sk)
+
+    def _rows_param(self, trainer: Any, cur: _Step, rec: dict, sk: dict) -> list[dict]:
+        gT, total = cur.gT, cur.total
+        sq_T = am.sq_norm(gT).item()
+        rows: list[dict] = []
+        base = {
+            "step": cur.step,
+            "target": self.target.name,
+            "variant": "param",
+            "norm_target": math.sqrt(sq_T),
+            "R_T": cur.R_T,
+        }
+        if total is None:  # no gradient seen (e.g. DeepSpeed without the activation variant)
+            total = am.add_(None, [sum(x) for x in zip(*(cur.vec[c] for c in cur.vec))])
+        G_total = am.dot(gT, total).item()
+        sq_total = am.sq_norm(total).item()
+        drift = float("nan")
+        if len(self.prev) == self.prev.maxlen:
+            old = self.prev[0]
+            drift = am.cosine(am.dot(total, old).item(), sq_total, am.sq_norm(old).item())
+        self.prev.append([t.clone() for t in total])
+        n_tot = rec.get("n_total", 0.0)
+        rows.append(
+            {
+                **base,
+                "component": "total",
+                "G": G_total,
+                "cos": am.cosine(G_total, sq_T, sq_total),
+                "norm": math.sqrt(sq_total),
+                "n_tokens": n_tot,
+                "drift": drift,
+            }
+        )
+        sq = {c: rec.get(f"sq_{c}") for c in ("pos", "neg", "kl")}
+        cpn = am.cosine(rec["sq_pos_neg"], sq["pos"], sq["neg"])
+        for c in ("pos", "neg", "kl"):
+            if f"G_{c}" not in rec:
+                continue
+            rows.append(
+                {
+                    **base,
+                    "component": c,
+                    "G": rec[f"G_{c}"],
+                    "cos": am.cosine(rec[f"G_{c}"], sq_T, sq[c]),
+                    "norm": math.sqrt(max(sq[c], 0.0)),
+                    "n_tokens": rec.get(f"n_{c}", 0.0),
+                    "cos_pos_neg": cpn if c in ("pos", "neg") else float("nan"),
+                }
+            )
+        for c in ("top", "mid", "bot"):
+            rows.append(
+                {
+                    **base,
+                    "component": c,
+                    "G": rec[f"G_{c}"],
+                    "cos": float("nan"),
+                    "norm": float("nan"),
+                    "n_tokens": rec.get(f"n_{c}", 0.0),
+                }
+            )
+        G_sum = sum(rec.get(f"G_{c}", 0.0) for c in ("pos", "neg", "kl"))
+        rows.append(
+            {
+                **base,
+                "component": "other",
+                "G": G_total - G_sum,
+                "cos": float("nan"),
+                "norm": float("nan"),
+                "n_tokens": 0.0,
+            }
+        )
+        for g, idx in self.groups.items():
+            if g == "all" or not idx:
+                continue
+            Gg = am.dot(gT, total, idx).item()
+            rows.append(
+                {
+                    **base,
+                    "component": f"layer:{g}",
+                    "G": Gg,
+                    "cos": am.cosine(Gg, am.sq_norm(gT, idx).item(), am.sq_norm(total, idx).item()),
+                    "norm": math.sqrt(am.sq_norm(total, idx).item()),
+                    "n_tokens": n_tot,
+                }
+            )
+        # realised update: theta after the optimizer step minus the snapshot before it
+        if cur.theta is not None:
+            delta = [p.detach().float() - t for p, t in zip(self.params, cur.theta)]
+            Gu, sq_u = am.dot(gT, delta).item(), am.sq_norm(delta).item()
+            dR = target_nll(self._policy(trainer), self.target) - cur.R_T
+            rows.append(
+                {
+                    **base,
+                    "component": "update",
+                    "G": -Gu,
+                    "cos": am.cosine(-Gu, sq_T, sq_u),
+                    "norm": math.sqrt(sq_u),
+                    "n_tokens": n_tot,
+                    "delta_R": dR,
+                }
+            )
+        if self.sketch is not None:
+            sk["loss"] = self.sketch(total)
+            sk["target"] = self.sketch(gT)
+        return rows
+
+    def _rows_activation(self, cur: _Step, rec: dict) -> list[dict]:
+        sq_T = float((cur.gT_head.double() ** 2).sum())
+        base = {
+            "step": cur.step,
+            "target": self.target.name,
+            "variant": "activation",
+            "norm_target": math.sqrt(sq_T),
+            "R_T": cur.R_T,
+        }
+        G_total = sum(rec.get(f"G_{c}", 0.0) for c in ("pos", "neg", "kl"))
+        sq = {c: rec.get(f"sq_{c}") for c in ("pos", "neg", "kl")}
+        cpn = am.cosine(rec["sq_pos_neg"], sq["pos"], sq["neg"])
+        rows = [
+            {
+                **base,
+                "component": "total",
+                "G": G_total,
+                "cos": float("nan"),
+                "norm": float("nan"),
+                "n_tokens": rec.get("n_total", 0.0),
+            }
+        ]
+        for c in ("pos", "neg", "kl", "top", "mid", "bot"):
+            if f"G_{c}" not in rec:
+                continue
+            s = sq.get(c)
+            rows.append(
+                {
+                    **base,
+                    "component": c,
+                    "G": rec[f"G_{c}"],
+                    "cos": am.cosine(rec[f"G_{c}"], sq_T, s) if s is not None else float("nan"),
+                    "norm": math.sqrt(s) if s is not None else float("nan"),
+                    "n_tokens": rec.get(f"n_{c}", 0.0),
+                    "cos_pos_neg": cpn if c in ("pos", "neg") else float("nan"),
+                }
+            )
+        return rows
+
+    def _emit(self, trainer: Any, cur: _Step, rows: list[dict], sk: dict) -> None:
+        total_row = next(r for r in rows if r["component"] == "total")
+        self.series.append(total_row["G"])
+        metrics = {f"G_{r['component'].replace('layer:', 'layer_')}": r["G"] for r in rows}
+        metrics.update(
+            {
+                f"cos_{r['component']}": r["cos"]
+                for r in rows
+                if r["component"] in ("total", "pos", "neg", "kl", "update")
+            }
+        )
+        metrics.update(
+            {
+                f"norm_{r['component']}": r["norm"]
+                for r in rows
+                if r["component"] in ("total", "pos", "neg", "kl", "update")
+            }
+        )
+        metrics["norm_target"] = total_row["norm_target"]
+        metrics["cos_pos_neg"] = next(
+            (r["cos_pos_neg"] for r in rows if r["component"] == "pos"), float("nan")
+        )
+        if "drift" in total_row:
+            metrics["drift"] = total_row["drift"]
+        upd = next((r for r in rows if r["component"] == "update"), None)
+        if upd is not None:
+            metrics["realised"], metrics["delta_R"] = upd["G"], upd["delta_R"]
+        store = getattr(trainer, "_metrics", None)
+        if store is not None:
+            for k, v in metrics.items():
+                if v is not None and math.isfinite(v):
+                    store["train"][f"grad_align/{k}"].append(float(v))
+        self.last_metrics = metrics
+        if not self.run.is_main:
+            return
+        self.rows.extend(rows)
+        w = self.run.writer
+        w.write_parquet(
+            TABLE,
+            self.rows,
+            schema_version=SCHEMA_VERSION,
+            instrument=self.name,
+            description="gradient alignment G = <g_T, grad L_c> per logged step and component (docs/gradient_alignment.md)",
+        )
+        if sk and int(self.cfg.sketch_dim) > 0:
+            tensors = {f"{k}/{cur.step:06d}": v.to(torch.float16) for k, v in sk.items()}
+            w.write_tensors(
+                f"grad_alignment_sketches/step_{cur.step:06d}.safetensors",
+                tensors,
+                schema_version=SCHEMA_VERSION,
+                instrument=self.name,
+                description="CountSketch of grad L (loss), g_T (target) and components",
+                metadata={
+                    "step": str(cur.step),
+                    "sketch_dim": str(self.cfg.sketch_dim),
+                    "seed": str(self.run.cfg.seed),
+                },
+            )
+        if cur.tok:
+            B = max(t["w"].shape[1] for t in cur.tok)
+            pad = lambda x: torch.nn.functional.pad(x, (0, B - x.shape[1]))  # noqa: E731
+            w.write_tensors(
+                f"grad_alignment_tokens/step_{cur.step:06d}.safetensors",
+                {k: torch.cat([pad(t[k]) for t in cur.tok]) for k in ("w", "w_kl", "mask")},
+                schema_version=SCHEMA_VERSION,
+                instrument=self.name,
+                description="per-token w_t (and KL part) of the logged step",
+                metadata={"step": str(cur.step)},
+            )
+
+    def on_train_end(self, trainer: Any) -> None:
+        if not self.run.is_main or not self.series:
+            return
+        summary = am.run_summary(self.series)
+        summary.update(
+            {"target": self.target.name if self.target else None, "variant": self.variant, "algo": self.algo}
+        )
+        self.summary = summary
+        self.run.writer.write_json(
+            "grad_alignment_summary.json",
+            summary,
+            schema_version=SCHEMA_VERSION,
+            instrument=self.name,
+            description="run summary: fraction of logged steps with G_total > 0, sign-flip rate, CV, regime",
+        )
+
+
+class _gathered:
+    """deepspeed.zero.GatheredParameters for ZeRO-3 partitioned weights; a no-op otherwise."""
+
+    def __init__(self, p: torch.Tensor):
+        self.ctx = None
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=None)
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *a):
+        return self.ctx.__exit__(*a) if self.ctx else None

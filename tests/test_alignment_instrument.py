@@ -1,0 +1,162 @@
+"""The grad_alignment instrument in an HF-ordered loop (tests/_alignment_harness.py): identities, gradient
+accumulation, isolation of the probe pass, storage, logger metrics, activation variant, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _alignment_harness as harness  # noqa: E402
+
+from rlx.diagnostics import read_manifest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rel(a, b):
+    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-30)
+
+
+def table(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "diagnostics" / "grad_alignment.parquet")
+
+
+def G(df, step, comp):
+    return float(df[(df.step == step) & (df.component == comp)]["G"].iloc[0])
+
+
+@pytest.fixture(scope="module")
+def dpo_ga2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo_ga2")
+    inst, checks, _ = harness.run(out, "dpo", steps=3, ga=2, sketch_dim=16384)
+    return out, inst, checks
+
+
+def test_components_tertiles_and_optimizer_gradient_identities(dpo_ga2):
+    out, inst, checks = dpo_ga2
+    df = table(out)
+    assert sorted(df.step.unique()) == [1, 2, 3]
+    for s in (1, 2, 3):
+        tot = G(df, s, "total")  # <g_T, .grad> read before clipping
+        assert rel(G(df, s, "pos") + G(df, s, "neg"), tot) < 1e-5
+        assert rel(G(df, s, "top") + G(df, s, "mid") + G(df, s, "bot"), tot) < 1e-5
+        assert abs(G(df, s, "other")) / abs(tot) < 1e-5
+        layers = [G(df, s, c) for c in df.component.unique() if c.startswith("layer:")]
+        assert len(layers) == 4 and rel(sum(layers), tot) < 1e-5
+    for dv, grad_v, _ in checks:  # sum_t w_t grad l_t == the gradient the optimizer receives
+        assert rel(dv, grad_v) < 1e-5
+    # DPO: chosen tokens are positive learning, rejected negative; equal counts of scored tokens per side
+    row = df[(df.step == 1) & (df.component == "total")].iloc[0]
+    assert row.n_tokens > 0
+    assert df[df.component.isin(["pos", "neg"])].n_tokens.gt(0).all()
+    # realised update of SGD (after clipping): same direction as grad L, cos identical
+    upd = df[df.component == "update"].set_index("step")
+    totr = df[df.component == "total"].set_index("step")
+    assert ((upd.cos - totr.cos).abs() < 1e-4).all()
+    assert (upd.G * totr.G > 0).all()
+
+
+def test_storage_manifest_and_logger_metrics(dpo_ga2):
+    out, inst, _ = dpo_ga2
+    man = {f["path"]: f for f in read_manifest(out)["files"]}
+    assert man["grad_alignment.parquet"]["schema_version"] == 1
+    assert man["grad_alignment_sketches/step_000002.safetensors"]["instrument"] == "grad_alignment"
+    summary = json.loads((out / "diagnostics" / "grad_alignment_summary.json").read_text())
+    assert summary["n_logged"] == 3 and summary["regime"] in ("supervised-like", "RL-like")
+    sk = out / "diagnostics" / "grad_alignment_sketches" / "step_000002.safetensors"
+    per_step = sk.stat().st_size + (out / "diagnostics" / "grad_alignment.parquet").stat().st_size / 3
+    assert per_step < 200_000, per_step
+    from safetensors.torch import load_file
+
+    t = load_file(str(sk))
+    assert set(t) == {"loss/000002", "target/000002", "pos/000002", "neg/000002"}
+    assert t["loss/000002"].shape == (16384,) and t["loss/000002"].dtype == torch.float16
+    # same scalars in the logger: three logged steps of grad_align/G_total
+    df = table(out)
+    logged = inst._trainer._metrics["train"]["grad_align/G_total"]
+    assert logged == pytest.approx(df[df.component == "total"].sort_values("step").G.tolist(), rel=1e-9)
+    for k in ("G_pos", "G_neg", "G_top", "cos_total", "norm_pos", "cos_pos_neg", "drift", "realised"):
+        assert f"grad_align/{k}" in inst._trainer._metrics["train"]
+
+
+def test_grad_accumulation_matches_single_batch(tmp_path, dpo_ga2):
+    out2, _, _ = dpo_ga2
+    harness.run(tmp_path, "dpo", steps=3, ga=1, sketch_dim=16384)
+    a, b = table(tmp_path), table(out2)
+    for s in (1, 2, 3):
+        for c in ("total", "pos", "neg", "layer:embed", "layer:head", "update"):
+            assert rel(G(b, s, c), G(a, s, c)) < 1e-4, (s, c)
+
+
+def test_grpo_kl_component_and_activation_variant(tmp_path):
+    _, checks, _ = harness.run(tmp_path / "p", "grpo", steps=2, ga=1)
+    df = table(tmp_path / "p")
+    for s in (1, 2):
+        tot = G(df, s, "total")
+        assert rel(G(df, s, "pos") + G(df, s, "neg") + G(df, s, "kl"), tot) < 1e-5
+        assert rel(G(df, s, "top") + G(df, s, "mid") + G(df, s, "bot") + G(df, s, "kl"), tot) < 1e-5
+    inst, checks, _ = harness.run(tmp_path / "a", "grpo", steps=2, ga=1, variant="activation")
+    da = table(tmp_path / "a")
+    assert set(da.variant) == {"activation"}
+    for s, (_, _, head_ref) in zip((1, 2), checks):
+        # activation-space G restricted to the LM head == the parameter-space head gradient's alignment
+        assert rel(G(da, s, "total"), head_ref) < 1e-4
+        assert rel(G(da, s, "pos") + G(da, s, "neg") + G(da, s, "kl"), G(da, s, "total")) < 1e-6
+        assert (
+            rel(G(da, s, "top") + G(da, s, "mid") + G(da, s, "bot") + G(da, s, "kl"), G(da, s, "total"))
+            < 1e-4
+        )
+
+
+def test_probe_pass_does_not_change_training(tmp_path):
+    """Dropout on: the probe pass must not consume the training RNG, touch .grad or leave eval mode on."""
+    _, _, m_on = harness.run(tmp_path / "on", "dpo", steps=3, ga=2, dropout=0.2)
+    _, _, m_off = harness.run(tmp_path / "off", "dpo", steps=3, ga=2, dropout=0.2, instrument=False)
+    assert m_on.training
+    for a, b in zip(m_on.parameters(), m_off.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29571",
+        str(REPO / "tests" / "_alignment_harness.py"),
+        str(tmp_path / "ddp"),
+        "dpo",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    harness.run(tmp_path / "one", "dpo", steps=2, sketch_dim=16384)
+    one, two = table(tmp_path / "one"), table(tmp_path / "ddp")
+    assert len(one) == len(two)
+    m = one.merge(two, on=["step", "component"], suffixes=("_1", "_2"))
+    for _, r in m.iterrows():
+        tot = float(one[(one.step == r.step) & (one.component == "total")].G.iloc[0])
+        if r.component == "other":
+            assert abs(r.G_2) / abs(tot) < 1e-5
+            continue
+        assert rel(r.G_2, r.G_1) < 1e-4, (r.step, r.component)
+        assert r.n_tokens_2 == r.n_tokens_1
+        if r.component in ("total", "update") or r.component.startswith("layer:"):
+            assert rel(r.cos_2, r.cos_1) < 1e-4 and rel(r.norm_2, r.norm_1) < 1e-4
+        if r.component in ("pos", "neg"):  # norms of per-rank component vectors: all-reduced sketches
+            assert r.norm_source_2 == "sketch" and rel(r.norm_2, r.norm_1) < 0.05
+    d = m[(m.component == "total") & m.drift_1.notna()]
+    assert ((d.drift_1 - d.drift_2).abs() < 1e-4).all()
