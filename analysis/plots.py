@@ -32,7 +32,16 @@ UNITS = {
     "clip_cov/cov_mean": "Cov(log pi, A) per token",
     "kl_cov/cov_mean": "Cov(log pi, A) per token",
 }
-_LS = {"total": "-", "pos": "--", "neg": ":", "kl": "-.", "top": "-", "mid": "--", "bot": ":"}
+_LS = {
+    "total": "-",
+    "pos": "--",
+    "neg": ":",
+    "kl": "-.",
+    "update": (0, (5, 1, 1, 1)),
+    "top": "-",
+    "mid": "--",
+    "bot": ":",
+}
 
 
 def _fig(w: float = 6.4, h: float = 3.6, **kw) -> tuple[Figure, plt.Axes]:
@@ -82,9 +91,9 @@ def grad_components(
         for (comp, target), h in g.groupby(["component", "target"], sort=False):
             h = h.sort_values("step")
             lbl = " ".join(x for x in (run, comp, "" if target == "default" else f"[{target}]") if x)
-            ax.plot(h["step"], h[what], _LS.get(comp, "-"), marker="o", ms=2.5, label=lbl)
+            ax.plot(h["step"], h[what], ls=_LS.get(comp, "-"), marker="o", ms=2.5, label=lbl)
     ax.axhline(0, color="k", lw=0.7)
-    ylabel = "G = <g_T, -grad L_c> (raw inner product)" if what == "G" else "cos(g_T, -grad L_c)"
+    ylabel = "G = <grad NLL(D'), grad L_c> (raw)" if what == "G" else "cos(grad NLL(D'), grad L_c)"
     return _finish(fig, ax, title, STEP, ylabel)
 
 

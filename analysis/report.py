@@ -114,8 +114,9 @@ def grad_alignment_section(runs: RunSet) -> Section | None:
         return None
     s = Section(
         "Gradient alignment",
-        "G = <g_T, -grad L>: first-order change of the target responses' log-likelihood per unit step "
-        "(arXiv 2512.00778). Positive learning = tokens whose log-prob the loss raises, negative = lowers.",
+        "G = <grad NLL(D'), grad L>: a descent step of size eta on L lowers the target responses' NLL by about "
+        "eta*G (arXiv 2512.00778). Positive learning = tokens whose log-prob the loss raises, negative = lowers; "
+        "update = the optimizer's realised step.",
     )
     s.figure(plots.grad_components(plots.with_run(comps)), "G by component")
     if all("cos" in c.columns for c in comps.values()):

@@ -70,7 +70,8 @@ def make_run(
 
 
 def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
-    rows, sketches = [], {}
+    """The layout of rlx/alignment/instrument.py: one table, one sketch file per logged step."""
+    rows = []
     for s in range(1, steps + 1):
         if algo == "dpo":
             pos, neg, kl = 1.0 / s + 0.2, 0.1 * s / steps, 0.0
@@ -78,52 +79,95 @@ def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
             pos, neg, kl = 0.3 * rng.standard_normal() + 0.1, -0.3 * rng.standard_normal(), 0.01
         total = pos + neg + kl
         top, mid = 0.6 * total + 0.05 * rng.standard_normal(), 0.3 * total
-        for comp, G in (
-            ("total", total),
-            ("pos", pos),
-            ("neg", neg),
-            ("kl", kl),
-            ("top", top),
-            ("mid", mid),
-            ("bot", total - top - mid),
-        ):
+        base = {
+            "step": s,
+            "target": "heldout_chosen" if algo == "dpo" else "probe_rollouts",
+            "variant": "param",
+            "norm_target": 2.0,
+            "R_T": 1.0,
+        }
+        cpn = float(np.tanh(rng.standard_normal()))
+        rows.append(
+            {
+                **base,
+                "component": "total",
+                "G": total,
+                "cos": float(np.tanh(total)),
+                "norm": abs(total) + 1,
+                "n_tokens": 100.0,
+                "drift": float("nan") if s == 1 else 0.5,
+            }
+        )
+        for comp, G in (("pos", pos), ("neg", neg), ("kl", kl)):
             rows.append(
                 {
-                    "step": s,
+                    **base,
                     "component": comp,
                     "G": G,
                     "cos": float(np.tanh(G)),
                     "norm": abs(G) + 1,
-                    "n_tokens": 100,
-                    "target": "default",
-                    "variant": "param",
+                    "n_tokens": 50.0,
+                    "cos_pos_neg": cpn if comp != "kl" else float("nan"),
                 }
             )
+        for comp, G in (("top", top), ("mid", mid), ("bot", total - top - mid)):
+            rows.append(
+                {
+                    **base,
+                    "component": comp,
+                    "G": G,
+                    "cos": float("nan"),
+                    "norm": float("nan"),
+                    "n_tokens": 33.0,
+                }
+            )
+        rows.append(
+            {
+                **base,
+                "component": "other",
+                "G": 0.0,
+                "cos": float("nan"),
+                "norm": float("nan"),
+                "n_tokens": 0.0,
+            }
+        )
         for g, share in (("embed", 0.1), ("blocks0-1", 0.5), ("blocks2-3", 0.3), ("head", 0.1)):
             rows.append(
                 {
-                    "step": s,
+                    **base,
                     "component": f"layer:{g}",
                     "G": share * total,
                     "cos": float(np.tanh(share * total)),
                     "norm": 1.0,
-                    "n_tokens": 100,
-                    "target": "default",
-                    "variant": "param",
+                    "n_tokens": 100.0,
                 }
             )
-        sketches[f"loss/{s:06d}"] = torch.tensor(
-            rng.standard_normal(64) + (2.0 if algo == "dpo" else 0.0), dtype=torch.float16
+        rows.append(
+            {
+                **base,
+                "component": "update",
+                "G": 0.8 * total,
+                "cos": 0.1,
+                "norm": 0.01,
+                "n_tokens": 100.0,
+                "delta_R": -0.01 * total,
+            }
+        )
+        offset = 2.0 if algo == "dpo" else 0.0
+        sk = {
+            f"loss/{s:06d}": torch.tensor(rng.standard_normal(64) + offset, dtype=torch.float16),
+            f"target/{s:06d}": torch.tensor(rng.standard_normal(64), dtype=torch.float16),
+        }
+        w.write_tensors(
+            f"grad_alignment_sketches/step_{s:06d}.safetensors",
+            sk,
+            schema_version=1,
+            instrument="grad_alignment",
+            description="synthetic",
+            metadata={"step": str(s)},
         )
     w.write_parquet(
         "grad_alignment.parquet", rows, schema_version=1, instrument="grad_alignment", description="synthetic"
-    )
-    w.write_tensors(
-        "grad_alignment_sketches.safetensors",
-        sketches,
-        schema_version=1,
-        instrument="grad_alignment",
-        description="synthetic",
     )
 
 

@@ -108,6 +108,8 @@ def correctness_direction(
         auc_logp = auroc(t["mean_logp"][ev], correct[ev])
         for layer in range(states.shape[1]):
             h = states[:, layer]
+            if not np.any(h.std(0) > 0):  # e.g. the embedding of a shared final (EOS) token: no information
+                continue
             dirs = fit_directions(h[fit], correct[fit], groups[fit], seed=seed)
             n_groups = int(dirs.pop("_n_groups", 0))
             for name, v in dirs.items():

@@ -1,9 +1,9 @@
 """Gradient alignment tables (arXiv 2512.00778; research/gradient_alignment.md §1, §3-4).
 
 Input: the `grad_alignment` instrument's table (rows per logged step and component: `step`,
-`component`, `G`, `cos`, `norm`, `n_tokens`, `target`, `variant`) and its gradient sketches
-(safetensors). G is the raw inner product <g_T, -grad L_component>: G > 0 means the update moves the
-model toward the target responses D'.
+`component`, `G`, `cos`, `norm`, `n_tokens`, `target`, `variant`; rlx/alignment/instrument.py) and its
+gradient sketches (safetensors). G is the raw inner product <grad NLL(D'), grad L_component>: G > 0 means
+a descent step on L lowers the NLL of the target responses D' (moves the model toward them).
 
 - `components`: G, cos and norm of total / positive / negative / KL learning over steps;
 - `tertiles`: the |w| reweighting tertiles top / mid / bot over steps (G_top + G_mid + G_bot = G_total);
@@ -25,7 +25,7 @@ from analysis.diagnostics._util import empty, pick
 from analysis.loader import Run
 
 INSTRUMENT = "grad_alignment"
-MAIN = ("total", "pos", "neg", "kl")
+MAIN = ("total", "pos", "neg", "kl", "update")
 TERTILES = ("top", "mid", "bot")
 _SYNONYMS = {
     "all": "total",
@@ -79,7 +79,9 @@ def _subset(run: Run, comps: tuple[str, ...]) -> pd.DataFrame:
 
 
 def components(run: Run) -> pd.DataFrame:
-    """step, target, variant, component in (total, pos, neg, kl), G, cos, norm, n_tokens."""
+    """step, target, variant, component in (total, pos, neg, kl, update), G, cos, norm, n_tokens.
+
+    `update` is the realised alignment of the optimizer's actual step (AdamW, clipping) when logged."""
     return _subset(run, MAIN)
 
 
@@ -139,7 +141,10 @@ def pos_neg_cosine(run: Run) -> pd.DataFrame:
 
 
 def classify(run: Run) -> pd.DataFrame:
-    """One row per target: n_steps, frac_positive, sign_flip_rate, mean_G, std_G, cv, regime, rule."""
+    """One row per target: n_steps, frac_positive, sign_flip_rate, mean_G, std_G (population), cv, regime,
+    rule; computed by `rlx.alignment.math.run_summary`, the function the instrument's own summary uses."""
+    from rlx.alignment.math import run_summary
+
     comp = components(run)
     cols = [
         "run",
@@ -156,26 +161,20 @@ def classify(run: Run) -> pd.DataFrame:
     rows = []
     for target, g in comp[comp["component"] == "total"].groupby("target"):
         G = g.sort_values("step")["G"].to_numpy(float)
-        G = G[np.isfinite(G)]
-        if not len(G):
+        summ = run_summary(G, SL_FRAC_POSITIVE, SL_MAX_CV)
+        if summ["n_logged"] == summ["n_nonfinite"]:
             continue
-        mean, std = float(G.mean()), float(G.std(ddof=1)) if len(G) > 1 else 0.0
-        cv = std / abs(mean) if mean != 0 else float("inf")
-        frac = float((G > 0).mean())
-        signs = np.sign(G)
-        flips = float((signs[1:] != signs[:-1]).mean()) if len(G) > 1 else 0.0
-        sl = frac >= SL_FRAC_POSITIVE and cv < SL_MAX_CV
         rows.append(
             {
                 "run": run.label,
                 "target": target,
-                "n_steps": len(G),
-                "frac_positive": frac,
-                "sign_flip_rate": flips,
-                "mean_G": mean,
-                "std_G": std,
-                "cv": cv,
-                "regime": "supervised-like" if sl else "RL-like",
+                "n_steps": summ["n_logged"] - summ["n_nonfinite"],
+                "frac_positive": summ["frac_positive"],
+                "sign_flip_rate": summ["sign_flip_rate"],
+                "mean_G": summ["mean"],
+                "std_G": summ["std"],
+                "cv": summ["cv"],
+                "regime": summ["regime"],
                 "rule": RULE,
             }
         )
