@@ -254,7 +254,9 @@ class RelaxConfig:
     max_completion_length: int | None = None
     """L_max for code_compat (default: trainer.max_completion_length)."""
     save_every: int = 1
-    """Write per-trajectory DSD and singular-value spectra every N optimizer steps (0 = never)."""
+    """Record per-trajectory DSD and singular-value spectra every N optimizer steps (0 = never)."""
+    flush_every: int = 10
+    """Write the recorded rows as one shard every N optimizer steps (and at the end of training)."""
 
 
 @dataclass
