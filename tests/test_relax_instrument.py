@@ -106,7 +106,7 @@ def test_relax_step_metrics_gradients_dumps_and_resume(tmp_path):
 
     tensors = load_file(tmp_path / "diagnostics" / spec["path"])
     assert tensors["singular_values"].shape == (B, 50) and tensors["step"].tolist() == [1] * B
-    torch.testing.assert_close(torch.tensor(df["dsd"].values), dsd.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(df["dsd"].values), dsd.double(), rtol=1e-5, atol=0)
     assert list(df["length"]) == [10, 7, 3, 2, 10, 9, 5, 1]
     # resume: a fresh instrument in the same run dir reloads W and xi instead of refitting
     again = make(tmp_path)
@@ -156,3 +156,26 @@ def test_bad_options_are_user_errors(tmp_path):
         make(tmp_path, spectrum="qr")
     with pytest.raises(UserError, match="group"):
         make(tmp_path, group="token")
+
+
+def test_subset_gradient_equals_full_computation(tmp_path):
+    """Gradients are computed only where a > 0 and DSD <= xi; the result equals differentiating everything."""
+    from rlx.regularizers.loss import exploration_loss
+
+    trainer = fake_trainer()
+    inst = make(tmp_path, beta=0.0, alpha=1.0)
+    inst.on_train_begin(trainer)
+    inst.on_loss(make_ctx(trainer))  # fit + calibrate
+    inst.xi = 0.9 * float(inst.on_loss(make_ctx(trainer)).metrics["relax/dsd_pos_mean"])  # some over xi
+    ctx = make_ctx(trainer)
+    term = inst.on_loss(ctx)
+    (g_inst,) = torch.autograd.grad(term.loss, ctx.hidden)
+    ctx2 = make_ctx(trainer)
+    k = koopman_operator(dictionary_features(ctx2.completion_hidden, inst.weight), ctx2.completion_mask, 1e-3)
+    dsd, _ = dynamic_spectral_dispersion(k, "svd", 1e-3)
+    a = ctx2.extras["advantages"].clamp_min(0)
+    ref, _ = exploration_loss(dsd, a, ctx2.extras["group_ids"], inst.xi)
+    (g_ref,) = torch.autograd.grad(ref, ctx2.hidden)
+    assert 0 < term.metrics["relax/masked_frac"] < 0.5
+    torch.testing.assert_close(term.loss.detach(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_inst, g_ref, rtol=1e-4, atol=1e-7)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlx.regularizers.dictionary import fit_dictionary, init_dictionary, residual_loss
-from rlx.regularizers.dsd import dynamic_spectral_dispersion
+from rlx.regularizers.dsd import dispersion_from_features, dynamic_spectral_dispersion
 from rlx.regularizers.koopman import dictionary_features, koopman_operator
 from rlx.regularizers.loss import adaptive_kl, exploration_loss, k3_kl, positive_advantage
 
@@ -51,6 +51,20 @@ def test_dsd_matches_independent_float64(spectrum):
     np.testing.assert_allclose(dsd.numpy(), ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("t", [6, 40, 70])  # fewer and more transitions than m = 50
+def test_gradient_free_lowrank_path_matches_reference(t):
+    hidden, mask, lengths, weight = random_batch(seed=3, t=t)
+    lengths = mask.sum(1).long()
+    feats = dictionary_features(hidden, weight)
+    fast, s_fast = dispersion_from_features(feats, mask, RIDGE, EPS)
+    ref = [numpy_dsd(hidden[i].numpy(), int(lengths[i]), weight.numpy()) for i in range(len(lengths))]
+    np.testing.assert_allclose(fast.numpy(), ref, rtol=1e-6)
+    _, s_ref = relax_dsd(hidden, mask, weight)
+    torch.testing.assert_close(s_fast, s_ref, rtol=1e-6, atol=1e-6)
+    f32, _ = dispersion_from_features(feats.float(), mask.float(), RIDGE, EPS)
+    assert f32.dtype == torch.float32
+
+
 def test_dsd_fp32_close_to_float64():
     hidden, mask, lengths, weight = random_batch(seed=1)
     d64, _ = relax_dsd(hidden, mask, weight)
@@ -68,7 +82,7 @@ def test_padding_invariance():
     noisy = torch.where(pmask.bool()[..., None], padded, torch.randn_like(padded))  # junk under every pad
     dsd2, spec2 = relax_dsd(noisy, pmask, weight)
     torch.testing.assert_close(dsd2, dsd, rtol=1e-10, atol=0)
-    torch.testing.assert_close(spec2, spec, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(spec2, spec, rtol=1e-8, atol=1e-6)  # s = sqrt(eig(K^T K)): ~1e-8 at s = 0
     # each trajectory alone (cropped to its length) gives the same value as in the padded batch
     for i in range(len(lengths)):
         L = int(lengths[i])

@@ -35,12 +35,16 @@ def koopman_operator(
 
     features: (B, T, m) lifted states psi(h); mask: (B, T) valid positions (None = all valid).
     Returns K: (B, m, m) with Py ~ Px K. A trajectory without a valid transition gets K = 0.
+    With fewer transitions than features (T-1 < m) the identical push-through form
+    K = Px^T (Px Px^T + lambda I)^-1 Py is solved instead ((T-1)-sized system, much cheaper).
     """
     px, py = features[:, :-1], features[:, 1:]
     if mask is not None:
-        px = px * transition_mask(mask).unsqueeze(-1)  # zero rows drop out of both Gram sums
-    m = features.shape[-1]
-    eye = torch.eye(m, dtype=features.dtype, device=features.device)
-    gram = px.transpose(1, 2) @ px + ridge * eye
-    cross = px.transpose(1, 2) @ py
-    return torch.linalg.solve(gram, cross)
+        v = transition_mask(mask).unsqueeze(-1)
+        px, py = px * v, py * v  # zero rows drop out of every sum
+    n, m = px.shape[1], px.shape[2]
+    if n < m:
+        eye = torch.eye(n, dtype=px.dtype, device=px.device)
+        return px.transpose(1, 2) @ torch.linalg.solve(px @ px.transpose(1, 2) + ridge * eye, py)
+    eye = torch.eye(m, dtype=px.dtype, device=px.device)
+    return torch.linalg.solve(px.transpose(1, 2) @ px + ridge * eye, px.transpose(1, 2) @ py)

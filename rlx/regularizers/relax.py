@@ -30,7 +30,7 @@ from rlx.instruments.base import (
     unwrap_policy,
 )
 from rlx.regularizers.dictionary import fit_dictionary
-from rlx.regularizers.dsd import SPECTRA, dynamic_spectral_dispersion
+from rlx.regularizers.dsd import SPECTRA, dispersion_from_features, dynamic_spectral_dispersion
 from rlx.regularizers.koopman import dictionary_features, koopman_operator
 from rlx.regularizers.loss import adaptive_kl, exploration_loss, kl_mask, positive_advantage
 
@@ -117,18 +117,34 @@ class Relax(Instrument):
             l_max = self._max_len(ctx)
             hidden = hidden * mask.unsqueeze(-1)
             hidden = torch.nn.functional.pad(hidden, (0, 0, 0, max(l_max - hidden.shape[1], 0)))
-            koop = koopman_operator(dictionary_features(hidden, weight), None, cfg.ridge)
+            tmask = None
             a = positive_advantage(adv, lengths, l_max)
         else:
-            koop = koopman_operator(dictionary_features(hidden, weight), mask, cfg.ridge)
+            tmask = mask
             a = positive_advantage(adv)
-        dsd, spectrum = dynamic_spectral_dispersion(koop, cfg.spectrum, cfg.eps)
-
+        feats = dictionary_features(hidden, weight)
+        # DSD of every trajectory without a graph (metrics, mask, dumps), then with gradients only where the
+        # loss can push (a > 0 and DSD <= xi): elsewhere z is 0 or detached, so the gradient is identical.
+        if cfg.spectrum == "svd":
+            dsd_all, spectrum = dispersion_from_features(feats, tmask, cfg.ridge, cfg.eps)
+        else:
+            with torch.no_grad():
+                dsd_all, spectrum = dynamic_spectral_dispersion(
+                    koopman_operator(feats, tmask, cfg.ridge), cfg.spectrum, cfg.eps
+                )
         if self.xi is None:
-            self._calibrate_xi(dsd.detach())
+            self._calibrate_xi(dsd_all)
+        dsd = dsd_all
+        push = ((a > 0) & (dsd_all <= self.xi)).nonzero().squeeze(1)
+        if cfg.alpha > 0 and push.numel() > 0 and torch.is_grad_enabled():
+            sub_mask = None if tmask is None else tmask[push]
+            koop = koopman_operator(feats[push], sub_mask, cfg.ridge)
+            dsd_push, _ = dynamic_spectral_dispersion(koop, cfg.spectrum, cfg.eps)
+            dsd = dsd_all.index_put((push,), dsd_push)
+
         gids = group_ids_of(ctx, dsd.shape[0]).to(dsd.device) if cfg.group == "prompt" else None
         l_xp, _ = exploration_loss(dsd, a, gids, self.xi)
-        masked = kl_mask(a, dsd, self.xi)
+        masked = kl_mask(a, dsd_all, self.xi)
         total = cfg.alpha * l_xp
         kl = torch.zeros((), device=dsd.device)
         if cfg.beta > 0:
@@ -158,7 +174,9 @@ class Relax(Instrument):
         return LossTerm(total, metrics)
 
     def on_step_end(self, trainer: Any) -> None:
-        self._flush()
+        step = int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
+        if self.cfg.flush_every <= 1 or step % self.cfg.flush_every == 0:
+            self._flush()
 
     def on_train_end(self, trainer: Any) -> None:
         self._flush()
@@ -272,21 +290,20 @@ class Relax(Instrument):
 
     def _record(self, step, ctx, dsd, spectrum, adv, a, lengths, masked, gids) -> None:
         gids = group_ids_of(ctx, dsd.shape[0]) if gids is None else gids
-        for i in range(dsd.shape[0]):
-            self.rows.append(
-                {
-                    "step": step + 1,
-                    "micro_step": self.micro,
-                    "index": i,
-                    "group_id": int(gids[i]),
-                    "advantage": float(adv[i]),
-                    "a": float(a[i]),
-                    "length": int(lengths[i]),
-                    "dsd": float(dsd[i]),
-                    "masked": bool(masked[i]),
-                    "xi": float(self.xi),
-                }
-            )
+        n = dsd.shape[0]
+        cols = {
+            "step": [step + 1] * n,
+            "micro_step": [self.micro] * n,
+            "index": list(range(n)),
+            "group_id": gids.tolist(),
+            "advantage": adv.tolist(),
+            "a": a.tolist(),
+            "length": lengths.long().tolist(),
+            "dsd": dsd.tolist(),
+            "masked": masked.tolist(),
+            "xi": [float(self.xi)] * n,
+        }
+        self.rows.extend(dict(zip(cols, vals)) for vals in zip(*cols.values()))
         self.spectra.append(spectrum.float().cpu())
 
     def _flush(self) -> None:
@@ -294,7 +311,7 @@ class Relax(Instrument):
         self.rows, self.spectra = [], []
         if not rows or self.run is None or self.run.writer is None:
             return
-        step = rows[-1]["step"]
+        step = rows[-1]["step"]  # a shard holds the recorded steps since the last flush, up to this one
         self.run.writer.write_parquet(
             f"relax/trajectories_step{step:06d}.parquet",
             rows,
