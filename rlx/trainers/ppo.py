@@ -68,13 +68,17 @@ class ValueModel(nn.Module):
         return self.v_head(h.to(self.v_head.weight.dtype)).squeeze(-1)
 
 
-def build_value_model(policy: nn.Module | str, args: PPOConfig) -> ValueModel:
-    """The critic: a backbone from `args.value_model` (a directory) or a copy of the policy's, plus a fresh head."""
+def build_value_model(policy: nn.Module | str, args: PPOConfig, **load_kwargs: Any) -> ValueModel:
+    """The critic: a backbone from `args.value_model` (a directory) or a copy of the policy's, plus a fresh head.
+
+    `load_kwargs` go to `AutoModel.from_pretrained` (dtype, attn_implementation, ...) when a path is loaded.
+    """
     source = args.value_model or (policy if isinstance(policy, str) else None)
     if source is not None:
         from transformers import AutoModel
 
-        backbone = AutoModel.from_pretrained(source, **(args.model_init_kwargs or {}))
+        kwargs = {**(args.model_init_kwargs or {}), **load_kwargs}
+        backbone = AutoModel.from_pretrained(source, **kwargs)
         backbone = getattr(backbone, getattr(backbone, "base_model_prefix", ""), None) or backbone
     else:
         backbone = copy.deepcopy(backbone_of(unwrap_policy(policy)))
@@ -329,3 +333,24 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             sd = critic_state if critic_state is not None else critic.state_dict()
             sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             safetensors.torch.save_file(sd, os.path.join(output_dir, "critic", "model.safetensors"))
+
+
+def build_ppo_trainer(cfg: Any, run: Any, model_dir: str, task: Any, common: dict[str, Any]) -> RLXPPOTrainer:
+    """`algo: ppo` branch of `rlx.trainers.build.build_trainer`: policy, critic, reference (by GRPO), data, rewards."""
+    from rlx.models import _DTYPES, load_causal_lm
+    from rlx.trainers.build import make_trainer_config
+
+    args = make_trainer_config(cfg, run, max_completion_length=task.max_completion_length)
+    policy = load_causal_lm(model_dir, cfg)
+    load_kwargs: dict[str, Any] = {"dtype": _DTYPES.get(cfg.model.dtype, "auto")}
+    if cfg.model.attn_implementation:
+        load_kwargs["attn_implementation"] = cfg.model.attn_implementation
+    critic = build_value_model(policy, args, **load_kwargs)
+    return RLXPPOTrainer(
+        model=policy,
+        reward_funcs=task.reward_funcs,
+        args=args,
+        train_dataset=task.train_dataset(),
+        value_model=critic,
+        **common,
+    )

@@ -1,0 +1,260 @@
+"""RLXPPOTrainer end to end on a tiny random model: rollout/loss consistency, the instrument seam, metrics,
+checkpoints, and a 2-process DDP run of `recipe=ppo_tiny` through rlx/train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rlx.algorithms.ppo import kl_estimate, masked_mean, masked_whiten
+from rlx.config.schema import EmbeddedModelConfig, TaskConfig
+from rlx.instruments.base import Instrument, InstrumentSet, LossTerm
+
+ROOT = Path(__file__).resolve().parents[1]
+BETA = 0.1
+
+
+class Recorder(Instrument):
+    """Diagnostic instrument that keeps what the seam hands it."""
+
+    name = "ppo_test_recorder"
+
+    def __init__(self):
+        super().__init__(None, None)
+        self.seen = []
+
+    def on_loss(self, ctx):
+        w = ctx.token_weights()[:, -ctx.completion_len :]
+        self.seen.append(
+            {
+                "c": ctx.completion_len,
+                "logps": ctx.completion_logps.detach().clone(),
+                "mask": ctx.completion_mask.clone(),
+                "w": w.clone(),
+                "training": ctx.trainer.model.training,
+                "ga": ctx.trainer.current_gradient_accumulation_steps,
+                **{k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in ctx.extras.items()},
+            }
+        )
+        return LossTerm(metrics={"ppo_test/seen": 1.0})
+
+
+@pytest.fixture(scope="module")
+def tiny_random_model_dir(tmp_path_factory):
+    from rlx.embedded import build_model, build_tokenizer
+
+    d = tmp_path_factory.mktemp("ppo_tiny_random")
+    tok = build_tokenizer()
+    shape = EmbeddedModelConfig(
+        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64
+    )
+    build_model(shape, tok, seed=0).save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "warmstart.json").write_text(
+        json.dumps({"steps": 0})
+    )  # marks an embedded dir (char-level tokenizer)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_random_model_dir, tmp_path_factory):
+    """One rollout of 16 completions, 2 PPO epochs x 2 minibatches = 4 optimizer steps, recorded at the seam."""
+    from transformers import AutoModelForCausalLM
+
+    from rlx.embedded import load_tokenizer
+    from rlx.tasks import get_task
+    from rlx.trainers.ppo import RLXPPOTrainer, build_value_model
+    from rlx.trainers.ppo_config import PPOConfig
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ppo_out")
+    task = get_task(OmegaConf.structured(TaskConfig(num_train=64, num_eval=8)))
+    tok = load_tokenizer(str(tiny_random_model_dir))
+    policy = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir)
+
+    def digits(prompts, completions, **kw):  # dense shaping so advantages are not all zero on a random model
+        return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+    args = PPOConfig(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=4,
+        learning_rate=1e-3,
+        ppo_epochs=2,
+        num_minibatches=2,
+        beta=BETA,
+        kl_estimator="k1",
+        gamma=1.0,
+        lam=0.95,
+        value_learning_rate=1e-2,
+    )
+    rec = Recorder()
+    trainer = RLXPPOTrainer(
+        model=policy,
+        reward_funcs=[*task.reward_funcs, digits],
+        args=args,
+        train_dataset=task.train_dataset(),
+        processing_class=tok,
+        value_model=build_value_model(policy, args),
+        instruments=InstrumentSet([rec]),
+    )
+    trainer.train()
+    return trainer, rec, out
+
+
+@pytest.mark.slow
+def test_schedule_and_seam_extras(trained):
+    trainer, rec, _ = trained
+    assert len(rec.seen) == 4  # 2 epochs x 2 minibatches of one rollout
+    for s in rec.seen:
+        b, c = s["logps"].shape
+        assert b == 8 and c == s["c"]
+        for k in ("advantages", "old_logps", "ref_logps", "values", "returns"):
+            assert s[k].shape == (b, c), k
+        assert s["completion_len"] == c
+    # The same rollout is reused: epoch 1 sees the same completions as epoch 0.
+    olds = sorted(float(s["old_logps"].sum()) for s in rec.seen)
+    assert olds[0] == pytest.approx(olds[1]) and olds[2] == pytest.approx(olds[3])
+
+
+@pytest.mark.slow
+def test_rollout_advantages_are_whitened_gae(trained):
+    _, rec, _ = trained
+    first = rec.seen[:2]  # the two minibatches of epoch 0 = the whole rollout
+    cat = lambda k: torch.cat([s[k] for s in first])  # noqa: E731
+    mask, adv, ret, val = cat("mask"), cat("advantages"), cat("returns"), cat("values")
+    # GAE's raw advantage is R - V; the loss uses it whitened over the mask of the whole rollout.
+    torch.testing.assert_close(adv * mask, masked_whiten(ret - val, mask), atol=1e-5, rtol=1e-4)
+    assert abs(masked_mean(adv, mask).item()) < 1e-5
+    # gamma = 1 and a terminal value of 0: R at the last token = task score - beta * KL_T, with the
+    # arithmetic reward in {0, 1} and the digit-fraction reward in [0, 1].
+    last = mask.sum(1).long() - 1
+    rows = torch.arange(mask.shape[0])
+    kl_last = kl_estimate(cat("old_logps"), cat("ref_logps"), "k1")[rows, last]
+    score = ret[rows, last] + BETA * kl_last
+    assert ((score > -1e-5) & (score < 2 + 1e-5)).all()
+
+
+@pytest.mark.slow
+def test_first_minibatch_is_on_policy_and_token_weights(trained):
+    _, rec, _ = trained
+    s = rec.seen[0]
+    m = s["mask"]
+    # rho = 1 on the first minibatch of the first epoch.
+    torch.testing.assert_close(s["logps"] * m, s["old_logps"] * m, atol=1e-5, rtol=0)
+    # Nothing is clipped there, so w_t = dL/dl_t = -A_t rho_t / (N_tokens * GA) for the token-mean loss.
+    expected = -s["advantages"] * m / (m.sum() * s["ga"])
+    torch.testing.assert_close(s["w"] * m, expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_metrics_logged(trained):
+    trainer, _, _ = trained
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(hist) == 4
+    keys = set().union(*hist)
+    for k in (
+        "reward",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clip_ratio/policy",
+        "clip_ratio/value",
+        "loss/value",
+        "loss/policy",
+        "value/explained_variance",
+        "advantages/mean_raw",
+        "advantages/std_raw",
+        "returns/mean",
+        "approx_kl",
+        "grad_norm",
+        "ppo_test/seen",
+    ):
+        assert k in keys, k
+    assert hist[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert hist[0]["clip_ratio/policy"] == 0.0
+    assert hist[0]["kl_coef"] == pytest.approx(BETA)
+    assert hist[0]["advantages/std_raw"] > 0
+    # later minibatches are off-policy after the first update
+    assert max(h["approx_kl"] for h in hist[1:]) > 0
+
+
+@pytest.mark.slow
+def test_checkpoint_has_no_critic(trained, tmp_path):
+    import safetensors.torch
+
+    trainer, _, _ = trained
+    trainer.save_model(str(tmp_path))
+    policy_keys = safetensors.torch.load_file(tmp_path / "model.safetensors").keys()
+    assert not any("rlx_critic" in k for k in policy_keys)
+    critic = safetensors.torch.load_file(tmp_path / "critic" / "model.safetensors")
+    assert "v_head.weight" in critic and any(k.startswith("backbone.") for k in critic)
+    # the critic is still attached after saving, and the saved head is the trained one (not the zero init)
+    head = trainer.critic_of(trainer.model).v_head.weight.detach().cpu()
+    torch.testing.assert_close(critic["v_head.weight"], head)
+    assert head.abs().sum() > 0
+
+
+def test_ppo_config_schedule_and_validation():
+    from rlx.config.loader import validate_trainer_args
+    from rlx.errors import UserError
+    from rlx.trainers.ppo_config import PPOConfig
+
+    kw = dict(
+        output_dir="/tmp/rlx_ppo_cfg",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=8,
+        num_generations=4,
+    )
+    c = PPOConfig(**kw, ppo_epochs=3, num_minibatches=2, gradient_accumulation_steps=2)
+    assert (c.num_iterations, c.steps_per_generation, c.generation_batch_size) == (3, 4, 32)
+    with pytest.raises(ValueError):
+        PPOConfig(**kw, kl_estimator="k4")
+    with pytest.raises(ValueError):
+        PPOConfig(**kw, dual_clip=0.5)
+    with pytest.raises(UserError, match="trainer.vf_coef"):
+        validate_trainer_args("ppo", {"vf_coeff": 0.1})
+    assert validate_trainer_args("ppo", {"vf_coef": 1, "gamma": 0.99})["vf_coef"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ppo_tiny_ddp_two_processes(tiny_random_model_dir, tmp_path):
+    """`recipe=ppo_tiny` under 2-process DDP over gloo (accelerate --multi_gpu; `--cpu` would run 1 process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        str(ROOT / "rlx" / "train.py"), "recipe=ppo_tiny", f"model.name_or_path={tiny_random_model_dir}",
+        f"output_dir={tmp_path}", "trainer.max_steps=3", "trainer.per_device_train_batch_size=8",
+        "trainer.num_generations=4", "trainer.max_completion_length=6", "trainer.report_to=[]",
+        "task.num_train=64", "task.num_eval=8", "eval.before_after=false",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["global_step"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for k in ("reward", "kl", "value/explained_variance", "clip_ratio/value", "approx_kl", "grad_norm"):
+        assert any(k in r for r in steps), k
+    assert steps[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert (tmp_path / "final" / "critic" / "model.safetensors").exists()
