@@ -89,6 +89,7 @@ def run(
     world: int = 1,
     dropout: float = 0.0,
     instrument: bool = True,
+    fast: bool = True,
     **over,
 ):
     """Train `steps` optimizer steps; returns (instrument, checks, model).
@@ -112,6 +113,7 @@ def run(
         cfg=cfg, run_dir=out, rank=rank, world_size=world, writer=DiagnosticsWriter(out, rank, world)
     )
     inst = GradAlignment(ga_cfg, runctx)
+    inst.allow_fast = fast
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     trainer = SimpleNamespace(
         model=wrapped,

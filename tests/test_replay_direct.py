@@ -47,7 +47,9 @@ def test_prefill_inputs_are_replaced_at_masked_positions_only(pair):
     with inject(rl, state):
         with HookSet() as hooks:  # registered after the replay hooks, so it sees the replaced input
             for i in range(2):
-                hooks.pre(rl.model.layers[i], lambda m, a, k, i=i: seen.__setitem__(i, hidden_from(a, k).clone()))
+                hooks.pre(
+                    rl.model.layers[i], lambda m, a, k, i=i: seen.__setitem__(i, hidden_from(a, k).clone())
+                )
             rl(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
     for i in range(2):
         m = state.masks[i]

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from rlx.alignment import math as am
+from rlx.alignment.rowgrad import RowCapture, row_alignment
 from rlx.alignment.sketch import CountSketch
 from rlx.alignment.target import (
     TargetBatch,
@@ -44,6 +45,10 @@ from rlx.instruments.base import Instrument, LossContext, register_instrument, u
 SCHEMA_VERSION = 1
 TABLE = "grad_alignment.parquet"
 TERTILE_LEVEL = {"dpo": "pair", "ppo": "token", "grpo": "sequence", "sft": "sequence"}
+ROW_ALGOS = ("grpo", "dpo", "sft")
+"""Algorithms whose w_t has one sign per row (sequence-level advantage, chosen/rejected, SFT): fast path."""
+EXCLUDED_MODULES = ("rlx_critic", "v_head", "value_head")
+"""Trainable modules outside the policy (their gradient does not move log pi): left out of the scope."""
 DEFAULT_TARGET = {
     "dpo": "heldout_chosen",
     "sft": "heldout_chosen",
@@ -96,6 +101,8 @@ class GradAlignment(Instrument):
     """Alignment G of each update (and of its positive / negative / KL parts and reweighting tertiles) with g_T."""
 
     changes_loss = False
+    allow_fast = True
+    """Use the one-backward row path (rowgrad.py) where it applies; False forces per-component backwards."""
 
     def __init__(self, cfg: Any, run: Any) -> None:
         super().__init__(cfg, run)
@@ -122,6 +129,9 @@ class GradAlignment(Instrument):
         self.prev: deque = deque(maxlen=max(int(cfg.drift_lag), 1))
         self.params: list[torch.nn.Parameter] | None = None
         self._trainer = None
+        self._hooks: list[Any] = []
+        self.rowcap = None
+        self.pending = []
 
     # ---- set-up -----------------------------------------------------------------------------------------
 
@@ -132,7 +142,12 @@ class GradAlignment(Instrument):
         if self.cfg.variant == "auto" and _is_zero(trainer):
             self.variant, self.needs_hidden = "activation", True
         model = trainer.accelerator.unwrap_model(trainer.model)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # Scope: the policy's trainable parameters (LoRA adapters under PEFT); never a critic (PPO's value model).
+        named = [
+            (n, p)
+            for n, p in model.named_parameters()
+            if p.requires_grad and not any(f"{c}." in n for c in EXCLUDED_MODULES)
+        ]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         policy = unwrap_policy(model)
@@ -144,6 +159,13 @@ class GradAlignment(Instrument):
                 [p.shape for p in self.params], int(self.cfg.sketch_dim), seed=int(self.run.cfg.seed)
             )
         self.algo = getattr(trainer, "rlx_algo", "") or self.run.cfg.algo
+        self.rowcap = None
+        if self.variant == "param" and self.allow_fast and self.algo in ROW_ALGOS:
+            head = policy.get_output_embeddings()
+            rowcap = RowCapture(policy, self.params, head)
+            if rowcap.supported:
+                self.rowcap = rowcap
+        self.pending: list[dict] = []
 
     def on_train_begin(self, trainer: Any) -> None:
         self._setup(trainer)
@@ -157,6 +179,22 @@ class GradAlignment(Instrument):
 
             trainer._clip_grad_norm = clip_with_alignment
             trainer._rlx_ga_wrapped = True
+        if self.rowcap is not None and not self._hooks:
+            # Arm the per-layer captures for the loss forwards of logged steps only (grad on, train mode).
+            def arm(module, args, kwargs):
+                step = int(trainer.state.global_step) + 1
+                if module.training and torch.is_grad_enabled() and self._logged(step):
+                    self.rowcap.start()
+
+            def disarm(module, args, kwargs, out):
+                self.rowcap.armed = False
+
+            policy = self._policy(trainer)
+            self._hooks = [
+                policy.register_forward_pre_hook(arm, with_kwargs=True),
+                policy.register_forward_hook(disarm, with_kwargs=True),
+            ]
+            self.rowcap.attach()
 
     def _policy(self, trainer: Any) -> torch.nn.Module:
         return unwrap_policy(trainer.accelerator.unwrap_model(trainer.model))
@@ -214,6 +252,7 @@ class GradAlignment(Instrument):
                 self.cur.gT_head, self.cur.R_T = target_head_gradient(
                     policy, policy.model if hasattr(policy, "model") else policy, self.target
                 )
+        self._process_pending()
         self.cur.micro += 1
         w, mask, w_kl = self._weights(ctx)
         comps = am.component_weights(w, mask, w_kl)
@@ -223,7 +262,8 @@ class GradAlignment(Instrument):
             self.cur.n_tokens[name] = self.cur.n_tokens.get(name, 0.0) + float((cw != 0).sum())
         self.cur.n_tokens["total"] = self.cur.n_tokens.get("total", 0.0) + float(mask.sum())
         if self.variant == "param":
-            self._param_micro(ctx, comps, terts)
+            if not self._row_micro(ctx, w, mask, w_kl, comps, units):
+                self._param_micro(ctx, comps, terts)
         else:
             self._activation_micro(ctx, comps, terts)
         if self.cfg.save_token_weights:
@@ -242,7 +282,8 @@ class GradAlignment(Instrument):
         mask = ctx.mask.float() if ctx.mask is not None else (w != 0).float()
         w_kl = None
         ref = ctx.extras.get("ref_logps")
-        beta = float(getattr(ctx.trainer, "beta", 0.0) or 0.0) if self.algo in ("grpo", "ppo") else 0.0
+        # A KL *loss term* (GRPO beta > 0) is a third component; PPO folds its KL penalty into the reward (in A_t).
+        beta = float(getattr(ctx.trainer, "beta", 0.0) or 0.0) if self.algo == "grpo" else 0.0
         if ref is not None and beta != 0.0 and ctx.extras.get("advantages") is not None:
             C = ctx.completion_len
             w_kl = torch.zeros_like(w)
@@ -276,6 +317,60 @@ class GradAlignment(Instrument):
         ):  # bot follows by linearity at step end: G_bot = G_pos + G_neg - G_top - G_mid
             g = am.weighted_grad(lp, self.params, terts[name])
             cur.G[name] = cur.G.get(name, 0.0) + am.dot(cur.gT, g).item()
+
+    def _row_micro(self, ctx, w, mask, w_kl, comps, units) -> bool:
+        """Fast path: read per-row alignment off the trainer's own backward (rowgrad.py). False if not applicable."""
+        cap = self.rowcap
+        if cap is None or w_kl is not None or self.run.cfg.regularizers.enabled or not cap.records or cap.complete():
+            return False
+        pos_rows = (comps["pos"] != 0).any(-1)
+        neg_rows = (comps["neg"] != 0).any(-1)
+        if (pos_rows & neg_rows).any():  # a row with both signs (token-level advantages): not separable by rows
+            return False
+        tiers = am.token_tiers(comps["pos"] + comps["neg"], units, _gather_scores if _dist() else None)
+        row_tier = tiers.max(-1).values
+        head = None
+        if cap.head_index is not None and not cap.head_called():
+            policy = self._policy(ctx.trainer)
+            emb = [r for r in cap.records if r[1] == "embedding"]
+            ids = emb[0][4] if emb else self._sequence_ids(ctx)
+            temp = float(getattr(ctx.trainer, "temperature", 1.0) or 1.0) if self.algo in ("grpo", "ppo") else 1.0
+            cfg = policy.config.get_text_config()
+            scale = float(getattr(cfg, "logit_scale", None) or 1.0) / temp
+            head = {
+                "weight_index": cap.head_index,
+                "hidden": ctx.hidden[:, :-1].detach() if ctx.hidden is not None else None,
+                "labels": ids[:, 1:],
+                "coef": (w * mask).detach(),
+                "weight": cap.head.weight.detach(),
+                "scale": scale,
+            }
+            if head["hidden"] is None:
+                return False
+        self.pending.append(
+            {"records": cap.records, "pos": pos_rows, "neg": neg_rows, "tier": row_tier, "head": head, "cur": self.cur}
+        )
+        cap.accept_grads = True  # the next backward through these activations is the trainer's own
+        return True
+
+    def _process_pending(self) -> None:
+        while self.pending:
+            job = self.pending.pop(0)
+            cur = job["cur"]
+            if not all(r[5] is not None for r in job["records"]):
+                cur.failed = True
+                continue
+            subsets = {"pos": job["pos"], "neg": job["neg"]}
+            s, vecs = row_alignment(
+                job["records"], cur.gT, subsets, len(self.params), [p.shape for p in self.params], job["head"]
+            )
+            for name in ("pos", "neg"):
+                rows = job[name]
+                cur.G[name] = cur.G.get(name, 0.0) + float(s[rows.to(s.device)].sum())
+                vec = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(self.params, vecs[name])]
+                cur.vec[name] = am.add_(cur.vec.get(name), vec)
+            for i, name in enumerate(("top", "mid", "bot")):
+                cur.G[name] = cur.G.get(name, 0.0) + float(s[(job["tier"] == i).to(s.device)].sum())
 
     def _activation_micro(self, ctx: LossContext, comps: dict, terts: dict) -> None:
         """Head-restricted G from activations only: no parameter autograd (ZeRO-2/3 safe)."""
@@ -314,6 +409,7 @@ class GradAlignment(Instrument):
     # ---- full gradient (before clipping) --------------------------------------------------------------------
 
     def _read_full_gradient(self, trainer: Any) -> None:
+        self._process_pending()
         cur = self.cur
         if (
             cur is None
@@ -335,6 +431,7 @@ class GradAlignment(Instrument):
         if self.variant == "param" and self.cur is not None and self.cur.total is None:
             if float(getattr(trainer.args, "max_grad_norm", 0) or 0) <= 0:
                 self._read_full_gradient(trainer)
+        self._process_pending()
 
     # ---- step end: realised alignment, reduction, records ---------------------------------------------------
 
@@ -351,9 +448,10 @@ class GradAlignment(Instrument):
         if self.variant == "param":
             gT = cur.gT
             for c in comp_names:
-                local[f"G_{c}"] = am.dot(gT, cur.vec[c]).item()
-            for t in ("top", "mid"):
-                local[f"G_{t}"] = cur.G.get(t, 0.0)
+                local[f"G_{c}"] = cur.G[c] if c in cur.G else am.dot(gT, cur.vec[c]).item()
+            for t in ("top", "mid", "bot"):
+                if t in cur.G:
+                    local[f"G_{t}"] = cur.G[t]
             local["G_pg"] = sum(local.get(f"G_{c}", 0.0) for c in ("pos", "neg"))
             local["sq_pos_neg"] = am.dot(cur.vec["pos"], cur.vec["neg"]).item()
             for c in comp_names:
@@ -391,8 +489,12 @@ class GradAlignment(Instrument):
                 rec[f"sq_{c}"] = float(sk[c].double().norm() ** 2)
             rec["sq_pos_neg"] = float(sk["pos"].double() @ sk["neg"].double())
         norm_source = "sketch" if (dist is not None and self.variant == "param") else "exact"
-        if self.variant == "param":
+        if self.variant == "param" and "G_bot" not in rec:
             rec["G_bot"] = rec["G_pg"] - rec["G_top"] - rec["G_mid"]
+        if getattr(cur, "failed", False):  # a capture missed its backward: components of this step are unknown
+            for c in ("pos", "neg", "top", "mid", "bot"):
+                rec[f"G_{c}"] = float("nan")
+            self.rowcap = None  # per-component backwards from now on
         rows = (
             self._rows_param(trainer, cur, rec, sk)
             if self.variant == "param"
@@ -617,6 +719,11 @@ class GradAlignment(Instrument):
             )
 
     def on_train_end(self, trainer: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.rowcap is not None:
+            self.rowcap.detach()
         if not self.run.is_main or not self.series:
             return
         summary = am.run_summary(self.series)

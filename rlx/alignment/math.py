@@ -111,20 +111,10 @@ def reweighting_units(level: str, mask: torch.Tensor, pair_index: torch.Tensor |
     return torch.where(mask > 0, ids, torch.full_like(ids, -1))
 
 
-def tertile_weights(
-    w: torch.Tensor,
-    units: torch.Tensor,
-    gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Split w_t into equal thirds of units ranked by their reweighting score (§1.6).
-
-    The score of a unit is its mean |w_t| over scored tokens (for sigmoid DPO this is beta * omega_i / B; for
-    GRPO it is proportional to |A_i| / |o_i|; per token it is |w_t|). Units are sorted by score, descending,
-    ties broken by unit id, and cut into three parts whose sizes differ by at most one (the top third gets the
-    extra unit). Returns {"top", "mid", "bot"}: (B, T) weights that sum exactly to w on scored tokens.
-    `gather(scores) -> (all_scores, offset)` ranks this batch's units among several (e.g. all ranks'), the
-    local units sitting at `offset` in `all_scores`.
-    """
+def token_tiers(
+    w: torch.Tensor, units: torch.Tensor, gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+) -> torch.Tensor:
+    """(B, T) reweighting tier of each token: 0 top, 1 mid, 2 bot, -1 unscored (§1.6; see `tertile_weights`)."""
     valid = units >= 0
     uid, inv = torch.unique(units[valid], return_inverse=True)
     n = uid.numel()
@@ -136,8 +126,24 @@ def tertile_weights(
     tier = _tiers(all_scores.to(score.device))[offset : offset + n]
     token_tier = torch.full_like(units, -1)
     token_tier[valid] = tier[inv]
+    return token_tier
+
+
+def tertile_weights(
+    w: torch.Tensor, units: torch.Tensor, gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Split w_t into equal thirds of units ranked by their reweighting score (§1.6).
+
+    The score of a unit is its mean |w_t| over scored tokens (for sigmoid DPO this is beta * omega_i / B; for
+    GRPO it is proportional to |A_i| / |o_i|; per token it is |w_t|). Units are sorted by score, descending,
+    ties broken by unit id, and cut into three parts whose sizes differ by at most one (the top third gets the
+    extra unit). Returns {"top", "mid", "bot"}: (B, T) weights that sum exactly to w on scored tokens.
+    `gather(scores) -> (all_scores, offset)` ranks this batch's units among several (e.g. all ranks'), the
+    local units sitting at `offset` in `all_scores`.
+    """
+    tt = token_tiers(w, units, gather)
     zero = torch.zeros_like(w)
-    return {name: torch.where(token_tier == i, w, zero) for i, name in enumerate(("top", "mid", "bot"))}
+    return {name: torch.where(tt == i, w, zero) for i, name in enumerate(("top", "mid", "bot"))}
 
 
 def _tiers(score: torch.Tensor) -> torch.Tensor:

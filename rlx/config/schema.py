@@ -114,7 +114,7 @@ class WarmStartConfig:
 
     enabled: bool = True
     """Warm-start the embedded model before RL (ignored for real models)."""
-    steps: int = 600
+    steps: int = 900
     """Optimizer steps of next-token training on verified solutions."""
     batch_size: int = 64
     """Sequences per step."""

@@ -76,7 +76,11 @@ class LossContext:
     entropy: torch.Tensor | None = None
     """(B, S-1) per-token entropy of the policy, when the trainer computed it."""
     loss_scale: float = 1.0
-    """Factor the seam applies to extra terms so they match the trainer's gradient-accumulation scaling."""
+    """Factor the seam applies to extra terms so they match the trainer's gradient-accumulation scaling
+    (1/GA when the trainer's loss is already GA-scaled, as GRPO's; 1 when the Trainer divides afterwards)."""
+    post_scale: float = 1.0
+    """Factor the HF Trainer still applies to the returned loss before backward (1/GA for DPO, 1 for GRPO),
+    so the gradient the optimizer accumulates from this micro-batch is post_scale * d(loss)/d(theta)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Algorithm-specific tensors, aligned with the last `completion_len` columns of `token_logps`:
     `advantages` (B,) or (B, C), `old_logps` (B, C), `ref_logps` (B, C), `group_ids` (B,)."""

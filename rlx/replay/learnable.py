@@ -47,6 +47,30 @@ class LayerTargets:
     """(N, k) base log-probabilities renormalised over those ids."""
     weight: torch.Tensor
     """(N,) 1 / (|S_{l,i}| · |E_i|) for the row i the position belongs to."""
+    head_rows: torch.Tensor | None = None
+    """(U, d) LM-head rows of the union U of the top-k ids (set when U is small; constant across steps)."""
+    head_bias: torch.Tensor | None = None
+    """(U,) LM-head bias at U, if the head has one."""
+    local_ids: torch.Tensor | None = None
+    """(N, k) positions of `top_ids` within U."""
+
+    def rl_logits(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """RL logits (N, k) at the base top-k ids of normed `x` (N, d)."""
+        if self.head_rows is None:
+            return logits_at(x, head, self.top_ids)
+        z = x @ self.head_rows.to(x.dtype).T
+        if self.head_bias is not None:
+            z = z + self.head_bias.to(x.dtype)
+        return z.gather(1, self.local_ids)
+
+    def cache_head(self, head: nn.Module, max_union: int) -> None:
+        """Precompute the head rows once per prompt when |U| <= max_union: one (N, U) matmul per step beats
+        gathering N·k rows (the union of top-k ids overlaps heavily)."""
+        union, local = torch.unique(self.top_ids, return_inverse=True)
+        if union.numel() <= max_union:
+            self.head_rows, self.local_ids = head.weight[union].detach(), local
+            bias = getattr(head, "bias", None)
+            self.head_bias = bias[union].detach() if bias is not None else None
 
 
 @dataclass
@@ -113,6 +137,13 @@ def base_targets(
     return targets
 
 
+def cache_rl_head(targets: list[LayerTargets], rl: DecoderParts, top_k: int) -> None:
+    """Per layer, keep the RL head rows of the union of base top-k ids if that union is small (<= 16 k)."""
+    for t in targets:
+        if t.rows.numel():
+            t.cache_head(rl.head, 16 * top_k)
+
+
 def replay_loss(
     streams: dict[int, torch.Tensor],
     targets: list[LayerTargets],
@@ -126,7 +157,7 @@ def replay_loss(
         if t.rows.numel() == 0:
             continue
         x = rms_norm(rl.norm, streams[t.layer][t.rows, t.cols], fp32)
-        kl = topk_kl(t.logp, logits_at(x, rl.head, t.top_ids))
+        kl = topk_kl(t.logp, t.rl_logits(x, rl.head))
         term = torch.zeros(batch, dtype=torch.float32, device=kl.device).index_add(
             0, t.rows, kl.float() * t.weight
         )
@@ -175,6 +206,7 @@ def learnable_replay(
     targets = base_targets(
         base_model, input_ids, attention_mask, eligible, n_layers, rho, top_k, fp32, chunk, model_inputs
     )
+    cache_rl_head(targets, rl, top_k)
     num_selected = torch.stack([torch.bincount(t.rows, minlength=b) for t in targets])
     losses = []
     with frozen(rl_model), torch.inference_mode(False), torch.enable_grad():

@@ -30,9 +30,9 @@ def tiny_config(arch: str = "qwen2", layers: int = 3, hidden: int = 32, vocab: i
         bos_token_id=2,
         tie_word_embeddings=False,
     )
-    if arch == "qwen3":
-        kw["head_dim"] = hidden // 4
     kw.update(extra)
+    if arch == "qwen3":
+        kw.setdefault("head_dim", hidden // kw["num_attention_heads"])
     return cls(**kw)
 
 
@@ -45,11 +45,12 @@ def tiny_pair(
     noise: float = 0.05,
     head_scale: float = 100.0,
     dtype: torch.dtype = torch.float32,
+    **config: object,
 ) -> tuple[nn.Module, nn.Module]:
     """(base, rl) causal LMs in eval mode with frozen weights; rl = base + noise · std(weight) · N(0, 1)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(arch, layers, hidden, vocab)
+    cfg = tiny_config(arch, layers, hidden, vocab, **config)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()

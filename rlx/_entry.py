@@ -1,0 +1,20 @@
+"""Process set-up shared by the entry scripts (offline hub, no telemetry, script dir off sys.path)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def prepare_process(script: str) -> None:
+    for k, v in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(k, v)
+    # `python rlx/train.py` puts rlx/ first on sys.path, where e.g. rlx/evaluate.py would shadow HF `evaluate`.
+    here = str(Path(script).resolve().parent)
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]

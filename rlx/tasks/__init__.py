@@ -1,0 +1,27 @@
+"""Verifiable tasks. `get_task(cfg.task)` returns a `Task` with datasets and a pure reward."""
+
+from __future__ import annotations
+
+from rlx.errors import UserError
+from rlx.tasks.arithmetic import ArithmeticTask
+from rlx.tasks.base import Task, completion_text
+from rlx.tasks.countdown import CountdownTask
+from rlx.tasks.gsm8k import GSM8KTask
+from rlx.tasks.ultrafeedback import UltraFeedbackTask
+
+TASKS: dict[str, type[Task]] = {
+    "arithmetic": ArithmeticTask,
+    "countdown": CountdownTask,
+    "gsm8k": GSM8KTask,
+    "ultrafeedback": UltraFeedbackTask,
+}
+EMBEDDED_TASKS = ("arithmetic", "countdown")
+
+
+def get_task(cfg) -> Task:
+    if cfg.name not in TASKS:
+        raise UserError(f"unknown task '{cfg.name}': expected one of {', '.join(TASKS)}.")
+    return TASKS[cfg.name](cfg)
+
+
+__all__ = ["TASKS", "EMBEDDED_TASKS", "Task", "get_task", "completion_text"]

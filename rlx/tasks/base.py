@@ -1,0 +1,51 @@
+"""Task interface: prompts with references, a pure reward, train and held-out splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from datasets import Dataset
+
+
+def completion_text(completion: Any) -> str:
+    """TRL passes strings for standard prompts and [{'role': 'assistant', 'content': ...}] for conversational ones."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+class Task:
+    """A verifiable task. Datasets have columns `prompt`, `answer` and `solution` (a verified reference completion)."""
+
+    name: str = ""
+    max_completion_length: int = 16
+    """Default completion budget in tokens."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def eval_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def score(self, completion: str, answer: str) -> float:
+        """Reward of one completion text against the reference answer."""
+        raise NotImplementedError
+
+    def is_correct(self, completion: str, answer: str) -> bool:
+        return self.score(completion, answer) >= 1.0
+
+    @property
+    def reward_funcs(self) -> list[Callable[..., list[float]]]:
+        """Reward functions in TRL's calling convention."""
+
+        def correctness(prompts, completions, answer, **kwargs) -> list[float]:
+            return [self.score(completion_text(c), a) for c, a in zip(completions, answer)]
+
+        correctness.__name__ = f"{self.name}_reward"
+        return [correctness]

@@ -1,0 +1,128 @@
+"""Turn a resolved RunConfig into a ready TRL trainer (policy, reference, data, rewards, instruments)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rlx.config.loader import trainer_config_class, validate_trainer_args
+from rlx.errors import UserError
+from rlx.models import load_causal_lm, load_tokenizer_for, resolve_model_dir
+from rlx.run import RunContext, build_instruments
+from rlx.tasks import EMBEDDED_TASKS, get_task
+from rlx.trainers.common import MetricsJsonlCallback
+
+
+def default_trainer_args(cfg, run: RunContext) -> dict[str, Any]:
+    """CPU-safe defaults set explicitly (TRL defaults to bf16 and gradient checkpointing), then the recipe's."""
+    on_gpu = torch.cuda.is_available()
+    args = {
+        "output_dir": str(run.run_dir),
+        "seed": cfg.seed,
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": not on_gpu,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": ["tensorboard"],
+        "ddp_find_unused_parameters": False,
+        "dataloader_num_workers": 0,
+    }
+    args.update(validate_trainer_args(cfg.algo, OmegaConf.to_container(cfg.trainer, resolve=True)))
+    return args
+
+
+def make_trainer_config(cfg, run: RunContext, **algo_defaults):
+    cls = trainer_config_class(cfg.algo)
+    args = {**algo_defaults, **default_trainer_args(cfg, run)}
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.run_dir / "tensorboard"))
+    try:
+        return cls(**args)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"invalid trainer settings for algo={cfg.algo}: {e}") from None
+
+
+def peft_config(cfg):
+    if not cfg.model.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    lc = cfg.model.lora
+    return LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules), task_type="CAUSAL_LM"
+    )
+
+
+@dataclass
+class Built:
+    trainer: Any
+    model_dir: str
+    tokenizer: Any
+    task: Any
+
+
+def build_trainer(cfg, run: RunContext) -> Built:
+    from rlx.trainers.dpo import RLXDPOTrainer
+    from rlx.trainers.grpo import RLXGRPOTrainer
+    from rlx.trainers.sft import RLXSFTTrainer
+
+    if cfg.model.name_or_path == "embedded" and cfg.task.name not in EMBEDDED_TASKS:
+        raise UserError(
+            f"the embedded model is warm-started on generated tasks ({', '.join(EMBEDDED_TASKS)}), not "
+            f"'{cfg.task.name}'. Set model.name_or_path to a real model for task={cfg.task.name}."
+        )
+    model_dir = resolve_model_dir(cfg)
+    tokenizer = load_tokenizer_for(model_dir)
+    task = get_task(cfg.task)
+    instruments = build_instruments(cfg, run)
+    callbacks = [MetricsJsonlCallback(run.run_dir / "metrics.jsonl")]
+    common = dict(processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config(cfg), instruments=instruments, run=run)
+
+    if cfg.algo == "grpo":
+        args = make_trainer_config(cfg, run, max_completion_length=task.max_completion_length)
+        trainer = RLXGRPOTrainer(
+            model=model_dir,
+            reward_funcs=task.reward_funcs,
+            args=args,
+            train_dataset=task.train_dataset(),
+            **common,
+        )
+    elif cfg.algo == "dpo":
+        args = make_trainer_config(cfg, run)
+        policy = load_causal_lm(model_dir, cfg)
+        train_ds, eval_ds = preference_datasets(cfg, task, policy, tokenizer)
+        ref = None if cfg.model.lora.enabled else load_causal_lm(model_dir, cfg)  # explicit: ZeRO-3 safe
+        trainer = RLXDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds, **common)
+    elif cfg.algo == "sft":
+        args = make_trainer_config(cfg, run)
+        train = task.train_dataset()
+        sft_ds = train.map(lambda r: {"prompt": r["prompt"], "completion": r["solution"]}, remove_columns=train.column_names)
+        trainer = RLXSFTTrainer(model=load_causal_lm(model_dir, cfg), args=args, train_dataset=sft_ds, **common)
+    elif cfg.algo == "ppo":
+        from rlx.trainers.ppo import build_ppo_trainer
+
+        trainer = build_ppo_trainer(cfg, run, model_dir=model_dir, task=task, common=common)
+    else:  # pragma: no cover - the loader validates algo
+        raise UserError(f"unknown algo {cfg.algo}")
+    return Built(trainer=trainer, model_dir=model_dir, tokenizer=tokenizer, task=task)
+
+
+def preference_datasets(cfg, task, policy, tokenizer):
+    """Train/held-out preference pairs: real preference data for ultrafeedback-like tasks, else built from the task."""
+    if cfg.task.name == "ultrafeedback":
+        return task.train_dataset(), task.eval_dataset()
+    from accelerate import PartialState
+
+    from rlx.preference import build_preference_pairs
+
+    state = PartialState()
+    with state.main_process_first():  # sampling is deterministic per seed; rank 0 first only for tidy logs
+        train = build_preference_pairs(policy, tokenizer, task, cfg.preference, "train", cfg.seed, state.is_main_process)
+        heldout_cfg = OmegaConf.merge(cfg.preference, {"num_pairs": min(64, cfg.task.num_eval)})
+        heldout = build_preference_pairs(policy, tokenizer, task, heldout_cfg, "eval", cfg.seed + 1, False)
+    return train, heldout

@@ -1,0 +1,124 @@
+"""What every rlx trainer shares: the instrument seam, metrics.jsonl, and construction from a RunConfig."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from transformers import TrainerCallback
+
+from rlx.instruments.base import InstrumentSet, LossContext, capture_loss_forward
+
+
+class InstrumentCallback(TrainerCallback):
+    """Forwards Trainer events to the instruments (callbacks do not receive the trainer; we keep it)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.trainer.instruments.call("on_train_begin", self.trainer)
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.trainer.instruments.call("on_pre_optimizer_step", self.trainer)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.trainer.instruments.call("on_step_end", self.trainer)
+
+    def on_train_end(self, args, state, control, **kw):
+        self.trainer.instruments.call("on_train_end", self.trainer)
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Appends one JSON object per logging step to `<run_dir>/metrics.jsonl`: `step` plus every logged metric."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step}
+        for k, v in logs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            if isinstance(v, (int, float, str, bool)) or v is None:
+                row[k] = v
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+class InstrumentedMixin:
+    """Mix in before a TRL trainer class. Wraps the loss computation with the instrument seam.
+
+    Subclasses route their loss method through `self._instrumented(compute, model, inputs)` and may
+    override `_loss_extras` and `_scales`. With no instrument enabled the loss path is untouched.
+    """
+
+    rlx_algo: ClassVar[str] = ""
+
+    def __init__(self, *args, instruments: InstrumentSet | None = None, run: Any = None, **kwargs):
+        self.instruments = instruments or InstrumentSet([])
+        self.rlx_run = run
+        super().__init__(*args, **kwargs)
+        self.add_callback(InstrumentCallback(self))
+
+    # -- hooks for subclasses ------------------------------------------------------------------------
+    def _loss_extras(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def _scales(self, num_items_in_batch=None) -> tuple[float, float]:
+        """(loss_scale for extra terms, post_scale the Trainer applies) following Trainer.training_step."""
+        if not self.model.training:
+            return 1.0, 1.0
+        ga = self.current_gradient_accumulation_steps
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return (1.0 / ga, 1.0) if scaled else (1.0, 1.0 / ga)
+
+    # -- the seam ------------------------------------------------------------------------------------
+    def _instrumented(self, compute, model, inputs, num_items_in_batch=None):
+        if not self.instruments:
+            return compute()
+        with capture_loss_forward(model, hidden=self.instruments.needs_hidden) as cap:
+            out = compute()
+        loss = out[0] if isinstance(out, tuple) else out
+        loss_scale, post_scale = self._scales(num_items_in_batch)
+        ctx = LossContext(
+            trainer=self,
+            algo=self.rlx_algo,
+            inputs=inputs,
+            loss=loss,
+            token_logps=cap.token_logps,
+            mask=cap.label_mask,
+            hidden=cap.hidden,
+            entropy=cap.entropy,
+            loss_scale=loss_scale,
+            post_scale=post_scale,
+            extras=self._loss_extras(inputs),
+        )
+        loss, metrics = self.instruments.on_loss(ctx)
+        self._record_metrics(metrics)
+        return (loss, *out[1:]) if isinstance(out, tuple) else loss
+
+    def _record_metrics(self, metrics: dict[str, float]) -> None:
+        """Average instrument metrics over ranks (one collective) and queue them for TRL's `log()`."""
+        if not metrics:
+            return
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        mode = "train" if self.model.training else "eval"
+        for k, v in zip(keys, values.tolist()):
+            self._metrics[mode][k].append(v)
+
+
+def bind(method, *args, **kwargs):
+    return partial(method, *args, **kwargs)
