@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from rlx.config.schema import RelaxConfig
 from rlx.diagnostics.manifest import DiagnosticsWriter, read_manifest
-from rlx.errors import UserError
+from rlx.errors import UserError  # noqa: F401
 from rlx.instruments.base import InstrumentSet, LossContext, registered_instruments
 from rlx.regularizers.dsd import dynamic_spectral_dispersion
 from rlx.regularizers.koopman import dictionary_features, koopman_operator
@@ -57,11 +57,45 @@ def make(tmp_path, **kw):
     return registered_instruments()["relax"](cfg, run)
 
 
-def test_requires_reference_logps(tmp_path):
-    inst = make(tmp_path)
-    with pytest.raises(UserError, match="trainer.beta=1e-9"):
-        inst.on_train_begin(fake_trainer(beta=0.0))
-    make(tmp_path, beta=0.0).on_train_begin(fake_trainer(beta=0.0))  # no KL: nothing needed
+def tiny_policy(path):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=23,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_lazy_reference_scores_initial_policy(tmp_path):
+    from rlx.regularizers.reference import LazyReference
+
+    policy = tiny_policy(tmp_path / "m")
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "prompt_ids": torch.randint(0, 23, (4, 5), generator=g),
+        "prompt_mask": torch.ones(4, 5, dtype=torch.long),
+        "completion_ids": torch.randint(0, 23, (4, 6), generator=g),
+        "completion_mask": torch.ones(4, 6, dtype=torch.long),
+    }
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    with torch.no_grad():
+        logits = policy(input_ids=ids).logits[:, 4:-1] / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():  # the policy moves; the reference stays the initial one
+        for p in policy.parameters():
+            p.add_(0.1)
+    trainer = SimpleNamespace(model=policy, temperature=0.7)
+    rows = torch.tensor([1, 3])
+    got = LazyReference().logps(trainer, inputs, rows)
+    torch.testing.assert_close(got, expected[rows], rtol=1e-5, atol=1e-5)
 
 
 def test_relax_step_metrics_gradients_dumps_and_resume(tmp_path):
@@ -121,6 +155,8 @@ def test_adaptive_kl_applies_above_xi(tmp_path):
     inst.on_train_begin(trainer)
     ctx = make_ctx(trainer)
     term = inst.on_loss(ctx)
+
+    assert inst.reference.model is None  # the trainer's ref_logps were used: no own reference pass
     a = ctx.extras["advantages"]
     lengths = ctx.completion_mask.sum(1)
     m = ((a > 0) & (lengths > 1)).float()  # DSD > 0 = xi for every trajectory with a transition

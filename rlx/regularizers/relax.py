@@ -8,6 +8,9 @@ Per loss micro-batch (no extra forward: the states come from the seam's hook on 
     a_i      = max(A_i, 0)  [* L_i / L_max with code_compat]
     loss    += alpha * L_xp(d, a; groups) + beta * token-mean(M_i * clamp(k3 KL))
 
+Reference log-probs for the adaptive KL come from the trainer when it computed them (GRPO with
+trainer.beta != 0), otherwise from `LazyReference` on the KL-masked rows only.
+
 W is fitted once at the first loss call (optionally refitted every `refit_every` steps) on detached
 states of the first rollout batch, on rank 0, broadcast to all ranks, and saved as
 `diagnostics/relax/dictionary.safetensors`; a run directory that already holds one (resume) reuses it.
@@ -33,6 +36,7 @@ from rlx.regularizers.dictionary import fit_dictionary
 from rlx.regularizers.dsd import SPECTRA, dispersion_from_features, dynamic_spectral_dispersion
 from rlx.regularizers.koopman import dictionary_features, koopman_operator
 from rlx.regularizers.loss import adaptive_kl, exploration_loss, kl_mask, positive_advantage
+from rlx.regularizers.reference import LazyReference
 
 SCHEMA_VERSION = 1
 DICT_FILE = "relax/dictionary.safetensors"
@@ -88,17 +92,11 @@ class Relax(Instrument):
         self.micro = 0
         self.rows: list[dict[str, Any]] = []
         self.spectra: list[torch.Tensor] = []
+        self.reference = LazyReference()
 
     # ---- events ------------------------------------------------------------------------------------
 
     def on_train_begin(self, trainer: Any) -> None:
-        if self.cfg.beta > 0 and getattr(trainer, "beta", None) == 0.0:
-            raise UserError(
-                f"regularizers.relax.beta={self.cfg.beta} needs reference log-probs, which TRL's GRPO computes "
-                "only when trainer.beta != 0. Set trainer.beta=1e-9 (TRL's own uniform KL then has negligible "
-                "weight; recipes/grpo_relax_tiny.yaml does this), or regularizers.relax.beta=0 to drop the "
-                "adaptive KL."
-            )
         self._load_dictionary()
 
     def on_loss(self, ctx: LossContext) -> LossTerm | None:
@@ -147,14 +145,14 @@ class Relax(Instrument):
         masked = kl_mask(a, dsd_all, self.xi)
         total = cfg.alpha * l_xp
         kl = torch.zeros((), device=dsd.device)
-        if cfg.beta > 0:
+        if cfg.beta > 0 and bool(masked.any()):
             ref = ctx.extras.get("ref_logps")
-            if ref is None:
-                raise UserError(
-                    "regularizers.relax.beta > 0 but the trainer passed no reference log-probs; set "
-                    "trainer.beta=1e-9 (GRPO) or regularizers.relax.beta=0."
-                )
-            kl = adaptive_kl(ctx.completion_logps, ref, mask, masked)
+            logps = ctx.completion_logps
+            if ref is None:  # score only the masked rows with the reference; the others contribute zeros
+                rows = masked.nonzero().squeeze(1)
+                ref = logps.detach().clone()
+                ref[rows] = self.reference.logps(ctx.trainer, ctx.inputs, rows).to(ref.dtype)
+            kl = adaptive_kl(logps, ref, mask, masked)
             total = total + cfg.beta * kl
 
         d = dsd.detach()

@@ -1,0 +1,60 @@
+"""Reference-policy log-probs on demand, for the adaptive KL of ReLaX.
+
+The adaptive KL only touches trajectories with A > 0 and DSD > xi, so the reference pass is run on those
+rows only, and skipped when there are none (the common case early in training). TRL's GRPO computes
+reference log-probs for every row, and only when trainer.beta != 0; when it did (`ref_logps` in the seam
+extras) those are used instead.
+
+The reference is the initial policy: with PEFT the policy with its adapters disabled, otherwise the model
+re-loaded from `config._name_or_path` (the directory the run started from, also right after a resume).
+Not supported under DeepSpeed ZeRO-3 (re-loading under zero.Init fails on CPU); there, set trainer.beta.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from rlx.instruments.base import unwrap_policy
+
+
+class LazyReference:
+    """Loads the reference on first use and scores completion tokens of chosen rows."""
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+
+    def _peft(self, trainer: Any):
+        model = trainer.model
+        while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        return model if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model") else None
+
+    def _load(self, policy: torch.nn.Module) -> torch.nn.Module:
+        if self.model is None:
+            from transformers import AutoModelForCausalLM
+
+            path = policy.config._name_or_path
+            ref = AutoModelForCausalLM.from_pretrained(path, dtype=policy.dtype)
+            self.model = ref.to(policy.device).eval().requires_grad_(False)
+        return self.model
+
+    @torch.no_grad()
+    def logps(self, trainer: Any, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), C) log pi_ref of the completion tokens of `rows`, at the trainer's temperature."""
+        p = inputs["prompt_ids"].shape[1]
+        comp = inputs["completion_ids"][rows]
+        ids = torch.cat([inputs["prompt_ids"][rows], comp], 1)
+        att = torch.cat([inputs["prompt_mask"][rows], inputs["completion_mask"][rows]], 1)
+        peft = self._peft(trainer)
+        if peft is not None:
+            model, ctx = peft, peft.disable_adapter()
+        else:
+            model, ctx = self._load(unwrap_policy(trainer.model)), contextlib.nullcontext()
+        with ctx:
+            logits = model(input_ids=ids, attention_mask=att).logits[:, p - 1 : -1].float()
+        temperature = float(getattr(trainer, "temperature", 1.0) or 1.0)
+        logp = torch.log_softmax(logits / temperature, -1)
+        return logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
