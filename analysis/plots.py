@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 STEP = "optimizer step"
 UNITS = {
@@ -50,6 +51,8 @@ def _fig(w: float = 6.4, h: float = 3.6, **kw) -> tuple[Figure, plt.Axes]:
 
 
 def _finish(fig: Figure, ax, title: str, xlabel: str, ylabel: str, legend: bool = True) -> Figure:
+    if legend:  # line plots: steps and layers are integers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -183,6 +186,8 @@ def masked_fraction(df: pd.DataFrame) -> Figure:
 def spectra(df: pd.DataFrame, max_curves: int = 6) -> Figure:
     """Sorted singular-value spectrum of K at a few steps (mean over trajectories, 10-90% band)."""
     fig, ax = _fig()
+    live = df.groupby("index")["q90"].max()
+    df = df[df["index"].isin(live[live > 1e-12].index)]  # low-rank spectra: drop all-zero tail
     steps = sorted(df["step"].unique())
     pick = [
         steps[i] for i in np.unique(np.linspace(0, len(steps) - 1, min(len(steps), max_curves)).astype(int))
@@ -192,7 +197,7 @@ def spectra(df: pd.DataFrame, max_curves: int = 6) -> Figure:
         h = df[df["step"] == step]
         c = cmap(k / max(1, len(pick) - 1))
         ax.plot(h["index"], h["mean"], color=c, label=f"step {step}")
-        ax.fill_between(h["index"], h["q10"], h["q90"], color=c, alpha=0.12)
+        ax.fill_between(h["index"], h["q10"].clip(lower=1e-12), h["q90"], color=c, alpha=0.12)
     ax.set_yscale("log")
     return _finish(
         fig, ax, "Koopman singular-value spectra", "singular value index j (sorted)", "singular value s_j"
@@ -214,26 +219,25 @@ def entropy_quantiles(df: pd.DataFrame) -> Figure:
     )
 
 
-def high_entropy_and_cov(df: pd.DataFrame) -> Figure:
-    """High-entropy token fraction (left) and Cov(log pi, A) (right) over steps."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+def high_entropy_fraction(df: pd.DataFrame) -> Figure:
+    """Share of probe-completion tokens above the first saved step's 80th entropy percentile, over steps."""
+    fig, ax = _fig()
     for run, g in _runs(df):
         g = g.sort_values("step")
-        a1.plot(g["step"], g["high_entropy_frac"], marker="o", ms=2.5, label=run or None)
-        a2.plot(g["step"], g["cov_logp_adv"], marker="o", ms=2.5, label=run or None)
-    a1.set_title("High-entropy token fraction", fontsize=10)
-    a1.set_xlabel(STEP)
-    a1.set_ylabel("fraction of tokens above the step-0 q80")
-    a2.set_title("Cov(log pi, A) over probe tokens", fontsize=10)
-    a2.set_xlabel(STEP)
-    a2.set_ylabel("covariance (nats x advantage)")
-    a2.axhline(0, color="k", lw=0.7)
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+        ax.plot(g["step"], g["high_entropy_frac"], marker="o", ms=2.5, label=run or None)
+    return _finish(
+        fig, ax, "High-entropy token fraction (probe set)", STEP, "fraction of tokens above step-0 q80"
+    )
+
+
+def logp_advantage_covariance(df: pd.DataFrame) -> Figure:
+    """Cov(log pi, A) over the probe-completion tokens, over steps."""
+    fig, ax = _fig()
+    for run, g in _runs(df):
+        g = g.sort_values("step")
+        ax.plot(g["step"], g["cov_logp_adv"], marker="o", ms=2.5, label=run or None)
+    ax.axhline(0, color="k", lw=0.7)
+    return _finish(fig, ax, "Cov(log pi, A) over probe tokens", STEP, "covariance (nats x advantage)")
 
 
 def activation_shift(df: pd.DataFrame, title: str = "Base -> RL logit-lens shift by base entropy") -> Figure:
@@ -262,26 +266,39 @@ def activation_shift(df: pd.DataFrame, title: str = "Base -> RL logit-lens shift
 
 
 def correctness_auroc(df: pd.DataFrame, direction: str = "diff_means") -> Figure:
-    """AUROC of the correctness direction per layer at the last saved step, with the mean log-prob
-    baseline; one line per run."""
+    """Read-out quality of the correctness direction per layer at the last saved step: AUROC against
+    reward over held-out prompts (solid) and within-group pairwise accuracy (dotted), each with the mean
+    log-prob baseline (dashed); one colour per run."""
     fig, ax = _fig()
     d = df[df["direction"] == direction]
     for run, g in _runs(d):
         last = g[g["step"] == g["step"].max()].sort_values("layer")
+        step = int(last["step"].iloc[0])
         (line,) = ax.plot(
             last["layer"],
             last["auroc"],
             marker="o",
             ms=3,
-            label=" ".join(x for x in (run, f"<h, v> step {int(last['step'].iloc[0])}") if x),
+            label=" ".join(x for x in (run, f"AUROC <h, v> (step {step})") if x),
         )
+        c = line.get_color()
         ax.axhline(
             float(last["auroc_logp"].iloc[0]),
-            color=line.get_color(),
+            color=c,
             ls="--",
             lw=1,
-            label=" ".join(x for x in (run, "mean log-prob") if x),
+            label=" ".join(x for x in (run, "AUROC mean log-prob") if x),
         )
+        if "pairwise_acc" in last and last["pairwise_acc"].notna().any():
+            ax.plot(
+                last["layer"],
+                last["pairwise_acc"],
+                ls=":",
+                marker="s",
+                ms=3,
+                color=c,
+                label=" ".join(x for x in (run, "pairwise acc. <h, v>") if x),
+            )
     ax.axhline(0.5, color="k", lw=0.7)
     ax.set_ylim(0, 1)
     return _finish(
@@ -289,7 +306,7 @@ def correctness_auroc(df: pd.DataFrame, direction: str = "diff_means") -> Figure
         ax,
         f"Correctness read-out on held-out prompts ({direction})",
         "layer (0 = embeddings)",
-        "AUROC vs reward (0.5 = chance)",
+        "AUROC / pairwise accuracy (0.5 = chance)",
     )
 
 

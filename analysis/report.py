@@ -192,7 +192,8 @@ def entropy_section(runs: RunSet) -> Section | None:
     if dyn:
         df = plots.with_run(dyn)
         s.figure(plots.entropy_quantiles(df), "entropy quantiles")
-        s.figure(plots.high_entropy_and_cov(df), "high-entropy fraction and covariance")
+        s.figure(plots.high_entropy_fraction(df), "high-entropy token fraction")
+        s.figure(plots.logp_advantage_covariance(df), "Cov(log pi, A), probe set")
         cols = [
             "run",
             "step",

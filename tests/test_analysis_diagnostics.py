@@ -155,6 +155,7 @@ def test_correctness_direction_recovers_planted_axis(synth):
     last = df[df["step"] == df["step"].max()].set_index(["direction", "layer"])
     # planted: layer l shifts correct/wrong by +-l along axis 0; layer 0 carries no signal
     assert last.loc[("diff_means", 0), "auroc"] < 0.8
+    assert last.loc[("diff_means", 3), "pairwise_acc"] > 0.95
     for direction in ("diff_means", "pc1"):
         assert last.loc[(direction, 3), "auroc"] > 0.95
         assert last.loc[(direction, 3), "gap"] == pytest.approx(
@@ -169,6 +170,15 @@ def test_correctness_direction_recovers_planted_axis(synth):
     assert last.loc[("diff_means", 3), "auroc_logp"] == pytest.approx(
         auroc(t["mean_logp"][ev], t["reward"][ev] >= 1)
     )
+
+
+def test_pairwise_accuracy_by_hand():
+    s = np.array([3.0, 1.0, 2.0, 5.0, 0.0, 5.0])
+    correct = np.array([True, False, False, True, False, False])
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    # group 0: 3>1, 3>2 -> 2 wins; group 1: 5>0 win, 5=5 tie -> 1.5; total 3.5 / 4 pairs
+    assert correctness.pairwise_accuracy(s, correct, groups) == pytest.approx(3.5 / 4)
+    assert np.isnan(correctness.pairwise_accuracy(s, np.zeros(6, bool), groups))
 
 
 def test_fit_directions_difference_of_means_by_hand():

@@ -13,6 +13,8 @@ Per step and layer l, with correct = reward >= `threshold`, and probe prompts sp
   completions project higher on the fit half;
 - read-out: AUROC of s(x) = <h_l(x), v> against `correct` on the held-out half, next to the AUROC of the
   policy's own mean log-prob ("knows vs says" gap = AUROC(s) - AUROC(logp));
+- pairwise accuracy: P[s(i+) > s(i-)] (ties 1/2) over correct/wrong pairs within the held-out prompts'
+  groups, free of between-prompt confounds; next to the same for the mean log-prob;
 - drift: cos(v at this step, v at the first saved step).
 """
 
@@ -31,6 +33,8 @@ COLUMNS = [
     "auroc",
     "auroc_logp",
     "gap",
+    "pairwise_acc",
+    "pairwise_acc_logp",
     "cos_to_first",
     "n_fit_groups",
     "n_eval",
@@ -90,6 +94,19 @@ def fit_directions(
     return {"diff_means": unit(v_dm), "pc1": unit(v_pc), "_n_groups": np.array(len(means))}
 
 
+def pairwise_accuracy(scores: np.ndarray, correct: np.ndarray, groups: np.ndarray) -> float:
+    """P[s(i+) > s(i-)] + P[tie]/2 over (correct, wrong) pairs of the same group; NaN without pairs."""
+    wins, n = 0.0, 0
+    for g in np.unique(groups):
+        sel = groups == g
+        c, w = scores[sel & correct], scores[sel & ~correct]
+        if len(c) and len(w):
+            diff = c[:, None] - w[None, :]
+            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            n += diff.size
+    return wins / n if n else float("nan")
+
+
 def correctness_direction(
     run: Run, threshold: float = 1.0, pooling: str = "last", seed: int = 0
 ) -> pd.DataFrame:
@@ -106,6 +123,7 @@ def correctness_direction(
         fit = np.array([g in fit_ids for g in groups])
         ev = ~fit
         auc_logp = auroc(t["mean_logp"][ev], correct[ev])
+        pw_logp = pairwise_accuracy(t["mean_logp"][ev], correct[ev], groups[ev])
         for layer in range(states.shape[1]):
             h = states[:, layer]
             if not np.any(h.std(0) > 0):  # e.g. the embedding of a shared final (EOS) token: no information
@@ -114,6 +132,7 @@ def correctness_direction(
             n_groups = int(dirs.pop("_n_groups", 0))
             for name, v in dirs.items():
                 auc = auroc(h[ev] @ v, correct[ev])
+                pw = pairwise_accuracy(h[ev] @ v, correct[ev], groups[ev])
                 key = (layer, name)
                 first.setdefault(key, v)
                 rows.append(
@@ -124,6 +143,8 @@ def correctness_direction(
                         "auroc": auc,
                         "auroc_logp": auc_logp,
                         "gap": auc - auc_logp,
+                        "pairwise_acc": pw,
+                        "pairwise_acc_logp": pw_logp,
                         "cos_to_first": float(v @ first[key]),
                         "n_fit_groups": n_groups,
                         "n_eval": int(ev.sum()),
