@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> Path:
     from rlx.tasks import get_task
 
     cfg, model_path, out, _ = resolve(sys.argv[1:] if argv is None else argv)
+    if str(cfg.replay.mode).lower() in ("false", "none", ""):  # YAML 1.1 reads `replay=off` as a boolean
+        cfg.replay.mode = "off"
     tokenizer = load_tokenizer_for(model_path)
     model = load_causal_lm(model_path, cfg)
     task = get_task(cfg.task)
