@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,27 +31,22 @@ RUNS = {
         "diagnostics.activations.num_prompts=12",
     ),
     "relax": ("grpo_relax_tiny",),
-    "dpo": ("dpo_tiny", "diagnostics.grad_alignment.enabled=true", "diagnostics.grad_alignment.every=1"),
+    "dpo": (
+        "dpo_tiny",
+        "preference.num_pairs=96",
+        "diagnostics.grad_alignment.enabled=true",
+        "diagnostics.grad_alignment.every=1",
+    ),
 }
 
 
-def _train(recipe: str, out: Path, *overrides: str) -> Path:
-    if not (REPO / "recipes" / f"{recipe}.yaml").exists():
-        pytest.skip(f"recipe {recipe} not in recipes/ yet")
-    from rlx.train import main
-
-    return Path(main([f"recipe={recipe}", f"output_dir={out}", *SMALL, *overrides]))
-
-
 @pytest.fixture(scope="session")
-def real_runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("analysis_runs")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def real_runs(run_recipe) -> dict[str, Path]:
+    """One small run per recipe, shared by every test here (run_recipe: tests/conftest.py)."""
     out = {}
     for key, (recipe, *overrides) in RUNS.items():
-        if not (REPO / "recipes" / f"{recipe}.yaml").exists():
-            continue
-        out[key] = _train(recipe, root / key, *overrides)
+        if (REPO / "recipes" / f"{recipe}.yaml").exists():
+            out[key] = run_recipe(recipe, *SMALL, *overrides)
     if "grpo" not in out:
         pytest.skip("grpo_tiny recipe missing")
     return out
