@@ -16,7 +16,8 @@ See docs/activation_replay.md.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ __all__ = [
     "decoder_parts",
     "inject",
     "load_base_model",
+    "make_generate_fn",
     "prepare_replay",
     "replay_generate",
 ]
@@ -49,6 +51,11 @@ __all__ = [
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default) if not isinstance(cfg, dict) else cfg.get(key, default)
+
+
+def normalise_mode(mode: Any) -> str:
+    """`replay=off` arrives as False (YAML 1.1 booleans); map it back to "off"."""
+    return "off" if mode is False or str(mode).lower() in ("false", "none", "") else str(mode)
 
 
 def prepare_replay(
@@ -64,7 +71,7 @@ def prepare_replay(
 
     `model_inputs` (e.g. `pixel_values`, `image_grid_thw`) are passed to every forward, as to `generate`.
     """
-    mode = _get(cfg, "mode", "off")
+    mode = normalise_mode(_get(cfg, "mode", "off"))
     if mode not in MODES:
         raise UserError(f"replay.mode={mode!r}: expected one of {', '.join(MODES)}.")
     if mode == "off":
@@ -181,3 +188,87 @@ def load_base_model(path: str, like: nn.Module) -> nn.Module:
         )
     model.to(device).eval().requires_grad_(False)
     return model
+
+
+@dataclass
+class ReplayStats:
+    """Running totals over the generate calls of one evaluation (what replay did, for the record)."""
+
+    calls: int = 0
+    prompts: int = 0
+    loss_first: float = 0.0
+    """learnable: sum over prompts of the loss at the zero offsets."""
+    loss_last: float = 0.0
+    """learnable: sum over prompts of the loss at the last evaluated step."""
+    selected: float = 0.0
+    """Sum over prompts of the selected (learnable) or replaced (direct) fraction of eligible positions."""
+    injections: list[int] = field(default_factory=list)
+
+    def add(self, log: InjectionLog) -> None:
+        st = log.state
+        self.calls += 1
+        self.injections.append(sum(log.fired.values()))
+        if st is None:
+            return
+        n_elig = st.eligible.sum(1).clamp_min(1).float()
+        if isinstance(st, LearnableReplay):
+            counts = st.num_selected.float().mean(0)
+            if len(st.losses):
+                self.loss_first += float(st.losses[0].sum())
+                self.loss_last += float(st.losses[-1].sum())
+        else:
+            counts = st.masks.float().sum(-1).mean(0)
+        self.prompts += int(st.eligible.shape[0])
+        self.selected += float((counts / n_elig).sum())
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.prompts, 1)
+        return {
+            "replay_prompts": self.prompts,
+            "replay_loss_first": self.loss_first / n,
+            "replay_loss_last": self.loss_last / n,
+            "replay_selected_fraction": self.selected / n,
+            "replay_prefills_injected": sum(1 for x in self.injections if x),
+        }
+
+
+def default_base_model(cfg: Any) -> str:
+    """`replay.base_model`, or for the embedded model the warm-started checkpoint its RL runs start from."""
+    if cfg.replay.base_model:
+        if cfg.replay.base_model == "embedded":
+            from rlx.models import resolve_model_dir
+
+            return resolve_model_dir(cfg)
+        return cfg.replay.base_model
+    if cfg.model.name_or_path == "embedded":
+        from rlx.models import resolve_model_dir
+
+        return resolve_model_dir(cfg)
+    raise UserError(
+        f"replay={cfg.replay.mode} needs the base model: add base_model=PATH (replay.base_model), the RL "
+        "policy's pre-RL checkpoint with the same tokenizer."
+    )
+
+
+def make_generate_fn(model: nn.Module, tokenizer: Any, cfg: Any) -> Callable[..., Any] | None:
+    """`generate_fn(model, input_ids, attention_mask, **gen_kwargs)` for `rlx.generation.generate_texts` that
+    prepares `cfg.replay` for each batch and injects it into that batch's prefill; decoding is untouched.
+    None when replay is off. The returned function carries `.stats` (ReplayStats) and `.base_model` (path).
+    """
+    if normalise_mode(cfg.replay.mode) == "off":
+        return None
+    if cfg.replay.mode not in MODES:
+        raise UserError(f"replay={cfg.replay.mode!r}: expected one of {', '.join(MODES)}.")
+    path = default_base_model(cfg)
+    base = load_base_model(path, like=model)
+    stats = ReplayStats()
+
+    def generate_fn(m: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> Any:
+        with activation_replay(m, base, input_ids, attention_mask, cfg.replay, tokenizer) as log:
+            out = m.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        stats.add(log)
+        return out
+
+    generate_fn.stats = stats
+    generate_fn.base_model = path
+    return generate_fn
