@@ -165,6 +165,7 @@ class GradAlignment(Instrument):
             rowcap = RowCapture(policy, self.params, head)
             if rowcap.supported:
                 self.rowcap = rowcap
+                self.needs_hidden = rowcap.head_index is not None  # the fused head's input states
         self.pending: list[dict] = []
 
     def on_train_begin(self, trainer: Any) -> None:
@@ -321,11 +322,19 @@ class GradAlignment(Instrument):
     def _row_micro(self, ctx, w, mask, w_kl, comps, units) -> bool:
         """Fast path: read per-row alignment off the trainer's own backward (rowgrad.py). False if not applicable."""
         cap = self.rowcap
-        if cap is None or w_kl is not None or self.run.cfg.regularizers.enabled or not cap.records or cap.complete():
+        if (
+            cap is None
+            or w_kl is not None
+            or self.run.cfg.regularizers.enabled
+            or not cap.records
+            or cap.complete()
+        ):
             return False
         pos_rows = (comps["pos"] != 0).any(-1)
         neg_rows = (comps["neg"] != 0).any(-1)
-        if (pos_rows & neg_rows).any():  # a row with both signs (token-level advantages): not separable by rows
+        if (
+            pos_rows & neg_rows
+        ).any():  # a row with both signs (token-level advantages): not separable by rows
             return False
         tiers = am.token_tiers(comps["pos"] + comps["neg"], units, _gather_scores if _dist() else None)
         row_tier = tiers.max(-1).values
@@ -334,7 +343,11 @@ class GradAlignment(Instrument):
             policy = self._policy(ctx.trainer)
             emb = [r for r in cap.records if r[1] == "embedding"]
             ids = emb[0][4] if emb else self._sequence_ids(ctx)
-            temp = float(getattr(ctx.trainer, "temperature", 1.0) or 1.0) if self.algo in ("grpo", "ppo") else 1.0
+            temp = (
+                float(getattr(ctx.trainer, "temperature", 1.0) or 1.0)
+                if self.algo in ("grpo", "ppo")
+                else 1.0
+            )
             cfg = policy.config.get_text_config()
             scale = float(getattr(cfg, "logit_scale", None) or 1.0) / temp
             head = {
@@ -348,7 +361,14 @@ class GradAlignment(Instrument):
             if head["hidden"] is None:
                 return False
         self.pending.append(
-            {"records": cap.records, "pos": pos_rows, "neg": neg_rows, "tier": row_tier, "head": head, "cur": self.cur}
+            {
+                "records": cap.records,
+                "pos": pos_rows,
+                "neg": neg_rows,
+                "tier": row_tier,
+                "head": head,
+                "cur": self.cur,
+            }
         )
         cap.accept_grads = True  # the next backward through these activations is the trainer's own
         return True
@@ -367,7 +387,10 @@ class GradAlignment(Instrument):
             for name in ("pos", "neg"):
                 rows = job[name]
                 cur.G[name] = cur.G.get(name, 0.0) + float(s[rows.to(s.device)].sum())
-                vec = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(self.params, vecs[name])]
+                vec = [
+                    torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+                    for p, g in zip(self.params, vecs[name])
+                ]
                 cur.vec[name] = am.add_(cur.vec.get(name), vec)
             for i, name in enumerate(("top", "mid", "bot")):
                 cur.G[name] = cur.G.get(name, 0.0) + float(s[(job["tier"] == i).to(s.device)].sum())
@@ -491,7 +514,9 @@ class GradAlignment(Instrument):
         norm_source = "sketch" if (dist is not None and self.variant == "param") else "exact"
         if self.variant == "param" and "G_bot" not in rec:
             rec["G_bot"] = rec["G_pg"] - rec["G_top"] - rec["G_mid"]
-        if getattr(cur, "failed", False):  # a capture missed its backward: components of this step are unknown
+        if getattr(
+            cur, "failed", False
+        ):  # a capture missed its backward: components of this step are unknown
             for c in ("pos", "neg", "top", "mid", "bot"):
                 rec[f"G_{c}"] = float("nan")
             self.rowcap = None  # per-component backwards from now on

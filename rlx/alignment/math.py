@@ -112,7 +112,9 @@ def reweighting_units(level: str, mask: torch.Tensor, pair_index: torch.Tensor |
 
 
 def token_tiers(
-    w: torch.Tensor, units: torch.Tensor, gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+    w: torch.Tensor,
+    units: torch.Tensor,
+    gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
 ) -> torch.Tensor:
     """(B, T) reweighting tier of each token: 0 top, 1 mid, 2 bot, -1 unscored (§1.6; see `tertile_weights`)."""
     valid = units >= 0
@@ -130,7 +132,9 @@ def token_tiers(
 
 
 def tertile_weights(
-    w: torch.Tensor, units: torch.Tensor, gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
+    w: torch.Tensor,
+    units: torch.Tensor,
+    gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Split w_t into equal thirds of units ranked by their reweighting score (§1.6).
 

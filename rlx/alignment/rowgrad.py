@@ -59,7 +59,9 @@ class RowCapture:
         self.head = head
         self.head_index = index.get(id(head.weight)) if head is not None else None
         # the head weight may also be covered as a module (tied embedding or a plain lm_head call)
-        missing = set(range(len(params))) - covered - ({self.head_index} if self.head_index is not None else set())
+        missing = (
+            set(range(len(params))) - covered - ({self.head_index} if self.head_index is not None else set())
+        )
         self.supported = not missing
         self.records: list[list[Any]] = []
         self.armed = False
@@ -168,7 +170,9 @@ def row_alignment(
         z = (h @ W.T) * head["scale"]
         p = torch.softmax(z, -1)
         e = -p
-        e.scatter_add_(-1, head["labels"][..., None], torch.ones_like(head["labels"][..., None], dtype=e.dtype))
+        e.scatter_add_(
+            -1, head["labels"][..., None], torch.ones_like(head["labels"][..., None], dtype=e.dtype)
+        )
         c = head["coef"].float()[..., None] * e * head["scale"]  # (B, T, V): dL/dz . dz/d(W h)
         s_h = ((c @ gT[i].to(c)) * h).sum((1, 2)).double()
         s = s_h if s is None else s + s_h
