@@ -23,6 +23,8 @@ entropy-dynamics analyses (analysis/diagnostics/). Sampling runs under a forked 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -77,15 +79,16 @@ class ActivationsInstrument(Instrument):
             return
         self._last_saved = step
         probes = self._probe_set()
-        tensors = collect_activations(
-            unwrap_policy(trainer.model),
-            trainer.processing_class,
-            probes,
-            score=self._task.score,
-            samples_per_prompt=int(self.cfg.samples_per_prompt),
-            max_new_tokens=self._max_new_tokens(trainer),
-            seed=int(self.run.cfg.seed) * 1_000_003 + step,
-        )
+        with _generation_model(trainer) as model:
+            tensors = collect_activations(
+                unwrap_policy(model),
+                trainer.processing_class,
+                probes,
+                score=self._task.score,
+                samples_per_prompt=int(self.cfg.samples_per_prompt),
+                max_new_tokens=self._max_new_tokens(trainer),
+                seed=int(self.run.cfg.seed) * 1_000_003 + step,
+            )
         self.run.writer.write_tensors(
             f"activations/step_{step:06d}.safetensors",
             tensors,
@@ -99,6 +102,20 @@ class ActivationsInstrument(Instrument):
             },
             per_rank=self.run.world_size > 1,
         )
+
+
+@contextlib.contextmanager
+def _generation_model(trainer: Any) -> Iterator[torch.nn.Module]:
+    """The policy ready for generate(): TRL's unwrap (DDP/FSDP; gathers ZeRO-3 shards), else trainer.model."""
+    wrapped, accelerator = getattr(trainer, "model_wrapped", None), getattr(trainer, "accelerator", None)
+    if wrapped is None or accelerator is None:
+        yield trainer.model
+        return
+    from trl.models.utils import unwrap_model_for_generation
+
+    kwargs = getattr(trainer.args, "gradient_checkpointing_kwargs", None)
+    with unwrap_model_for_generation(wrapped, accelerator, gradient_checkpointing_kwargs=kwargs) as model:
+        yield model
 
 
 @torch.no_grad()
