@@ -199,6 +199,9 @@ def spectra(df: pd.DataFrame, max_curves: int = 6) -> Figure:
         ax.plot(h["index"], h["mean"], color=c, label=f"step {step}")
         ax.fill_between(h["index"], h["q10"].clip(lower=1e-12), h["q90"], color=c, alpha=0.12)
     ax.set_yscale("log")
+    positive = df["mean"][df["mean"] > 0]
+    if len(positive):
+        ax.set_ylim(bottom=float(positive.min()) / 3)
     return _finish(
         fig, ax, "Koopman singular-value spectra", "singular value index j (sorted)", "singular value s_j"
     )

@@ -100,13 +100,12 @@ def layer_groups(run: Run) -> pd.DataFrame:
     if df is None:
         return empty(cols)
     gcol = pick(df, "layer_group", "group")
-    if gcol is not None:
+    if gcol is not None:  # a group column next to the component
         sub = df[df[gcol].notna() & ~df[gcol].astype(str).isin(["", "all", "None", "nan"])].copy()
         sub["group"] = sub[gcol].astype(str)
-        if gcol == "group" or "component" not in sub.columns:
-            pass
-        sub = sub[sub["component"].isin(("total",))] if (sub["component"] == "total").any() else sub
-    else:
+        if (sub["component"] == "total").any():
+            sub = sub[sub["component"] == "total"]
+    else:  # rlx/alignment/instrument.py: component "layer:<group>"
         m = df["component"].astype(str).str.extract(_GROUP_RE)[0]
         sub = df[m.notna()].copy()
         sub["group"] = m[m.notna()]
