@@ -8,7 +8,7 @@ prompt+completion with the current policy and stores, per completion,
     last        (N, L+1, d) float16  hidden_states at the last completion token (HF order: embeddings,
                                      block 1 .. block L; the last entry is post final norm)
     mean        (N, L+1, d) float16  the same states averaged over the completion tokens
-    reward      (N,)  float32        task reward of the completion
+    reward      (N,)  float32        task reward of the completion (NaN for tasks without one)
     prompt_id   (N,)  int64          row of the probe prompt in the held-out split (the GRPO-style group)
     mean_logp   (N,)  float32        policy mean token log-prob of the completion
     completion_len (N,) int64
@@ -184,7 +184,10 @@ def collect_activations(
             texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
             for j, text in enumerate(texts):
                 pid, _, answer = chunk[j // samples_per_prompt]
-                out["reward"].append(float(score(text, answer)))
+                try:
+                    out["reward"].append(float(score(text, answer)))
+                except NotImplementedError:  # no verifiable reward (e.g. ultrafeedback): states only
+                    out["reward"].append(float("nan"))
                 out["prompt_id"].append(pid)
                 sel = cmask[j]
                 out["mean_logp"].append(float(tlogp[j][sel].mean()))
