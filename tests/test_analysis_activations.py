@@ -52,9 +52,7 @@ def test_values_and_identities(setup):
     ).all()
     assert (t["token_logp"] <= 0).all()
     assert set(t["reward"].tolist()) <= {0.0, 1.0}
-    # the last-token state of the final entry is the post-norm state the LM head reads: re-derive one
-    # completion's first-token log-prob from it when the completion has a single token
-    # (otherwise check mean pooling covers the last-token state of 1-token completions)
+    # mean pooling over a single-token completion is its last-token state
     one = (t["completion_len"] == 1).nonzero().flatten()
     if len(one):
         torch.testing.assert_close(t["mean"][one], t["last"][one])
