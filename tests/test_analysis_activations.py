@@ -58,6 +58,22 @@ def test_values_and_identities(setup):
         torch.testing.assert_close(t["mean"][one], t["last"][one])
 
 
+def test_token_logps_match_an_unpadded_forward(setup):
+    """Left padding and position ids in the batched re-encode give the log-probs of a plain forward."""
+    from rlx.generation import prompt_token_ids
+
+    model, tok, task, probes = setup
+    t = _collect(setup)
+    for i in (0, 7, 17):
+        ids = t["token_id"][t["token_sample"] == i]
+        prompt = prompt_token_ids(tok, [probes[int(t["prompt_id"][i])][1]])[0]
+        seq = torch.tensor([prompt + ids.tolist()])
+        with torch.no_grad():
+            logits = model(input_ids=seq).logits[0, len(prompt) - 1 : -1].float()
+        ref = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
+        torch.testing.assert_close(t["token_logp"][t["token_sample"] == i], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_deterministic_and_training_rng_untouched(setup):
     torch.manual_seed(123)
     a = _collect(setup)

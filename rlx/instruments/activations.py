@@ -12,8 +12,8 @@ prompt+completion with the current policy and stores, per completion,
     prompt_id   (N,)  int64          row of the probe prompt in the held-out split (the GRPO-style group)
     mean_logp   (N,)  float32        policy mean token log-prob of the completion
     completion_len (N,) int64
-    token_logp, token_entropy (T,) float32, token_sample (T,) int64: every completion token's log-prob and
-                                     policy entropy (nats) with the index of its completion
+    token_logp, token_entropy (T,) float32, token_sample, token_id (T,) int64: every completion token's
+                                     log-prob, policy entropy (nats), the index of its completion and its id
 
 in `diagnostics/activations/step_{step:06d}.safetensors` (per rank under multi-process training; each
 rank takes probe prompts rank::world_size). Schema version 1. These feed the correctness-direction and
@@ -140,7 +140,7 @@ def collect_activations(
     out: dict[str, list] = {
         k: [] for k in ("last", "mean", "reward", "prompt_id", "mean_logp", "completion_len")
     }
-    tok_logp, tok_ent, tok_sample = [], [], []
+    tok_logp, tok_ent, tok_sample, tok_id = [], [], [], []
     n_done = 0
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -166,8 +166,7 @@ def collect_activations(
             # completion mask: tokens up to and including the first eos
             is_eos = comp == eos
             after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-            cmask = ~after_eos & (comp != pad if pad != eos else torch.ones_like(is_eos))
-            cmask[:, 0] = True  # an empty completion still has its first (eos) token
+            cmask = ~after_eos  # generate() pads only after eos; a sampled pad id before it is a real token
             full_attn = torch.cat([attn.repeat_interleave(samples_per_prompt, 0), cmask.long()], 1)
             pos = (full_attn.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
             fwd = model(input_ids=seqs, attention_mask=full_attn, position_ids=pos, output_hidden_states=True)
@@ -195,6 +194,7 @@ def collect_activations(
                 tok_logp.append(tlogp[j][sel].cpu())
                 tok_ent.append(tent[j][sel].cpu())
                 tok_sample.append(torch.full((int(sel.sum()),), n_done + j, dtype=torch.long))
+                tok_id.append(comp[j][sel].cpu())
             n_done += len(texts)
     model.train(was_training)
     return {
@@ -207,4 +207,5 @@ def collect_activations(
         "token_logp": torch.cat(tok_logp).float(),
         "token_entropy": torch.cat(tok_ent).float(),
         "token_sample": torch.cat(tok_sample),
+        "token_id": torch.cat(tok_id).long(),
     }
