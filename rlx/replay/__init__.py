@@ -233,17 +233,15 @@ class ReplayStats:
 
 
 def default_base_model(cfg: Any) -> str:
-    """`replay.base_model`, or for the embedded model the warm-started checkpoint its RL runs start from."""
-    if cfg.replay.base_model:
-        if cfg.replay.base_model == "embedded":
-            from rlx.models import resolve_model_dir
+    """`replay.base_model`; `embedded` (or unset for an embedded policy) = the warm-started checkpoint that
+    embedded RL runs start from (same key as the run's config)."""
+    base = cfg.replay.base_model
+    if base == "embedded" or (not base and cfg.model.name_or_path == "embedded"):
+        from rlx.embedded import ensure_warm_started
 
-            return resolve_model_dir(cfg)
-        return cfg.replay.base_model
-    if cfg.model.name_or_path == "embedded":
-        from rlx.models import resolve_model_dir
-
-        return resolve_model_dir(cfg)
+        return str(ensure_warm_started(cfg, progress=False))
+    if base:
+        return base
     raise UserError(
         f"replay={cfg.replay.mode} needs the base model: add base_model=PATH (replay.base_model), the RL "
         "policy's pre-RL checkpoint with the same tokenizer."

@@ -248,21 +248,21 @@ def bucket_table(positions, cfg: KLAnalysisConfig, base_name: str, rl_name: str)
 
 
 def format_table(table) -> str:
-    """Layers as rows, buckets as columns: mean KL(base‖RL) in nats (count in the header)."""
+    """Layers as rows, buckets as columns: mean KL(base‖RL) in nats; last row: positions x layers per bucket."""
     buckets = sorted(table["bucket"].unique())
+    quantile = table.bucketing.iloc[0] == "quantile"
     head = {b: table[table.bucket == b].iloc[0] for b in buckets}
-    labels = [f"[{head[b].bucket_lo:.2g},{head[b].bucket_hi:.2g}]" for b in buckets]
-    lines = [
-        f"mean KL(base || RL) of logit-lens distributions by base-entropy bucket ({table.bucketing.iloc[0]})"
-    ]
+    labels = [f"q{b}" if quantile else f"[{head[b].bucket_lo:.2g},{head[b].bucket_hi:.2g}]" for b in buckets]
+    what = "per-layer quantile" if quantile else f"{table.bucketing.iloc[0]} entropy"
+    lines = [f"mean KL(base || RL) of logit-lens distributions at input positions, by base {what} bucket"]
     lines.append(f"{'layer':>6} " + " ".join(f"{lab:>13}" for lab in labels))
     for layer in sorted(table["layer"].unique(), key=lambda x: (x < 0, x)):
         t = table[table.layer == layer].set_index("bucket")
         cells = [f"{t.loc[b, 'kl_mean']:13.4g}" if b in t.index else f"{'-':>13}" for b in buckets]
         lines.append(f"{'all' if layer < 0 else layer:>6} " + " ".join(cells))
-    t = table[table.layer == table.layer.min()].set_index("bucket")
+    n = table[table.layer >= 0].groupby("bucket")["n_positions"].sum()
     lines.append(
-        f"{'n':>6} " + " ".join(f"{int(t.loc[b, 'n_positions']) if b in t.index else 0:13d}" for b in buckets)
+        f"{'n':>6} " + " ".join(f"{int(n.get(b, 0)):13d}" for b in buckets) + "  (positions x layers)"
     )
     return "\n".join(lines)
 
