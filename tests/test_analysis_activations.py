@@ -69,9 +69,14 @@ def test_token_logps_match_an_unpadded_forward(setup):
         prompt = prompt_token_ids(tok, [probes[int(t["prompt_id"][i])][1]])[0]
         seq = torch.tensor([prompt + ids.tolist()])
         with torch.no_grad():
-            logits = model(input_ids=seq).logits[0, len(prompt) - 1 : -1].float()
+            out = model(input_ids=seq, output_hidden_states=True)
+        logits = out.logits[0, len(prompt) - 1 : -1].float()
         ref = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
         torch.testing.assert_close(t["token_logp"][t["token_sample"] == i], ref, rtol=1e-4, atol=1e-4)
+        last = torch.stack([h[0, -1] for h in out.hidden_states])  # (L+1, d) at the last completion token
+        mean = torch.stack([h[0, len(prompt) :].mean(0) for h in out.hidden_states])
+        torch.testing.assert_close(t["last"][i].float(), last, rtol=2e-3, atol=2e-3)  # stored as float16
+        torch.testing.assert_close(t["mean"][i].float(), mean, rtol=2e-3, atol=2e-3)
 
 
 def test_deterministic_and_training_rng_untouched(setup):
