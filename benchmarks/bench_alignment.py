@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 MAX_RATIO = 1.15
@@ -107,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="11 steps per arm instead of 31")
     ap.add_argument("--every", type=int, default=10, help="log every N steps in the alignment arm")
+    ap.add_argument("--repeats", type=int, default=2, help="off/on rounds (interleaved)")
+    ap.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = ap.parse_args(argv)
-    res = run(args.quick, args.every)
+    res = run(args.quick, args.every, args.repeats)
     print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
     return 0 if res["pass"] else 1
 
 

@@ -90,6 +90,7 @@ def run(
     dropout: float = 0.0,
     instrument: bool = True,
     fast: bool = True,
+    kl: bool = True,
     **over,
 ):
     """Train `steps` optimizer steps; returns (instrument, checks, model).
@@ -123,7 +124,7 @@ def run(
         _metrics={"train": defaultdict(list)},
         rlx_algo=algo,
         processing_class=SimpleNamespace(pad_token_id=0, eos_token_id=1),
-        beta=0.04 if algo == "grpo" else 0.0,
+        beta=0.04 if (algo == "grpo" and kl) else 0.0,
     )
     trainer._clip_grad_norm = lambda m: torch.nn.utils.clip_grad_norm_(
         m.parameters(), trainer.args.max_grad_norm
@@ -166,10 +167,14 @@ def run(
                     a = adv[rows]
                     with torch.no_grad():
                         ref = lp.detach() + 0.1 * torch.cos(torch.arange(lp.numel()).float()).view_as(lp)
-                    kl = torch.exp(ref - lp) - (ref - lp) - 1
-                    per_tok = -torch.exp(lp - lp.detach()) * a[:, None] + 0.04 * kl
+                    k3 = torch.exp(ref - lp) - (ref - lp) - 1
+                    per_tok = -torch.exp(lp - lp.detach()) * a[:, None] + trainer.beta * k3
                     loss = (per_tok * mk).sum() / mk.sum()
-                    extras = {"advantages": a, "ref_logps": ref, "completion_len": lp.shape[1]}
+                    extras = {
+                        "advantages": a,
+                        "ref_logps": ref if kl else None,
+                        "completion_len": lp.shape[1],
+                    }
                 ctx = LossContext(
                     trainer=trainer,
                     algo=algo,

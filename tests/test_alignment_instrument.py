@@ -4,6 +4,7 @@ accumulation, isolation of the probe pass, storage, logger metrics, activation v
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -160,3 +161,44 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
             assert r.norm_source_2 == "sketch" and rel(r.norm_2, r.norm_1) < 0.05
     d = m[(m.component == "total") & m.drift_1.notna()]
     assert ((d.drift_1 - d.drift_2).abs() < 1e-4).all()
+
+
+@pytest.mark.parametrize("algo", ["dpo", "grpo"])
+def test_row_path_equals_per_component_backwards(tmp_path, algo):
+    """One-backward row path (layer captures on the trainer's backward) == one backward per component."""
+    fast, _, _ = harness.run(tmp_path / "fast", algo, steps=2, ga=2, kl=False)
+    slow, _, _ = harness.run(tmp_path / "slow", algo, steps=2, ga=2, kl=False, fast=False)
+    assert fast.rowcap is not None and slow.rowcap is None
+    a, b = table(tmp_path / "fast"), table(tmp_path / "slow")
+    m = a.merge(b, on=["step", "component"], suffixes=("_f", "_s"))
+    for _, r in m.iterrows():
+        tot = float(b[(b.step == r.step) & (b.component == "total")].G.iloc[0])
+        assert abs(r.G_f - r.G_s) / abs(tot) < 1e-5, (r.step, r.component)
+        if r.component in ("pos", "neg"):
+            assert rel(r.norm_f, r.norm_s) < 1e-5 and abs(r.cos_pos_neg_f - r.cos_pos_neg_s) < 1e-5
+
+
+@pytest.mark.slow
+def test_grpo_and_dpo_recipes_end_to_end(run_recipe):
+    """Real TRL trainers (fused LM head, tied embeddings): finite rows every logged step, identities hold,
+    and the logger gets the same G_total as the table."""
+    from conftest import read_metrics
+
+    for recipe, extra in (("grpo_tiny_align", ()), ("dpo_tiny_align", ("preference.num_pairs=64",))):
+        run_dir = run_recipe(
+            recipe, "trainer.max_steps=3", "trainer.logging_steps=1", "eval.before_after=false", *extra
+        )
+        df = table(run_dir)
+        assert sorted(df.step.unique()) == [1, 2, 3]
+        main = df[df.component.isin(["total", "pos", "neg", "top", "mid", "bot", "update"])]
+        assert main.G.map(math.isfinite).all()
+        for s in (1, 2, 3):
+            tot = G(df, s, "total")
+            assert abs(G(df, s, "other")) / abs(tot) < 1e-4, (recipe, s)
+            assert rel(G(df, s, "top") + G(df, s, "mid") + G(df, s, "bot"), tot) < 1e-4
+        logged = {
+            r["step"]: r["grad_align/G_total"] for r in read_metrics(run_dir) if "grad_align/G_total" in r
+        }
+        tot = df[df.component == "total"].set_index("step").G
+        assert sorted(logged) == [1, 2, 3] and all(rel(logged[s], tot[s]) < 1e-6 for s in logged)
+        assert (df.target == ("probe_rollouts" if recipe.startswith("grpo") else "heldout_chosen")).all()
