@@ -51,8 +51,12 @@ def activation_shift(run: Run) -> pd.DataFrame:
         out["bucket"] = 0
     out["n_positions"] = df[n].astype(float) if n else np.nan
     blo, bhi = pick(df, "bucket_lo"), pick(df, "bucket_hi")
-    relative = "bucketing" in df.columns and (df["bucketing"] == "relative").all()
-    if blo and bhi and relative:
+    bucketing = str(df["bucketing"].iloc[0]) if "bucketing" in df.columns else ""
+    relative = bucketing == "relative"
+    if bucketing == "quantile":  # edges differ per layer: name buckets by rank
+        n_b = int(out["bucket"].max()) + 1
+        out["bucket_label"] = [f"quantile {b + 1}/{n_b}" for b in out["bucket"]]
+    elif blo and bhi and relative:
         out["bucket_label"] = [f"H/max {a:.2g}-{b:.2g}" for a, b in zip(df[blo], df[bhi])]
     elif blo and bhi:
         out["bucket_label"] = [f"{a:.2g}-{b:.2g} nats" for a, b in zip(df[blo], df[bhi])]
