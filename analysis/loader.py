@@ -188,7 +188,8 @@ class Run:
     """One run directory, loaded and checked.
 
     Attributes: `path`, `config` (OmegaConf DictConfig or None), `metrics` (DataFrame, one row per
-    logged step, sorted by `step`), `eval_before_after` and `eval` (dicts or None), `manifest` (dict),
+    logged step, sorted by `step`), `eval_before_after` and `eval` (dicts or None), `evals` (every
+    eval*.json by stem, e.g. `eval.replay-learnable`), `manifest` (dict),
     `files` (validated `DiagFile`s), `skipped` (messages of files skipped with `strict=False`).
     """
 
@@ -205,7 +206,12 @@ class Run:
         if self.metrics is None:
             self.metrics = pd.DataFrame({"step": pd.Series([], dtype=int)})
         self.eval_before_after = self._guard(self.path / "eval_before_after.json", _read_json, required=False)
-        self.eval = self._guard(self.path / "eval.json", _read_json, required=False)
+        # rlx.evaluate writes eval.json, and eval.replay-<mode>.json with Activation Replay
+        self.evals: dict[str, Any] = {}
+        for p in sorted(self.path.glob("eval*.json")):
+            if p.name != "eval_before_after.json":
+                self.evals[p.stem] = self._guard(p, _read_json, required=False)
+        self.eval = self.evals.get("eval")
         self.manifest, self.files = self._load_manifest()
         self.label = label or self._default_label()
 

@@ -52,9 +52,11 @@ def make_run(
             else:
                 row.update({"rewards/accuracies": min(1.0, 0.5 + 0.05 * s), "rewards/margins": 0.1 * s})
             fh.write(json.dumps(row) + "\n")
-    (path / "eval_before_after.json").write_text(
-        json.dumps({"before": {"accuracy": 0.4}, "after": {"accuracy": 0.55}})
-    )
+    ba = {
+        "before": {"greedy_accuracy": 0.4, "num_prompts": 200},
+        "after": {"greedy_accuracy": 0.55, "num_prompts": 200},
+    }
+    (path / "eval_before_after.json").write_text(json.dumps(ba))
     for rank in range(world_size):
         w = DiagnosticsWriter(path, rank=rank, world_size=world_size)
         per_rank = world_size > 1

@@ -41,10 +41,30 @@ def test_loads_config_metrics_eval_and_manifest(runs):
     assert r.algo == "grpo" and r.recipe == "synthetic_grpo"
     assert list(r.metrics["step"]) == [1, 2, 3, 4, 5, 6]
     assert r.metric("reward").loc[6] == pytest.approx(0.6)
-    assert r.eval_before_after["after"]["accuracy"] == 0.55
-    assert r.eval is None
+    assert r.eval_before_after["after"]["greedy_accuracy"] == 0.55
+    assert r.eval is None and r.evals == {}
     assert {f.instrument for f in r.files} == {"grad_alignment", "activations"}
     assert r.table(instrument="grad_alignment")["step"].max() == 6
+
+
+def test_eval_files_and_overview_columns(runs, tmp_path):
+    from analysis.diagnostics.training import eval_summary
+
+    run = _copy(runs["dpo"], tmp_path / "run")
+    (run / "eval.json").write_text(json.dumps({"greedy_accuracy": 0.5, "pass@4": 0.7, "num_samples": 16}))
+    (run / "eval.replay-learnable.json").write_text(json.dumps({"greedy_accuracy": 0.6, "ks": [1, 4]}))
+    r = Run(run)
+    assert r.eval["pass@4"] == 0.7 and set(r.evals) == {"eval", "eval.replay-learnable"}
+    row = eval_summary(load_runs([run])).iloc[0]
+    assert row["eval/pass@4"] == 0.7 and row["eval.replay-learnable/greedy_accuracy"] == 0.6
+    assert (
+        row["after/greedy_accuracy"] == 0.55
+        and "eval/num_samples" not in row
+        and "after/num_prompts" not in row
+    )
+    (run / "eval.json").write_text('{"greedy_accuracy": 0.')
+    with pytest.raises(RunLoadError, match=r"eval\.json: not valid JSON"):
+        Run(run)
 
 
 def test_per_rank_files_are_merged(runs):

@@ -38,13 +38,19 @@ def eval_summary(runs: RunSet) -> pd.DataFrame:
             s = r.metric(m)
             if s is not None:
                 row[f"last_{m}"] = float(s.iloc[-1])
-        for src, prefix in ((r.eval_before_after, ""), (r.eval, "eval/")):
+        sources = [(r.eval_before_after, "")] + [(v, f"{k}/") for k, v in r.evals.items()]
+        for src, prefix in sources:
             if isinstance(src, dict):
                 for k, v in _flatten(src).items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and _headline(k):
                         row[prefix + k] = v
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _headline(key: str) -> bool:
+    """Eval numbers worth a column: accuracies, pass@k, rewards, deltas (not counts or settings)."""
+    return any(w in key for w in ("accuracy", "pass@", "reward", "delta"))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
