@@ -118,6 +118,25 @@ def _step_ticks(ax, steps: list, axis: str = "x") -> None:
     setter(idx, [str(steps[i]) for i in idx])
 
 
+def realised_vs_measured(df: pd.DataFrame) -> Figure:
+    """Scatter of the realised alignment G_update against the measured change of the target NLL, per run
+    (first-order validity: points should fall in the G > 0, delta R < 0 quadrant)."""
+    fig, ax = _fig(5.6, 4.0)
+    for run, g in _runs(df):
+        r = np.corrcoef(g["G_update"], g["delta_R"])[0, 1] if len(g) > 2 else np.nan
+        ax.scatter(g["G_update"], g["delta_R"], s=14, label=" ".join(x for x in (run, f"corr {r:+.2f}") if x))
+    ax.axhline(0, color="k", lw=0.7)
+    ax.axvline(0, color="k", lw=0.7)
+    fig = _finish(
+        fig,
+        ax,
+        "Realised update alignment vs measured target change",
+        "G_update = <grad NLL(D'), -Delta theta>",
+        "Delta R_T = NLL(D') change (nats)",
+    )
+    return fig
+
+
 def pos_neg_cosine(df: pd.DataFrame) -> Figure:
     """cos(grad L_pos, grad L_neg) over steps: > 0 means positive and negative learning are entangled."""
     fig, ax = _fig()

@@ -130,6 +130,9 @@ def grad_alignment_section(runs: RunSet) -> Section | None:
             plots.grad_components(plots.with_run(terts), title="Loss-reweighting tertiles of |w_t|"),
             "tertiles",
         )
+    rz = _per_run(runs, grad_alignment.realised)
+    if rz:
+        s.figure(plots.realised_vs_measured(plots.with_run(rz)), "realised vs measured")
     pn = _per_run(runs, grad_alignment.pos_neg_cosine)
     if pn:
         s.figure(plots.pos_neg_cosine(plots.with_run(pn)), "cos(pos, neg)")

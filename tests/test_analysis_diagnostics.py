@@ -58,6 +58,13 @@ def test_grad_alignment_components_identities_and_regimes(synth):
     )
 
 
+def test_grad_alignment_realised(synth):
+    rz = grad_alignment.realised(synth["grpo"]).set_index("step")
+    tot = grad_alignment.components(synth["grpo"]).query("component == 'total'").set_index("step")["G"]
+    np.testing.assert_allclose(rz["G_update"], 0.8 * tot)  # planted
+    np.testing.assert_allclose(rz["delta_R"], -0.01 * tot)
+
+
 def test_grad_alignment_layer_groups_and_sketches(synth):
     lg = grad_alignment.layer_groups(synth["dpo"])
     assert set(lg["group"]) == {"embed", "blocks0-1", "blocks2-3", "head"} and len(lg) == 40

@@ -180,6 +180,18 @@ def classify(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols) if rows else empty(cols)
 
 
+def realised(run: Run) -> pd.DataFrame:
+    """step, target, G_update, delta_R: alignment of the optimizer's actual step Delta theta with g_T next to the
+    measured change of the target NLL R_T(theta_{t+1}) - R_T(theta_t) (first-order validity, research note §3.5:
+    G_update > 0 should go with delta_R < 0)."""
+    cols = ["step", "target", "G_update", "delta_R"]
+    df = table(run)
+    if df is None or "delta_R" not in df.columns:
+        return empty(cols)
+    sub = df[(df["component"] == "update") & df["delta_R"].notna()]
+    return sub.rename(columns={"G": "G_update"})[cols].reset_index(drop=True)
+
+
 # ---- sketches ----------------------------------------------------------------------------------------------
 
 _STEP_RE = re.compile(r"(\d+)")
