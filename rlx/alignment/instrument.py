@@ -184,11 +184,17 @@ class GradAlignment(Instrument):
             # Arm the per-layer captures for the loss forwards of logged steps only (grad on, train mode).
             def arm(module, args, kwargs):
                 step = int(trainer.state.global_step) + 1
-                if module.training and torch.is_grad_enabled() and self._logged(step):
+                if (
+                    self.rowcap is not None
+                    and module.training
+                    and torch.is_grad_enabled()
+                    and self._logged(step)
+                ):
                     self.rowcap.start()
 
             def disarm(module, args, kwargs, out):
-                self.rowcap.armed = False
+                if self.rowcap is not None:
+                    self.rowcap.armed = False
 
             policy = self._policy(trainer)
             self._hooks = [
@@ -519,7 +525,9 @@ class GradAlignment(Instrument):
         ):  # a capture missed its backward: components of this step are unknown
             for c in ("pos", "neg", "top", "mid", "bot"):
                 rec[f"G_{c}"] = float("nan")
-            self.rowcap = None  # per-component backwards from now on
+            if self.rowcap is not None:  # per-component backwards from now on
+                self.rowcap.detach()
+                self.rowcap = None
         rows = (
             self._rows_param(trainer, cur, rec, sk)
             if self.variant == "param"
