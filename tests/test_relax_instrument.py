@@ -74,6 +74,7 @@ def tiny_policy(path):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
+@pytest.mark.slow
 def test_lazy_reference_scores_initial_policy(tmp_path):
     from rlx.regularizers.reference import LazyReference
 
