@@ -498,6 +498,10 @@ class GradAlignment(Instrument):
             for c in comp_names:
                 local[f"sq_{c}"] = am.sq_norm(cur.vec[c]).item()
             local["G_pg"] = local["G_pos"] + local["G_neg"]
+            tot = am.add_(None, cur.vec["pos"])
+            for c in comp_names[1:]:
+                tot = am.add_(tot, cur.vec[c])
+            local["sq_total"] = am.sq_norm(tot).item()
         keys = sorted(local)
         vals = torch.tensor([local[k] for k in keys], dtype=torch.float64)
         dist = _dist()
@@ -517,7 +521,7 @@ class GradAlignment(Instrument):
             for c in comp_names:
                 rec[f"sq_{c}"] = float(sk[c].double().norm() ** 2)
             rec["sq_pos_neg"] = float(sk["pos"].double() @ sk["neg"].double())
-        norm_source = "sketch" if (dist is not None and self.variant == "param") else "exact"
+        norm_source = "exact" if dist is None else ("sketch" if self.variant == "param" else "rank_mean")
         if self.variant == "param" and "G_bot" not in rec:
             rec["G_bot"] = rec["G_pg"] - rec["G_top"] - rec["G_mid"]
         if getattr(
@@ -534,7 +538,10 @@ class GradAlignment(Instrument):
             else self._rows_activation(cur, rec)
         )
         for r in rows:
-            r.setdefault("norm_source", norm_source if r["component"] in ("pos", "neg", "kl") else "exact")
+            own = r["component"] in ("pos", "neg", "kl") or (
+                self.variant == "activation" and r["component"] == "total"
+            )
+            r.setdefault("norm_source", norm_source if own else "exact")
         self._emit(trainer, cur, rows, sk)
 
     def _rows_param(self, trainer: Any, cur: _Step, rec: dict, sk: dict) -> list[dict]:
@@ -652,15 +659,15 @@ class GradAlignment(Instrument):
             "R_T": cur.R_T,
         }
         G_total = sum(rec.get(f"G_{c}", 0.0) for c in ("pos", "neg", "kl"))
-        sq = {c: rec.get(f"sq_{c}") for c in ("pos", "neg", "kl")}
+        sq = {c: rec.get(f"sq_{c}") for c in ("pos", "neg", "kl", "total")}
         cpn = am.cosine(rec["sq_pos_neg"], sq["pos"], sq["neg"])
         rows = [
             {
                 **base,
                 "component": "total",
                 "G": G_total,
-                "cos": float("nan"),
-                "norm": float("nan"),
+                "cos": am.cosine(G_total, sq_T, sq["total"]) if sq["total"] is not None else float("nan"),
+                "norm": math.sqrt(sq["total"]) if sq["total"] is not None else float("nan"),
                 "n_tokens": rec.get("n_total", 0.0),
             }
         ]
