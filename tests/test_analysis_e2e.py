@@ -102,22 +102,32 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         pytest.skip("no chromium on PATH")
     from PIL import Image
 
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    # 1) every <img> decoded by the browser: a load handler records complete && naturalWidth > 0
+    probe = tmp_path / "probe.html"
+    js = (
+        "<script>window.addEventListener('load',()=>{const im=[...document.images];"
+        "document.body.setAttribute('data-images',im.filter(i=>i.complete&&i.naturalWidth>0).length+'/'+im.length)})</script>"
+    )
+    probe.write_text(report.read_text() + js)
+    dom = subprocess.run(
+        [*flags, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    loaded, total = map(int, re.search(r'data-images="(\d+)/(\d+)"', dom).groups())
+    assert loaded == total == len(re.findall(r"<img\b", report.read_text())) > 0
+    # 2) a screenshot: plots are drawn in colour, a blank or broken page would be (near) grey-scale
     shot = tmp_path / "shot.png"
-    cmd = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        "--window-size=1200,3000",
-        f"--screenshot={shot}",
-        report.as_uri(),
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    im = Image.open(shot).convert("RGB")
-    assert im.size == (1200, 3000)
-    px = np.asarray(im)
-    # plots are drawn in colour: a blank or broken-image page would be (near) grey-scale
+    subprocess.run(
+        [*flags, "--window-size=1200,3000", f"--screenshot={shot}", report.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    px = np.asarray(Image.open(shot).convert("RGB"))
+    assert px.shape == (3000, 1200, 3)
     assert (px.max(-1).astype(int) - px.min(-1)).max() > 100
 
 
