@@ -38,6 +38,7 @@ SUPPORTED_SCHEMA: dict[str, int] = {
     "relax": 1,
     "activations": 1,
     "activation_replay": 1,
+    "activation_replay_positions": 1,
     "replay": 1,
 }
 DEFAULT_SUPPORTED_SCHEMA = 1
@@ -174,13 +175,14 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
                 f"{path}: line {i} is not valid JSON ({e}); the file is truncated or corrupt. "
                 "Expected one JSON object per logging step."
             ) from e
+    if not rows:  # e.g. the out/ dir of `python -m rlx.replay.analysis` (no training)
+        return pd.DataFrame({"step": pd.Series([], dtype=int)})
     df = pd.DataFrame(rows)
-    if len(df) and "step" not in df.columns:
+    if "step" not in df.columns:
         raise RunLoadError(f"{path}: no 'step' field; expected one JSON object per logging step with 'step'.")
-    if len(df):
-        # TRL logs train metrics and e.g. eval or final summaries at the same step: merge them per step.
-        df = df.groupby("step", as_index=False, sort=True).last()
-        df["step"] = df["step"].astype(int)
+    # TRL logs train metrics and e.g. eval or final summaries at the same step: merge them per step.
+    df = df.groupby("step", as_index=False, sort=True).last()
+    df["step"] = df["step"].astype(int)
     return df
 
 

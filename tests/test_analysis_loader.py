@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -137,6 +138,38 @@ def test_truncated_metrics_line_is_rejected(runs, tmp_path):
     p.write_text(p.read_text()[:-15])
     with pytest.raises(RunLoadError, match=r"metrics\.jsonl: line 4 is not valid JSON"):
         Run(run)
+
+
+def test_replay_only_directory_opens(tmp_path):
+    """`python -m rlx.replay.analysis ... out=DIR` writes config.yaml, an empty metrics.jsonl and the table."""
+    from analysis.diagnostics.activation_shift import activation_shift
+    from analysis.report import write_report
+
+    (tmp_path / "config.yaml").write_text("recipe: ''\n")
+    (tmp_path / "metrics.jsonl").write_text("")
+    rows = [
+        {
+            "layer": layer,
+            "bucket": b,
+            "bucketing": "absolute",
+            "bucket_lo": float(b),
+            "bucket_hi": b + 1.0,
+            "entropy_lo": b + 0.1,
+            "entropy_hi": b + 0.9,
+            "n_positions": 3,
+            "kl_mean": 0.5 / (b + 1),
+        }
+        for layer in (-1, 0, 1)
+        for b in range(3)
+    ]
+    DiagnosticsWriter(tmp_path).write_parquet(
+        "replay_kl_buckets.parquet", rows, schema_version=1, instrument="activation_replay", description=""
+    )
+    r = Run(tmp_path)
+    assert list(r.metrics.columns) == ["step"] and len(r.metrics) == 0
+    assert activation_shift(r)["bucket_label"].iloc[0] == "0-1 nats"
+    html = write_report([tmp_path], tmp_path / "r.html", strict=True).read_text()
+    assert re.findall(r"<h2>([^<]+)</h2>", html) == ["Runs", "Activation shift by base entropy"]
 
 
 def test_load_runs_aligns_steps(runs):
