@@ -119,7 +119,16 @@ def _read(path: Path, fmt: str) -> Any:
 
             with safe_open(str(path), "np") as fh:
                 meta = dict(fh.metadata() or {})
-            return TensorFile(path, 0, meta, load_file(str(path)))
+            try:
+                tensors = load_file(str(path))
+            except (TypeError, ValueError):  # bfloat16 has no numpy dtype: read through torch, upcast
+                from safetensors.torch import load_file as load_torch
+
+                tensors = {
+                    k: (v.float() if v.is_floating_point() else v).numpy()
+                    for k, v in load_torch(str(path)).items()
+                }
+            return TensorFile(path, 0, meta, tensors)
         if fmt == "json":
             return json.loads(path.read_text())
         if fmt == "jsonl":

@@ -132,6 +132,24 @@ def test_newer_schema_and_missing_files_are_rejected(runs, tmp_path):
         Run(run)
 
 
+def test_generic_instrument_files_and_bfloat16(runs, tmp_path):
+    """Files of an instrument the package has no analysis for are still listed and readable."""
+    run = _copy(runs["dpo"], tmp_path / "run")
+    w = DiagnosticsWriter(run)
+    w.write_tensors(
+        "mine/x.safetensors",
+        {"a": torch.full((3,), 1.5, dtype=torch.bfloat16), "i": torch.arange(3)},
+        schema_version=1,
+        instrument="mine",
+        description="",
+    )
+    w.write_json("mine/meta.json", {"k": 1}, schema_version=1, instrument="mine", description="")
+    r = Run(run)
+    (t,) = r.tensors(instrument="mine")
+    assert t["a"].dtype == np.float32 and t["a"].tolist() == [1.5] * 3 and t["i"].tolist() == [0, 1, 2]
+    assert r.json(instrument="mine") == [{"k": 1}]
+
+
 def test_truncated_metrics_line_is_rejected(runs, tmp_path):
     run = _copy(runs["dpo"], tmp_path / "run")
     p = run / "metrics.jsonl"
