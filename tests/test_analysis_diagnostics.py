@@ -44,7 +44,7 @@ def test_grad_alignment_components_identities_and_regimes(synth):
     assert list(dr["step"]) == list(range(2, 11)) and (dr["source"] == "logged").all()
     np.testing.assert_allclose(wide["pos"] + wide["neg"] + wide["kl"], wide["total"], rtol=1e-12)
     ter = grad_alignment.tertiles(synth["grpo"]).pivot_table(index="step", columns="component", values="G")
-    np.testing.assert_allclose(ter.sum(1), wide["total"], rtol=1e-9)
+    np.testing.assert_allclose(ter.sum(axis=1), wide["total"], rtol=1e-9)
     cls_dpo = grad_alignment.classify(synth["dpo"]).iloc[0]
     assert cls_dpo["regime"] == "supervised-like" and cls_dpo["frac_positive"] == 1.0 and cls_dpo["cv"] < 1
     cls_grpo = grad_alignment.classify(synth["grpo"]).iloc[0]

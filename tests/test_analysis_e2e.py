@@ -165,7 +165,7 @@ def test_grad_alignment_table_agrees_with_instrument_summary(real_runs):
         assert cls["cv"] == pytest.approx(summ["cv"]) and cls["regime"] == summ["regime"]
         comp = grad_alignment.components(r).pivot_table(index="step", columns="component", values="G")
         other = r.table(instrument="grad_alignment").query("component == 'other'").set_index("step")["G"]
-        parts = comp[[c for c in ("pos", "neg", "kl") if c in comp]].sum(1) + other
+        parts = comp[[c for c in ("pos", "neg", "kl") if c in comp]].sum(axis=1) + other
         np.testing.assert_allclose(parts, comp["total"], rtol=1e-6, atol=1e-9)
 
 
