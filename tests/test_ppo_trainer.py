@@ -258,3 +258,49 @@ def test_ppo_tiny_ddp_two_processes(tiny_random_model_dir, tmp_path):
         assert any(k in r for r in steps), k
     assert steps[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
     assert (tmp_path / "final" / "critic" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ppo_qwen3_gsm8k_recipe_loads_and_steps(tmp_path):
+    """The GPU recipe, loaded as written, with a tiny local Qwen3 directory and GSM8K-shaped local jsonl files."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rlx.embedded import build_tokenizer
+    from rlx.train import main
+
+    model_dir = tmp_path / "qwen3_tiny"
+    tok = build_tokenizer()
+    qcfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, head_dim=16, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    Qwen3ForCausalLM(qcfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    for split, n in (("train", 8), ("test", 4)):
+        rows = [
+            {
+                "question": f"Tom has {i} apples and buys 2. How many?",
+                "answer": f"{i}+2={i + 2}\n#### {i + 2}",
+            }
+            for i in range(n)
+        ]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    run_dir = main(
+        [
+            "recipe=ppo_qwen3_gsm8k", f"output_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}",
+            "model.dtype=float32", f"task.dataset={tmp_path / 'train.jsonl'}",
+            f"task.eval_dataset={tmp_path / 'test.jsonl'}", "task.max_eval_samples=4", "eval.max_new_tokens=8",
+            "trainer.bf16=false", "trainer.gradient_checkpointing=false", "trainer.max_completion_length=8",
+            "trainer.max_steps=1", "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
+            "trainer.num_generations=2", "trainer.save_strategy='no'", "trainer.warmup_steps=0",
+        ]
+    )  # fmt: skip
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "algo: ppo" in cfg and "Qwen" not in cfg.split("name_or_path:")[1].split("\n")[0]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 1 and steps[0]["kl_coef"] == pytest.approx(0.01)
+    assert json.loads((run_dir / "run_info.json").read_text())["algo"] == "ppo"
+    assert (run_dir / "final" / "critic" / "model.safetensors").exists()
