@@ -27,7 +27,7 @@ def test_decoder_parts_text_models(pair):
     assert parts.image_token_ids == ()
 
 
-def test_decoder_parts_qwen25_vl_layout():
+def _tiny_qwen25_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     cfg = Qwen2_5_VLConfig(
@@ -39,16 +39,54 @@ def test_decoder_parts_qwen25_vl_layout():
             num_attention_heads=4,
             num_key_value_heads=2,
             rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32),
         image_token_id=120,
         video_token_id=121,
+        vision_start_token_id=122,
+        vision_end_token_id=123,
     )
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    torch.manual_seed(0)
+    base = Qwen2_5_VLForConditionalGeneration(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(100.0)
+    rl = Qwen2_5_VLForConditionalGeneration(cfg).eval().requires_grad_(False)
+    rl.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in rl.parameters():
+            if p.numel() > 1:
+                p.add_(0.1 * p.std() * torch.randn_like(p))
+    return base, rl
+
+
+def test_decoder_parts_qwen25_vl_layout():
+    _, model = _tiny_qwen25_vl()
     parts = decoder_parts(model)
     assert parts.layers is model.model.language_model.layers
     assert parts.norm is model.model.language_model.norm and parts.head is model.lm_head
     assert parts.image_token_ids == (120, 121)
+
+
+def test_qwen25_vl_replay_acts_on_image_pads_only():
+    """One image (4x4 patches -> 4 merged pad tokens): offsets live on the pads; zero steps = plain generate."""
+    base, rl = _tiny_qwen25_vl()
+    ids = torch.tensor([[5, 6, 122, 120, 120, 120, 120, 123, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    image = dict(
+        pixel_values=torch.randn(16, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0)),
+        image_grid_thw=torch.tensor([[1, 4, 4]]),
+    )
+    state = prepare_replay(rl, base, ids, mask, dict(mode="learnable", lr=1e-3, steps=2), **image)
+    assert state.eligible.tolist() == [[False] * 3 + [True] * 4 + [False] * 4]
+    norms = state.offsets.norm(dim=-1)[0]
+    assert (norms[3:7] > 0).any() and (norms[:3] == 0).all() and (norms[7:] == 0).all()
+    before = count_hooks(rl)
+    plain = rl.generate(input_ids=ids, attention_mask=mask, **image, **GREEDY)
+    zero = replay_generate(rl, base, ids, mask, dict(mode="learnable", steps=0), model_inputs=image, **GREEDY)
+    assert torch.equal(plain, zero) and count_hooks(rl) == before
 
 
 def test_unknown_layout_is_a_user_error():
