@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> Path:
         generate_fn = make_generate_fn(model, tokenizer, cfg)
     summary, samples = evaluate(model, tokenizer, task, cfg, generate_fn=generate_fn)
     summary.update(model=model_path, task=cfg.task.name, replay=cfg.replay.mode)
+    if generate_fn is not None:  # what replay did: base model, loss at the first/last step, selected fraction
+        summary.update(replay_base_model=generate_fn.base_model, **generate_fn.stats.summary())
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if cfg.replay.mode == "off" else f".replay-{cfg.replay.mode}"
     (out / f"eval{suffix}.json").write_text(json.dumps(summary, indent=1))
