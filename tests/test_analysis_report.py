@@ -46,6 +46,7 @@ def _decode_all(html: str) -> int:
     return len(srcs)
 
 
+@pytest.mark.slow
 def test_every_section_and_every_image(synth_runs, tmp_path):
     out = write_report(synth_runs, tmp_path / "r.html", strict=True)
     html = out.read_text()
