@@ -63,6 +63,9 @@ def test_zero_step_replay_matches_plain_evaluation(pair_dirs, tmp_path):
     plain, plain_samples = _evaluate(base, rl, tmp_path, "replay=off")
     zero, zero_samples = _evaluate(base, rl, tmp_path, "replay=learnable", "replay.steps=0")
     assert zero["replay"] == "learnable" and plain["replay"] == "off"
+    # 6 prompts prepared twice (greedy, then sampled), 2 batches of <= 4 each time, every prefill injected
+    assert zero["replay_prompts"] == 12 and zero["replay_prefills_injected"] == 4
+    assert zero["replay_base_model"] == str(base) and "replay_prompts" not in plain
     for key in ("greedy_accuracy", "pass@1", "pass@4", "sample_mean_reward"):
         assert zero[key] == plain[key]
     assert [s["greedy"] for s in zero_samples] == [s["greedy"] for s in plain_samples]
