@@ -58,6 +58,14 @@ def peft_config(cfg):
     )
 
 
+def zero3_launch() -> bool:
+    """True under `accelerate launch` with a DeepSpeed ZeRO-3 config (known from its env before any model loads)."""
+    return (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    )
+
+
 @dataclass
 class Built:
     trainer: Any
@@ -68,7 +76,7 @@ class Built:
 
 def build_trainer(cfg, run: RunContext) -> Built:
     from rlx.trainers.dpo import RLXDPOTrainer
-    from rlx.trainers.grpo import RLXGRPOTrainer
+    from rlx.trainers.grpo import RLXGRPOTrainer, preloaded_reference
     from rlx.trainers.sft import RLXSFTTrainer
 
     if cfg.model.name_or_path == "embedded" and cfg.task.name not in EMBEDDED_TASKS:
@@ -84,14 +92,22 @@ def build_trainer(cfg, run: RunContext) -> Built:
     common = dict(processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config(cfg), instruments=instruments, run=run)
 
     if cfg.algo == "grpo":
-        args = make_trainer_config(cfg, run, max_completion_length=task.max_completion_length)
-        trainer = RLXGRPOTrainer(
-            model=model_dir,
-            reward_funcs=task.reward_funcs,
-            args=args,
-            train_dataset=task.train_dataset(),
-            **common,
+        # Under ZeRO-3, TRL would build the reference (beta != 0) under zero.Init, which fails on CPU: load
+        # policy and reference here, before the trainer config exists (so outside zero.Init), and hand it over.
+        preload = (
+            zero3_launch() and float(cfg.trainer.get("beta", 0.0) or 0.0) != 0 and not cfg.model.lora.enabled
         )
+        policy = load_causal_lm(model_dir, cfg) if preload else model_dir
+        ref = load_causal_lm(model_dir, cfg) if preload else None
+        args = make_trainer_config(cfg, run, max_completion_length=task.max_completion_length)
+        with preloaded_reference(ref):
+            trainer = RLXGRPOTrainer(
+                model=policy,
+                reward_funcs=task.reward_funcs,
+                args=args,
+                train_dataset=task.train_dataset(),
+                **common,
+            )
     elif cfg.algo == "dpo":
         args = make_trainer_config(cfg, run)
         policy = load_causal_lm(model_dir, cfg)
