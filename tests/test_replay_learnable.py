@@ -129,3 +129,14 @@ def test_chunked_lens_matches_full_softmax(pair):
     torch.testing.assert_close(stats["kl"].double(), (lp.exp() * (lp - lq)).sum(-1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stats["entropy_q"].double(), -(lq.exp() * lq).sum(-1), rtol=1e-5, atol=1e-5)
     assert torch.equal(stats["top1_agree"], lp.argmax(-1) == lq.argmax(-1))
+
+
+def test_prepare_works_under_inference_mode(pair):
+    """Evaluation code may run under torch.inference_mode; the offsets are still optimised."""
+    base, rl = pair
+    ids, mask = left_padded_batch([4, 7], seed=8)
+    ref = prepare_replay(rl, base, ids, mask, dict(mode="learnable", lr=1e-3, steps=3))
+    with torch.inference_mode():
+        got = prepare_replay(rl, base, ids, mask, dict(mode="learnable", lr=1e-3, steps=3))
+    torch.testing.assert_close(got.offsets, ref.offsets)
+    assert got.offsets.abs().sum() > 0 and all(p.requires_grad is False for p in rl.parameters())

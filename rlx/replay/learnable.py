@@ -167,6 +167,7 @@ def replay_loss(
     return loss
 
 
+@torch.inference_mode(False)  # callable from evaluation code running under inference mode
 def learnable_replay(
     rl_model: nn.Module,
     base_model: nn.Module,
@@ -209,7 +210,7 @@ def learnable_replay(
     cache_rl_head(targets, rl, top_k)
     num_selected = torch.stack([torch.bincount(t.rows, minlength=b) for t in targets])
     losses = []
-    with frozen(rl_model), torch.inference_mode(False), torch.enable_grad():
+    with frozen(rl_model), torch.enable_grad():
         for step in range(steps + (1 if log_final_loss else 0)):
             delta.requires_grad_(True)
             ins, outs = layer_streams(
