@@ -83,3 +83,41 @@ def test_summary_text(synth_runs):
     text = summary_text(Run(synth_runs[0]))
     assert "algo: grpo" in text and "gradient alignment regime" in text
     assert "correctness direction" in text and "activation shift" in text
+
+
+def test_every_plot_returns_a_labelled_figure(synth_runs):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from analysis import plots
+    from analysis.diagnostics import activation_shift, correctness, entropy, grad_alignment, relax
+    from analysis.loader import load_runs
+
+    g, rx, d = (Run(p) for p in synth_runs)
+    long = load_runs(synth_runs).metrics(["reward", "loss"])
+    ent = entropy.entropy_dynamics(g)
+    cd = correctness.correctness_direction(g)
+    figs = {
+        "metric_curves": plots.metric_curves(long, "loss"),
+        "grad_components": plots.grad_components(grad_alignment.components(d)),
+        "layer_group_heatmap": plots.layer_group_heatmap(grad_alignment.layer_groups(d)),
+        "pos_neg_cosine": plots.pos_neg_cosine(grad_alignment.pos_neg_cosine(d)),
+        "similarity_matrix": plots.similarity_matrix(grad_alignment.sketch_similarity(d)),
+        "drift": plots.drift(grad_alignment.drift(d)),
+        "realised_vs_measured": plots.realised_vs_measured(grad_alignment.realised(d)),
+        "dsd_over_steps": plots.dsd_over_steps(relax.dsd_over_steps(rx)),
+        "masked_fraction": plots.masked_fraction(relax.masked_fraction(rx)),
+        "spectra": plots.spectra(relax.spectra(rx)),
+        "entropy_quantiles": plots.entropy_quantiles(ent),
+        "high_entropy_fraction": plots.high_entropy_fraction(ent),
+        "logp_advantage_covariance": plots.logp_advantage_covariance(ent),
+        "activation_shift": plots.activation_shift(activation_shift.activation_shift(g)),
+        "correctness_auroc": plots.correctness_auroc(cd),
+        "correctness_heatmap": plots.correctness_heatmap(cd),
+    }
+    for name, fig in figs.items():
+        assert isinstance(fig, Figure), name
+        ax = fig.axes[0]
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), name
+        assert ax.has_data() or ax.images, name
+        plt.close(fig)
