@@ -345,7 +345,10 @@ def build_ppo_trainer(cfg: Any, run: Any, model_dir: str, task: Any, common: dic
     load_kwargs: dict[str, Any] = {"dtype": _DTYPES.get(cfg.model.dtype, "auto")}
     if cfg.model.attn_implementation:
         load_kwargs["attn_implementation"] = cfg.model.attn_implementation
-    critic = build_value_model(policy, args, **load_kwargs)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # Under ZeRO-3 the policy was loaded (partitioned) under zero.Init: load the critic the same way, never deepcopy.
+    critic = build_value_model(model_dir if is_deepspeed_zero3_enabled() else policy, args, **load_kwargs)
     return RLXPPOTrainer(
         model=policy,
         reward_funcs=task.reward_funcs,
