@@ -92,3 +92,9 @@ def test_print_config_prints_and_exits(tmp_path):
     cfg = OmegaConf.create(p.stdout)
     assert cfg.algo == "dpo" and cfg.trainer.beta == 0.1
     assert not out.exists()
+
+
+def test_readme_lists_every_recipe():
+    readme = (REPO / "README.md").read_text()
+    missing = [r for r in available_recipes() if f"`{r}`" not in readme]
+    assert not missing, f"recipes missing from README.md: {missing}"
