@@ -175,8 +175,10 @@ class GradAlignmentConfig:
     target: str = "auto"
     """auto | heldout_chosen | probe_rollouts | responses:<path>. auto = held-out chosen (DPO, SFT) or a
     fixed probe batch of the run's own rollouts (GRPO, PPO)."""
-    target_size: int = 32
-    """Sequences in the target set D'."""
+    target_size: int = 256
+    """Sequences in the target set D' (capped by the held-out split, or by the first rollout micro-batch for
+    probe_rollouts). Short answers need many sequences: with 32 arithmetic answers (~100 tokens) g_T is
+    dominated by sampling noise and even SFT looks RL-like."""
     layer_groups: int = 2
     """Number of groups the decoder blocks are split into (plus embeddings and head)."""
     sketch_dim: int = 16384
