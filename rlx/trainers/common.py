@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from rlx.instruments.base import InstrumentSet, LossContext, capture_loss_forward
+from rlx.trainers.deepspeed_hooks import inert_output_hooks, track_output_hooks
 
 
 class InstrumentCallback(TrainerCallback):
@@ -86,6 +87,8 @@ class InstrumentedMixin:
     def _instrumented(self, compute, model, inputs, num_items_in_batch=None):
         if not self.instruments:
             return compute()
+        if getattr(self, "is_deepspeed_enabled", False):
+            track_output_hooks()  # so that instruments' autograd.grad below does not start ZeRO's backward
         with capture_loss_forward(model, hidden=self.instruments.needs_hidden) as cap:
             out = compute()
         loss = out[0] if isinstance(out, tuple) else out
@@ -103,7 +106,8 @@ class InstrumentedMixin:
             post_scale=post_scale,
             extras=self._loss_extras(inputs),
         )
-        loss, metrics = self.instruments.on_loss(ctx)
+        with inert_output_hooks():
+            loss, metrics = self.instruments.on_loss(ctx)
         self._record_metrics(metrics)
         return (loss, *out[1:]) if isinstance(out, tuple) else loss
 
