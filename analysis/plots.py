@@ -26,6 +26,8 @@ UNITS = {
     "kl": "KL to reference (nats per token)",
     "rewards/accuracies": "DPO implicit-reward accuracy (fraction)",
     "rewards/margins": "DPO implicit-reward margin (nats)",
+    "rewards/chosen": "DPO implicit reward, chosen (beta x log-ratio)",
+    "rewards/rejected": "DPO implicit reward, rejected (beta x log-ratio)",
     "completions/mean_length": "completion length (tokens)",
     "learning_rate": "learning rate",
     "entropy_cov/cov": "Cov(log pi, A) per token (nats x advantage)",
