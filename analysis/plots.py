@@ -25,7 +25,7 @@ UNITS = {
     "entropy": "token entropy (nats)",
     "kl": "KL to reference (nats per token)",
     "rewards/accuracies": "DPO implicit-reward accuracy (fraction)",
-    "rewards/margins": "DPO implicit-reward margin (nats)",
+    "rewards/margins": "DPO implicit-reward margin (beta x log-ratio)",
     "rewards/chosen": "DPO implicit reward, chosen (beta x log-ratio)",
     "rewards/rejected": "DPO implicit reward, rejected (beta x log-ratio)",
     "completions/mean_length": "completion length (tokens)",
