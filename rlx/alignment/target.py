@@ -231,7 +231,13 @@ def target_head_gradient(
     sel = lm > 0
     h = cap["h"][:, :-1][sel]
     head = model.get_output_embeddings()
-    g = head_grad_from_activations(
-        h, head.weight, ids[:, 1:][sel], -torch.ones(h.size(0), device=device) / n_tok, 1.0, head.bias
-    )
+    gather = contextlib.nullcontext()
+    if hasattr(head.weight, "ds_id"):  # ZeRO-3: outside a forward the head weight is a partition (collective)
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None)
+    with gather:
+        g = head_grad_from_activations(
+            h, head.weight, ids[:, 1:][sel], -torch.ones(h.size(0), device=device) / n_tok, 1.0, head.bias
+        )
     return g, float(-(logp * lm).sum() / n_tok)
