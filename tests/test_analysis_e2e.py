@@ -26,6 +26,7 @@ RUNS = {
         "grpo_tiny",
         "diagnostics.grad_alignment.enabled=true",
         "diagnostics.grad_alignment.every=1",
+        "diagnostics.grad_alignment.target_size=32",
         "diagnostics.activations.enabled=true",
         "diagnostics.activations.every=2",
         "diagnostics.activations.num_prompts=12",
@@ -36,6 +37,7 @@ RUNS = {
         "preference.num_pairs=96",
         "diagnostics.grad_alignment.enabled=true",
         "diagnostics.grad_alignment.every=1",
+        "diagnostics.grad_alignment.target_size=32",
     ),
 }
 
