@@ -16,7 +16,10 @@
 _rlx_first_host() {
     # `scontrol show hostnames` expands compact lists such as gpu[001-002]; tests stub `scontrol`.
     if command -v scontrol >/dev/null 2>&1; then
-        scontrol show hostnames "$1" | head -n 1
+        # No `| head -n 1`: under pipefail, scontrol's SIGPIPE would fail the pipeline at random.
+        local hosts
+        hosts="$(scontrol show hostnames "$1")" || return 2
+        echo "${hosts%%$'\n'*}"
     else
         # Without scontrol, accept a plain comma-separated list (no bracket ranges).
         case "$1" in
