@@ -386,13 +386,17 @@ class GradAlignment(Instrument):
             if not all(r[5] is not None for r in job["records"]):
                 cur.failed = True
                 continue
-            subsets = {"pos": job["pos"], "neg": job["neg"]}
+            # only the pos-row gradient is formed; neg = grad L - pos at step end (no other loss term on this path)
+            subsets = {"pos": job["pos"]}
+            cur.neg_from_total = True
             s, vecs = row_alignment(
                 job["records"], cur.gT, subsets, len(self.params), [p.shape for p in self.params], job["head"]
             )
             for name in ("pos", "neg"):
                 rows = job[name]
                 cur.G[name] = cur.G.get(name, 0.0) + float(s[rows.to(s.device)].sum())
+                if name not in vecs:
+                    continue
                 vec = [
                     torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
                     for p, g in zip(self.params, vecs[name])
@@ -472,6 +476,8 @@ class GradAlignment(Instrument):
         world = trainer.accelerator.num_processes
         rec: dict[str, float] = {}
         sk: dict[str, torch.Tensor] = {}
+        if getattr(cur, "neg_from_total", False) and cur.total is not None and "pos" in cur.vec:
+            cur.vec["neg"] = am.sub(cur.total, cur.vec["pos"])  # linear, so all-reduced sketches stay exact
         comp_names = [c for c in ("pos", "neg", "kl") if c in cur.vec]
         local = {f"n_{k}": v for k, v in cur.n_tokens.items()}
         if self.variant == "param":
@@ -546,7 +552,15 @@ class GradAlignment(Instrument):
 
     def _rows_param(self, trainer: Any, cur: _Step, rec: dict, sk: dict) -> list[dict]:
         gT, total = cur.gT, cur.total
-        sq_T = am.sq_norm(gT).item()
+        if total is None:  # no gradient seen (e.g. DeepSpeed without the activation variant)
+            total = am.add_(None, [sum(x) for x in zip(*(cur.vec[c] for c in cur.vec))])
+        # per-tensor products once; every group and the totals are sums of these
+        pp_Tt, pp_TT, pp_tt = (
+            am.per_param_dot(gT, total),
+            am.per_param_dot(gT, gT),
+            am.per_param_dot(total, total),
+        )
+        sq_T = float(pp_TT.sum())
         rows: list[dict] = []
         base = {
             "step": cur.step,
@@ -555,10 +569,7 @@ class GradAlignment(Instrument):
             "norm_target": math.sqrt(sq_T),
             "R_T": cur.R_T,
         }
-        if total is None:  # no gradient seen (e.g. DeepSpeed without the activation variant)
-            total = am.add_(None, [sum(x) for x in zip(*(cur.vec[c] for c in cur.vec))])
-        G_total = am.dot(gT, total).item()
-        sq_total = am.sq_norm(total).item()
+        G_total, sq_total = float(pp_Tt.sum()), float(pp_tt.sum())
         drift = float("nan")
         if len(self.prev) == self.prev.maxlen:
             old = self.prev[0]
@@ -617,14 +628,14 @@ class GradAlignment(Instrument):
         for g, idx in self.groups.items():
             if g == "all" or not idx:
                 continue
-            Gg = am.dot(gT, total, idx).item()
+            Gg, sq_g = float(pp_Tt[idx].sum()), float(pp_tt[idx].sum())
             rows.append(
                 {
                     **base,
                     "component": f"layer:{g}",
                     "G": Gg,
-                    "cos": am.cosine(Gg, am.sq_norm(gT, idx).item(), am.sq_norm(total, idx).item()),
-                    "norm": math.sqrt(am.sq_norm(total, idx).item()),
+                    "cos": am.cosine(Gg, float(pp_TT[idx].sum()), sq_g),
+                    "norm": math.sqrt(sq_g),
                     "n_tokens": n_tot,
                 }
             )

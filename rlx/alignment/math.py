@@ -183,12 +183,17 @@ def weighted_grad(token_logps: torch.Tensor, params: Sequence[torch.Tensor], wei
     ]
 
 
+def per_param_dot(a: Vec, b: Vec) -> torch.Tensor:
+    """(n,) float64: <a_i, b_i> per tensor (fp32 products accumulated in float64)."""
+    return torch.stack([(x.float() * y.float()).sum(dtype=torch.float64).cpu() for x, y in zip(a, b)])
+
+
 def dot(a: Vec, b: Vec, index: Sequence[int] | None = None) -> torch.Tensor:
     """<a, b> accumulated in float64 (over the tensors in `index`, default all)."""
     idx = range(len(a)) if index is None else index
     total = torch.zeros((), dtype=torch.float64)
     for i in idx:
-        total = total + (a[i].double() * b[i].double()).sum().cpu()
+        total = total + (a[i].float() * b[i].float()).sum(dtype=torch.float64).cpu()
     return total
 
 

@@ -168,8 +168,16 @@ def _token_logps(model: nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torc
     return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
+def _chunk(model: nn.Module, batch: TargetBatch, chunk: int | None) -> int:
+    """Sequences per forward: as many as keep the (chunk, S, V) logits under 2^26 elements."""
+    if chunk:
+        return chunk
+    vocab = int(getattr(model.config.get_text_config(), "vocab_size", 0) or 50_000)
+    return max(1, min(batch.input_ids.size(0), (1 << 26) // max(batch.input_ids.size(1) * vocab, 1)))
+
+
 def target_gradient(
-    model: nn.Module, batch: TargetBatch, params: Sequence[torch.Tensor], chunk: int = 16
+    model: nn.Module, batch: TargetBatch, params: Sequence[torch.Tensor], chunk: int | None = None
 ) -> tuple[Vec, float]:
     """(g_T, R_T): the gradient of the token-mean NLL of D' w.r.t. `params` (float32) and the NLL itself.
 
@@ -178,6 +186,7 @@ def target_gradient(
     """
     device = next(model.parameters()).device
     n_tok = max(batch.n_tokens, 1)
+    chunk = _chunk(model, batch, chunk)
     grads: Vec | None = None
     nll_total = 0.0
     with isolated(model), torch.enable_grad():
@@ -197,10 +206,11 @@ def target_gradient(
 
 
 @torch.no_grad()
-def target_nll(model: nn.Module, batch: TargetBatch, chunk: int = 16) -> float:
+def target_nll(model: nn.Module, batch: TargetBatch, chunk: int | None = None) -> float:
     """R_T alone (no gradient), e.g. after the optimizer step for the measured change of R_T."""
     device = next(model.parameters()).device
     n_tok = max(batch.n_tokens, 1)
+    chunk = _chunk(model, batch, chunk)
     total = 0.0
     with isolated(model):
         for s in range(0, batch.input_ids.size(0), chunk):
