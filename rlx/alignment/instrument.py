@@ -191,17 +191,18 @@ class GradAlignment(Instrument):
                     and self._logged(step)
                 ):
                     self.rowcap.start()
+                    self.rowcap.attach()  # layer hooks exist only during logged loss forwards
 
             def disarm(module, args, kwargs, out):
-                if self.rowcap is not None:
+                if self.rowcap is not None and self.rowcap.armed:
                     self.rowcap.armed = False
+                    self.rowcap.detach()
 
             policy = self._policy(trainer)
             self._hooks = [
                 policy.register_forward_pre_hook(arm, with_kwargs=True),
                 policy.register_forward_hook(disarm, with_kwargs=True),
             ]
-            self.rowcap.attach()
 
     def _policy(self, trainer: Any) -> torch.nn.Module:
         return unwrap_policy(trainer.accelerator.unwrap_model(trainer.model))
