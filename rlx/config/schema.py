@@ -257,7 +257,7 @@ class RelaxConfig:
     """L_max for code_compat (default: trainer.max_completion_length)."""
     save_every: int = 1
     """Record per-trajectory DSD and singular-value spectra every N optimizer steps (0 = never)."""
-    flush_every: int = 10
+    flush_every: int = 50
     """Write the recorded rows as one shard every N optimizer steps (and at the end of training)."""
 
 
