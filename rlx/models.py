@@ -58,7 +58,18 @@ def load_causal_lm(path: str, cfg=None, **kwargs):
         kwargs.setdefault("trust_remote_code", mcfg.trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+    except ValueError as e:
+        # VLMs (e.g. Qwen2.5-VL, Activation Replay's MM-Eureka pair) map only to ImageTextToText.
+        from transformers import AutoModelForImageTextToText
+
+        try:
+            return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        except (OSError, ValueError):
+            raise UserError(
+                f"cannot load a causal LM from '{path}': {e}. Give an HF-format model directory (config.json + "
+                "weights) or a hub id reachable from here."
+            ) from None
+    except OSError as e:
         raise UserError(
             f"cannot load a causal LM from '{path}': {e}. Give an HF-format model directory (config.json + "
             "weights) or a hub id reachable from here."
