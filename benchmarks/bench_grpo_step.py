@@ -67,9 +67,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def build(cls, steps, **extra):
         run = RunContext(cfg=cfg, run_dir=__import__("pathlib").Path(work))
-        c = load_config(["recipe=grpo_tiny", f"trainer.max_steps={steps}", "trainer.report_to=[]", "trainer.logging_steps=1000"])
+        c = load_config(
+            [
+                "recipe=grpo_tiny",
+                f"trainer.max_steps={steps}",
+                "trainer.report_to=[]",
+                "trainer.logging_steps=1000",
+            ]
+        )
         args_ = make_trainer_config(c, run, max_completion_length=task.max_completion_length)
-        return cls(model=model_dir, reward_funcs=task.reward_funcs, args=args_, train_dataset=dataset, processing_class=tokenizer, **extra)
+        return cls(
+            model=model_dir,
+            reward_funcs=task.reward_funcs,
+            args=args_,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            **extra,
+        )
 
     arms = {
         "trl": lambda s: build(GRPOTrainer, s),
@@ -78,17 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     per_round: list[float] = []
     means: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(args.rounds):
-        for name in (arms if r % 2 == 0 else list(arms)[::-1]):
+        for name in arms if r % 2 == 0 else list(arms)[::-1]:
             times = _steps_timed(arms[name], args.steps)
             means[name].append(statistics.mean(times))
         per_round.append(means["rlx"][-1] / means["trl"][-1])
-        print(f"round {r + 1}: trl {means['trl'][-1] * 1e3:.1f} ms/step  rlx {means['rlx'][-1] * 1e3:.1f} ms/step  ratio {per_round[-1]:.3f}")
+        print(
+            f"round {r + 1}: trl {means['trl'][-1] * 1e3:.1f} ms/step  rlx {means['rlx'][-1] * 1e3:.1f} ms/step  ratio {per_round[-1]:.3f}"
+        )
     ratio = statistics.median(per_round)
     ok = ratio <= MAX_RATIO
-    print(f"rlx / TRL GRPO step time: {ratio:.3f} (median of {args.rounds} rounds; limit {MAX_RATIO}) -> {'PASS' if ok else 'FAIL'}")
+    print(
+        f"rlx / TRL GRPO step time: {ratio:.3f} (median of {args.rounds} rounds; limit {MAX_RATIO}) -> {'PASS' if ok else 'FAIL'}"
+    )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"ratio": ratio, "per_round": per_round, "ms_per_step": means, "limit": MAX_RATIO}, fh, indent=1)
+            json.dump(
+                {"ratio": ratio, "per_round": per_round, "ms_per_step": means, "limit": MAX_RATIO},
+                fh,
+                indent=1,
+            )
     return 0 if ok else 1
 
 

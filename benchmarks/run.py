@@ -12,16 +12,29 @@ import os
 import sys
 
 BENCHMARKS = {
-    "grpo_step": ("benchmarks.bench_grpo_step", "rlx GRPO step vs plain TRL GRPOTrainer step, instruments off (<= 1.02)"),
-    "alignment": ("benchmarks.bench_alignment", "gradient alignment every 10 steps vs off (<= 1.15); logged step <= 3x"),
+    "grpo_step": (
+        "benchmarks.bench_grpo_step",
+        "rlx GRPO step vs plain TRL GRPOTrainer step, instruments off (<= 1.02)",
+    ),
+    "alignment": (
+        "benchmarks.bench_alignment",
+        "gradient alignment every 10 steps vs off (<= 1.15); logged step <= 3x",
+    ),
     "relax": ("benchmarks.bench_relax", "ReLaX on / off on the tiny recipe (<= 1.08)"),
-    "replay": ("benchmarks.bench_replay", "Activation Replay preparation per prompt in prefill-equivalents (<= 30)"),
+    "replay": (
+        "benchmarks.bench_replay",
+        "Activation Replay preparation per prompt in prefill-equivalents (<= 30)",
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    for k, v in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}.items():
+    for k, v in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+    }.items():
         os.environ.setdefault(k, v)
     if not argv or argv[0] in ("-h", "--help", "--list"):
         print("usage: python -m benchmarks.run NAME [args...] | all\n")

@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     before, after = result["before"]["greedy_accuracy"], result["after"]["greedy_accuracy"]
     print("\n=== rlx demo ===")
     print(f"run dir:  {run_dir}")
-    print(f"held-out greedy accuracy: base (warm-started) {100 * before:.1f}%  ->  after RL {100 * after:.1f}%  "
-          f"({100 * (after - before):+.1f} points on {result['after']['num_prompts']} prompts)")
+    print(
+        f"held-out greedy accuracy: base (warm-started) {100 * before:.1f}%  ->  after RL {100 * after:.1f}%  "
+        f"({100 * (after - before):+.1f} points on {result['after']['num_prompts']} prompts)"
+    )
     print(f"report:   {report}")
     print(f"time:     {time.time() - t0:.0f} s")
     return 0

@@ -27,10 +27,17 @@ from typing import Any
 
 from rlx.errors import UserError, exit_on_user_error
 
-SHORTHANDS = {"model": "model.name_or_path", "task": "task.name", "replay": "replay.mode", "base_model": "replay.base_model"}
+SHORTHANDS = {
+    "model": "model.name_or_path",
+    "task": "task.name",
+    "replay": "replay.mode",
+    "base_model": "replay.base_model",
+}
 
 
-def evaluate(model, tokenizer, task, cfg, generate_fn=None, progress: bool = True) -> tuple[dict[str, Any], list[dict]]:
+def evaluate(
+    model, tokenizer, task, cfg, generate_fn=None, progress: bool = True
+) -> tuple[dict[str, Any], list[dict]]:
     """Greedy accuracy and pass@k of `model` on `task` with the settings in `cfg.eval`."""
     from rlx.evaluation import evaluate_policy
 
@@ -71,7 +78,9 @@ def resolve(argv: list[str]):
             rest.append(f"{SHORTHANDS.get(k, k)}={v}" if k in SHORTHANDS else a)
     if run_dir is not None:
         if not (run_dir / "config.yaml").exists():
-            raise UserError(f"run_dir={run_dir} has no config.yaml: expected a directory written by rlx/train.py.")
+            raise UserError(
+                f"run_dir={run_dir} has no config.yaml: expected a directory written by rlx/train.py."
+            )
         cfg = load_config([f"recipe={run_dir / 'config.yaml'}", *rest])
         model_path = str(run_dir / "final")
         if not Path(model_path).exists():
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> Path:
         for s in samples:
             fh.write(json.dumps(s) + "\n")
     ks = " ".join(f"pass@{k}={summary[f'pass@{k}']:.3f}" for k in summary.get("ks", []))
-    print(f"{model_path} on {task.name} ({summary['num_prompts']} prompts): greedy {summary['greedy_accuracy']:.3f} {ks}")
+    print(
+        f"{model_path} on {task.name} ({summary['num_prompts']} prompts): greedy {summary['greedy_accuracy']:.3f} {ks}"
+    )
     print(f"wrote {out / f'eval{suffix}.json'}")
     return out
 

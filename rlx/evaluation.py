@@ -37,7 +37,13 @@ def evaluate_policy(
     prompts, answers = list(ds["prompt"]), list(ds["answer"])
     max_new = max_new_tokens or task.max_completion_length
     greedy = generate_texts(
-        model, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size, progress=progress, generate_fn=generate_fn
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new,
+        batch_size=batch_size,
+        progress=progress,
+        generate_fn=generate_fn,
     )
     greedy_rewards = [task.score(g[0], a) for g, a in zip(greedy, answers)]
     summary: dict[str, Any] = {
@@ -68,7 +74,11 @@ def evaluate_policy(
     )
     rewards = [[task.score(c, a) for c in cs] for cs, a in zip(sampled, answers)]
     for k in ks:
-        summary[f"pass@{k}"] = sum(pass_at_k(num_samples, sum(r >= 1.0 for r in rs), k) for rs in rewards) / len(rs_all) if (rs_all := rewards) else 0.0
+        summary[f"pass@{k}"] = (
+            sum(pass_at_k(num_samples, sum(r >= 1.0 for r in rs), k) for rs in rewards) / len(rs_all)
+            if (rs_all := rewards)
+            else 0.0
+        )
     summary["sample_mean_reward"] = sum(map(sum, rewards)) / max(1, sum(map(len, rewards)))
     summary.update(num_samples=num_samples, temperature=temperature, top_p=top_p, ks=list(ks))
     for s, cs, rs in zip(samples, sampled, rewards):

@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 def prompt_token_ids(tokenizer, prompts: list[Any]) -> list[list[int]]:
     """Token ids exactly as TRL builds them: chat template for conversational prompts, plain text otherwise."""
     if prompts and isinstance(prompts[0], list):
-        out = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)
+        out = tokenizer.apply_chat_template(
+            prompts, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
         return [list(x) for x in out["input_ids"]]
     return [list(x) for x in tokenizer(text=list(prompts))["input_ids"]]
 
@@ -50,7 +52,11 @@ def generate_texts(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    gen = generate_fn or (lambda m, input_ids, attention_mask, **kw: m.generate(input_ids=input_ids, attention_mask=attention_mask, **kw))
+    gen = generate_fn or (
+        lambda m, input_ids, attention_mask, **kw: m.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **kw
+        )
+    )
     if seed is not None:
         torch.manual_seed(seed)
     ids = prompt_token_ids(tokenizer, prompts)

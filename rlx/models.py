@@ -39,7 +39,9 @@ def load_tokenizer_for(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from '{path}': {e}. Give an HF-format model directory or hub id.") from None
+        raise UserError(
+            f"cannot load a tokenizer from '{path}': {e}. Give an HF-format model directory or hub id."
+        ) from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -26,7 +26,9 @@ def corrupt(solution: str, task, answer: str, rng: random.Random) -> str | None:
     return None
 
 
-def build_preference_pairs(model, tokenizer, task, pcfg, split: str = "train", seed: int = 0, progress: bool = True) -> Dataset:
+def build_preference_pairs(
+    model, tokenizer, task, pcfg, split: str = "train", seed: int = 0, progress: bool = True
+) -> Dataset:
     """`pcfg.num_pairs` rows {prompt, chosen, rejected, chosen_source, rejected_source}.
 
     source=policy samples `pcfg.samples_per_prompt` completions per prompt from `model`; a verified-correct sample

@@ -57,7 +57,9 @@ def decide_run_dir(cfg: Any) -> Path:
 def make_run_context(cfg: Any, run_dir: Path) -> RunContext:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    return RunContext(cfg=cfg, run_dir=run_dir, rank=rank, world_size=world, writer=DiagnosticsWriter(run_dir, rank, world))
+    return RunContext(
+        cfg=cfg, run_dir=run_dir, rank=rank, world_size=world, writer=DiagnosticsWriter(run_dir, rank, world)
+    )
 
 
 def build_instruments(cfg: Any, run: RunContext) -> InstrumentSet:

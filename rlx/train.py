@@ -55,7 +55,9 @@ def run_training(cfg) -> Path:
     trainer, task = built.trainer, built.task
     verifiable = cfg.task.name != "ultrafeedback" and cfg.eval.before_after
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    before = _greedy_accuracy(policy, built.tokenizer, task, cfg) if verifiable and state.is_main_process else None
+    before = (
+        _greedy_accuracy(policy, built.tokenizer, task, cfg) if verifiable and state.is_main_process else None
+    )
     trainer.train()
     final_dir = run_dir / "final"
     trainer.save_model(str(final_dir))
@@ -72,7 +74,11 @@ def run_training(cfg) -> Path:
         if verifiable:
             policy = trainer.accelerator.unwrap_model(trainer.model)
             after = _greedy_accuracy(policy, built.tokenizer, task, cfg)
-            result = {"before": before, "after": after, "delta_points": 100 * (after["greedy_accuracy"] - before["greedy_accuracy"])}
+            result = {
+                "before": before,
+                "after": after,
+                "delta_points": 100 * (after["greedy_accuracy"] - before["greedy_accuracy"]),
+            }
             (run_dir / "eval_before_after.json").write_text(json.dumps(result, indent=1))
             info["greedy_accuracy_before"] = before["greedy_accuracy"]
             info["greedy_accuracy_after"] = after["greedy_accuracy"]

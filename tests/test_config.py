@@ -45,10 +45,19 @@ def test_every_recipe_resolves():
     "argv, fragments",
     [
         (["recipe=does_not_exist"], ["unknown recipe 'does_not_exist'", "grpo_tiny", "dpo_tiny"]),
-        (["recipe=grpo_tiny", "trainer.lerning_rate=1e-5"], ["unknown config key 'trainer.lerning_rate'", "trainer.learning_rate"]),
-        (["recipe=grpo_tiny", "task.max_digts=3"], ["unknown config key 'task.max_digts'", "task.max_digits"]),
+        (
+            ["recipe=grpo_tiny", "trainer.lerning_rate=1e-5"],
+            ["unknown config key 'trainer.lerning_rate'", "trainer.learning_rate"],
+        ),
+        (
+            ["recipe=grpo_tiny", "task.max_digts=3"],
+            ["unknown config key 'task.max_digts'", "task.max_digits"],
+        ),
         (["recipe=grpo_tiny", "seed=abc"], ["wrong type for config key 'seed'", "int", "abc"]),
-        (["recipe=grpo_tiny", "trainer.max_steps=ten"], ["wrong type for config key 'trainer.max_steps'", "int", "ten"]),
+        (
+            ["recipe=grpo_tiny", "trainer.max_steps=ten"],
+            ["wrong type for config key 'trainer.max_steps'", "int", "ten"],
+        ),
         (["recipe=grpo_tiny", "algo=reinforce"], ["unknown algo 'reinforce'", "grpo"]),
         (["recipe=grpo_tiny", "nonsense"], ["cannot parse argument 'nonsense'", "key=value"]),
     ],
@@ -76,7 +85,9 @@ def test_unreadable_yaml_names_file_and_line(tmp_path):
     ],
 )
 def test_cli_exits_2_without_traceback(args, expect):
-    p = subprocess.run([sys.executable, "rlx/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "rlx/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 2, p.stderr
     assert expect in p.stderr and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0  # one line
@@ -86,7 +97,10 @@ def test_print_config_prints_and_exits(tmp_path):
     out = tmp_path / "never"
     p = subprocess.run(
         [sys.executable, "rlx/train.py", "recipe=dpo_tiny", "print_config=true", f"output_dir={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert p.returncode == 0, p.stderr
     cfg = OmegaConf.create(p.stdout)

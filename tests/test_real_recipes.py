@@ -30,9 +30,17 @@ def local_qwen3(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen3_local")
     tok = build_tokenizer()
     cfg = Qwen3Config(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, head_dim=16, tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        head_dim=16,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
     )
     Qwen3ForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -43,7 +51,10 @@ def local_qwen3(tmp_path_factory):
 def gsm8k_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("gsm8k")
     rows = [
-        {"question": f"Tom has {a} apples and buys {b} more. How many?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+        {
+            "question": f"Tom has {a} apples and buys {b} more. How many?",
+            "answer": f"{a}+{b}={a + b}\n#### {a + b}",
+        }
         for a, b in [(3, 4), (10, 5), (7, 8), (1, 1), (12, 30), (2, 9), (6, 6), (4, 40)]
     ]
     for split in ("train", "test"):
@@ -57,12 +68,18 @@ def ultrafeedback_file(tmp_path_factory):
     rows = []
     for i in range(8):
         q = f"Say something nice number {i}."
-        rows.append({
-            "prompt": q,
-            "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": f"You are great {i}!"}],
-            "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": "no"}],
-            "score_chosen": 8.0, "score_rejected": 2.0,
-        })
+        rows.append(
+            {
+                "prompt": q,
+                "chosen": [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": f"You are great {i}!"},
+                ],
+                "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": "no"}],
+                "score_chosen": 8.0,
+                "score_rejected": 2.0,
+            }
+        )
     path = d / "train_prefs.parquet"
     pd.DataFrame(rows).to_parquet(path)
     return path
@@ -71,12 +88,16 @@ def ultrafeedback_file(tmp_path_factory):
 @pytest.mark.slow
 def test_grpo_qwen3_gsm8k_loads_local_model_and_data(run_recipe, local_qwen3, gsm8k_files):
     run = run_recipe(
-        "grpo_qwen3_gsm8k", *CPU,
+        "grpo_qwen3_gsm8k",
+        *CPU,
         f"model.name_or_path={local_qwen3}",
         f"task.dataset={gsm8k_files / 'train.jsonl'}",
         f"task.eval_dataset={gsm8k_files / 'test.jsonl'}",
-        "task.max_eval_samples=4", "eval.max_new_tokens=8",
-        "trainer.per_device_train_batch_size=4", "trainer.num_generations=4", "trainer.max_completion_length=8",
+        "task.max_eval_samples=4",
+        "eval.max_new_tokens=8",
+        "trainer.per_device_train_batch_size=4",
+        "trainer.num_generations=4",
+        "trainer.max_completion_length=8",
     )
     rows = [r for r in read_metrics(run) if "reward" in r]
     assert len(rows) == 2 and all(0.0 <= r["reward"] <= 1.0 for r in rows)
@@ -88,11 +109,13 @@ def test_grpo_qwen3_gsm8k_loads_local_model_and_data(run_recipe, local_qwen3, gs
 @pytest.mark.slow
 def test_dpo_qwen3_ultrafeedback_loads_local_model_and_parquet(run_recipe, local_qwen3, ultrafeedback_file):
     run = run_recipe(
-        "dpo_qwen3_ultrafeedback", *CPU,
+        "dpo_qwen3_ultrafeedback",
+        *CPU,
         f"model.name_or_path={local_qwen3}",
         f"task.dataset={ultrafeedback_file}",
         f"task.eval_dataset={ultrafeedback_file}",
-        "trainer.per_device_train_batch_size=4", "trainer.max_length=64",
+        "trainer.per_device_train_batch_size=4",
+        "trainer.max_length=64",
     )
     rows = [r for r in read_metrics(run) if "rewards/accuracies" in r]
     assert len(rows) == 2 and all(0.0 <= r["rewards/accuracies"] <= 1.0 for r in rows)

@@ -27,7 +27,9 @@ def test_tokenizer_round_trip_and_specials(tmp_path):
     again = load_tokenizer(str(tmp_path))
     assert again(text=text)["input_ids"] == ids and again.padding_side == "left"
     assert again.decode(ids + [again.eos_token_id], skip_special_tokens=True) == text
-    chat = again.apply_chat_template([{"role": "user", "content": "1+1="}], add_generation_prompt=True, tokenize=False)
+    chat = again.apply_chat_template(
+        [{"role": "user", "content": "1+1="}], add_generation_prompt=True, tokenize=False
+    )
     assert chat == "<|user|>1+1=<|assistant|>"
 
 
@@ -42,7 +44,14 @@ def test_arithmetic_splits_are_disjoint_and_answers_correct():
 
 @pytest.mark.parametrize(
     "completion, answer, reward",
-    [("46", "46", 1.0), (" 46 ", "46", 1.0), ("-4", "-4", 1.0), ("45", "46", 0.0), ("46x", "46", 0.0), ("", "3", 0.0)],
+    [
+        ("46", "46", 1.0),
+        (" 46 ", "46", 1.0),
+        ("-4", "-4", 1.0),
+        ("45", "46", 0.0),
+        ("46x", "46", 0.0),
+        ("", "3", 0.0),
+    ],
 )
 def test_arithmetic_reward(completion, answer, reward):
     assert arithmetic_reward(completion, answer) == reward

@@ -11,14 +11,23 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from rlx.config.loader import load_config
 from rlx.embedded import ensure_warm_started, load_tokenizer, warmstart_key
 
-SMALL = ["model.embedded.hidden_size=32", "model.embedded.num_layers=1", "model.embedded.intermediate_size=64",
-         "warmstart.steps=3", "warmstart.batch_size=8", "task.num_train=64", "task.num_eval=8"]
+SMALL = [
+    "model.embedded.hidden_size=32",
+    "model.embedded.num_layers=1",
+    "model.embedded.intermediate_size=64",
+    "warmstart.steps=3",
+    "warmstart.batch_size=8",
+    "task.num_train=64",
+    "task.num_eval=8",
+]
 
 
 def test_key_depends_on_everything_that_shapes_the_model():
     base = load_config(["recipe=grpo_tiny"])
     assert warmstart_key(base) == warmstart_key(load_config(["recipe=grpo_tiny", "trainer.max_steps=1"]))
-    assert warmstart_key(base) == warmstart_key(load_config(["recipe=grpo_tiny", "warmstart.cache_dir=/elsewhere"]))
+    assert warmstart_key(base) == warmstart_key(
+        load_config(["recipe=grpo_tiny", "warmstart.cache_dir=/elsewhere"])
+    )
     for change in ["seed=1", "warmstart.steps=10", "task.max_digits=3", "model.embedded.num_layers=2"]:
         assert warmstart_key(base) != warmstart_key(load_config(["recipe=grpo_tiny", change])), change
 
@@ -28,9 +37,14 @@ def test_warm_start_is_cached_reproducible_and_loadable(tmp_path):
     b = load_config(["recipe=grpo_tiny", *SMALL, f"warmstart.cache_dir={tmp_path / 'b'}"])
     pa, pb = ensure_warm_started(a, progress=False), ensure_warm_started(b, progress=False)
     wa, wb = load_file(str(pa / "model.safetensors")), load_file(str(pb / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # same config+seed, same weights
+    assert wa.keys() == wb.keys() and all(
+        torch.equal(wa[k], wb[k]) for k in wa
+    )  # same config+seed, same weights
     stamp = (pa / "model.safetensors").stat().st_mtime_ns
-    assert ensure_warm_started(a, progress=False) == pa and (pa / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (
+        ensure_warm_started(a, progress=False) == pa
+        and (pa / "model.safetensors").stat().st_mtime_ns == stamp
+    )
     assert not [p for p in pa.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     stats = json.loads((pa / "warmstart.json").read_text())
     assert stats["steps"] == 3 and stats["num_parameters"] > 0

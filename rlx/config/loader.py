@@ -34,7 +34,9 @@ def _read_yaml(path: Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"cannot parse recipe YAML at {where}: {problem}. Fix the YAML syntax there.") from None
+        raise UserError(
+            f"cannot parse recipe YAML at {where}: {problem}. Fix the YAML syntax there."
+        ) from None
     except OSError as e:
         raise UserError(f"cannot read recipe file {path}: {e.strerror}.") from None
     if data is None:
@@ -141,7 +143,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
     return recipe, dotlist
 
 
-def load_config(argv: list[str], recipes_dir: Path = RECIPES_DIR, default_recipe: str | None = None) -> RunConfig:
+def load_config(
+    argv: list[str], recipes_dir: Path = RECIPES_DIR, default_recipe: str | None = None
+) -> RunConfig:
     """Resolve `recipe=NAME key=value ...` into a validated `RunConfig` (an OmegaConf structured object)."""
     recipe, dotlist = parse_overrides(argv)
     recipe = recipe or default_recipe

@@ -122,6 +122,10 @@ class WarmStartConfig:
     """Peak AdamW learning rate (linear warm-up, cosine decay)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
+    min_lr_ratio: float = 0.05
+    """The cosine decay ends at this fraction of the peak, not at 0. A model annealed to lr 0 sits in a narrow
+    basin that any later optimizer restart (RL or more SFT at a small lr) knocks it out of; ending at the
+    RL learning-rate scale makes the warm start a point training can continue from."""
     cache_dir: str | None = None
     """Where warm-started models are cached (default: $RLX_CACHE or ~/.cache/rlx)."""
 

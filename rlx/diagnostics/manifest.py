@@ -143,7 +143,14 @@ class DiagnosticsWriter:
         return path
 
     def write_json(
-        self, relpath: str, obj: Any, *, schema_version: int, instrument: str, description: str, per_rank=False
+        self,
+        relpath: str,
+        obj: Any,
+        *,
+        schema_version: int,
+        instrument: str,
+        description: str,
+        per_rank=False,
     ) -> Path:
         path = self.path(relpath, per_rank)
         with atomic_path(path) as tmp:

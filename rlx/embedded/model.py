@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from rlx.config.schema import EmbeddedModelConfig
 
 
-def build_model(shape: EmbeddedModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausalLM:
+def build_model(
+    shape: EmbeddedModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int
+) -> Qwen2ForCausalLM:
     """Randomly initialised Qwen2ForCausalLM with tied embeddings, sized by `shape`."""
     config = Qwen2Config(
         vocab_size=len(tokenizer),

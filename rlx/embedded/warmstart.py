@@ -80,11 +80,19 @@ def train_warmstart(cfg, out_dir: Path, progress: bool = True) -> dict:
     rows = list(zip(train["prompt"], train["solution"]))
     ws = cfg.warmstart
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=ws.learning_rate, weight_decay=ws.weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=ws.learning_rate, weight_decay=ws.weight_decay, betas=(0.9, 0.98)
+    )
     warmup = max(1, ws.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, ws.steps) / ws.steps)),
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (
+                ws.min_lr_ratio
+                + (1 - ws.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(s, ws.steps) / ws.steps))
+            )
+        ),
     )
     model.train()
     batches = _batches(tokenizer, rows, ws.batch_size, rng)

@@ -22,7 +22,7 @@ def arithmetic_reward(completion: str, answer: str) -> float:
 def generate_problems(n: int, min_digits: int, max_digits: int, operations: list[str], rng: random.Random):
     """`n` distinct problems (a, op, b); operand digit counts drawn uniformly in [min_digits, max_digits]."""
     seen, out = set(), []
-    space = sum(1 for _ in operations) * (10 ** max_digits) ** 2
+    space = sum(1 for _ in operations) * (10**max_digits) ** 2
     if n > space:
         raise UserError(
             f"task.num_train + task.num_eval = {n} distinct problems requested, but only {space} exist with "

@@ -86,7 +86,9 @@ class CountdownTask(Task):
         seen, puzzles = set(), []
         total = cfg.num_eval + cfg.num_train
         while len(puzzles) < total:
-            nums, target, text = random_puzzle(rng.choice(list(cfg.countdown_sizes)), cfg.countdown_max_number, rng)
+            nums, target, text = random_puzzle(
+                rng.choice(list(cfg.countdown_sizes)), cfg.countdown_max_number, rng
+            )
             key = (tuple(sorted(nums)), target)
             if key not in seen:
                 seen.add(key)

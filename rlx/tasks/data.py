@@ -33,7 +33,9 @@ def load_split(spec: str, split: str, config: str | None = None, limit: int | No
             ds = load_from_disk(str(path))
             if not isinstance(ds, Dataset):
                 if split not in ds:
-                    raise UserError(f"dataset {path} has splits {list(ds)}, not '{split}'. Set the split key.")
+                    raise UserError(
+                        f"dataset {path} has splits {list(ds)}, not '{split}'. Set the split key."
+                    )
                 ds = ds[split]
         else:
             ds = load_dataset(spec, config, split=split)

@@ -64,7 +64,10 @@ class GSM8KTask(Task):
 
         def convert(row):
             return {
-                "prompt": [{"role": "system", "content": system}, {"role": "user", "content": row["question"]}],
+                "prompt": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": row["question"]},
+                ],
                 "answer": reference_answer(row["answer"]),
                 "solution": row["answer"].split("####")[0].strip()
                 + f"\n\\boxed{{{reference_answer(row['answer'])}}}",

@@ -54,7 +54,11 @@ def peft_config(cfg):
 
     lc = cfg.model.lora
     return LoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules), task_type="CAUSAL_LM"
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
+        task_type="CAUSAL_LM",
     )
 
 
@@ -89,7 +93,13 @@ def build_trainer(cfg, run: RunContext) -> Built:
     task = get_task(cfg.task)
     instruments = build_instruments(cfg, run)
     callbacks = [MetricsJsonlCallback(run.run_dir / "metrics.jsonl")]
-    common = dict(processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config(cfg), instruments=instruments, run=run)
+    common = dict(
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config(cfg),
+        instruments=instruments,
+        run=run,
+    )
 
     if cfg.algo == "grpo":
         # Under ZeRO-3, TRL would build the reference (beta != 0) under zero.Init, which fails on CPU: load
@@ -113,12 +123,18 @@ def build_trainer(cfg, run: RunContext) -> Built:
         policy = load_causal_lm(model_dir, cfg)
         train_ds, eval_ds = preference_datasets(cfg, task, policy, tokenizer)
         ref = None if cfg.model.lora.enabled else load_causal_lm(model_dir, cfg)  # explicit: ZeRO-3 safe
-        trainer = RLXDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds, **common)
+        trainer = RLXDPOTrainer(
+            model=policy, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds, **common
+        )
     elif cfg.algo == "sft":
         args = make_trainer_config(cfg, run)
         train = task.train_dataset()
-        sft_ds = train.map(lambda r: {"prompt": r["prompt"], "completion": r["solution"]}, remove_columns=train.column_names)
-        trainer = RLXSFTTrainer(model=load_causal_lm(model_dir, cfg), args=args, train_dataset=sft_ds, **common)
+        sft_ds = train.map(
+            lambda r: {"prompt": r["prompt"], "completion": r["solution"]}, remove_columns=train.column_names
+        )
+        trainer = RLXSFTTrainer(
+            model=load_causal_lm(model_dir, cfg), args=args, train_dataset=sft_ds, **common
+        )
     elif cfg.algo == "ppo":
         from rlx.trainers.ppo import build_ppo_trainer
 
@@ -138,7 +154,9 @@ def preference_datasets(cfg, task, policy, tokenizer):
 
     state = PartialState()
     with state.main_process_first():  # sampling is deterministic per seed; rank 0 first only for tidy logs
-        train = build_preference_pairs(policy, tokenizer, task, cfg.preference, "train", cfg.seed, state.is_main_process)
+        train = build_preference_pairs(
+            policy, tokenizer, task, cfg.preference, "train", cfg.seed, state.is_main_process
+        )
         heldout_cfg = OmegaConf.merge(cfg.preference, {"num_pairs": min(64, cfg.task.num_eval)})
         heldout = build_preference_pairs(policy, tokenizer, task, heldout_cfg, "eval", cfg.seed + 1, False)
     return train, heldout
