@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check rlx analysis benchmarks tests
 	$(PY) -m ruff format --check rlx analysis benchmarks tests
 
-bench: $(STAMP)
+bench: $(STAMP)  ## benchmarks run with OMP_NUM_THREADS=1 unless set
 	$(PY) -m benchmarks.run all
 
 clean:

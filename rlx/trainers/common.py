@@ -117,8 +117,17 @@ class InstrumentedMixin:
             return
         keys = sorted(metrics)
         values = torch.tensor([float(metrics[k]) for k in keys], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values, reduction="mean")
+        if (
+            self.accelerator.num_processes > 1
+        ):  # NaN-aware: a rank with no data for a metric does not poison it
+            finite = torch.isfinite(values)
+            sums = self.accelerator.reduce(
+                torch.where(finite, values, torch.zeros_like(values)), reduction="sum"
+            )
+            counts = self.accelerator.reduce(finite.float(), reduction="sum")
+            values = torch.where(
+                counts > 0, sums / counts.clamp_min(1.0), torch.full_like(values, float("nan"))
+            )
         mode = "train" if self.model.training else "eval"
         for k, v in zip(keys, values.tolist()):
             self._metrics[mode][k].append(v)
