@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TRL_EXPERIMENTAL_SILENCE": "1",
+        # One intra-op thread unless told otherwise: on a small or shared box OpenMP spin-waiting makes
+        # interleaved arms swing by several x and the ratios meaningless. Set before torch is imported.
+        "OMP_NUM_THREADS": "1",
     }.items():
         os.environ.setdefault(k, v)
     if not argv or argv[0] in ("-h", "--help", "--list"):
