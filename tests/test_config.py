@@ -112,3 +112,14 @@ def test_readme_lists_every_recipe():
     readme = (REPO / "README.md").read_text()
     missing = [r for r in available_recipes() if f"`{r}`" not in readme]
     assert not missing, f"recipes missing from README.md: {missing}"
+
+
+def test_yaml_boolean_words_reach_string_fields():
+    # YAML 1.1 reads `no` as False; TRL's save_strategy wants the string "no".
+    cfg = load_config(["recipe=grpo_tiny", "trainer.save_strategy=no"])
+    from rlx.config.loader import validate_trainer_args
+
+    assert (
+        validate_trainer_args("grpo", {"save_strategy": cfg.trainer.save_strategy})["save_strategy"] == "no"
+    )
+    assert validate_trainer_args("grpo", {"bf16": False})["bf16"] is False

@@ -239,6 +239,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value  # enums and library types: TRL validates them itself
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(a) for a in typing.get_args(annotation))
+
+
 def validate_trainer_args(algo: str, args: dict[str, Any]) -> dict[str, Any]:
     """Reject unknown or mistyped `trainer.*` keys with the closest valid names."""
     cls = trainer_config_class(algo)
@@ -253,8 +259,11 @@ def validate_trainer_args(algo: str, args: dict[str, Any]) -> dict[str, Any]:
                 f"Closest valid keys: {', '.join('trainer.' + c for c in close) or '(none)'}. "
                 f"See the fields of {cls.__module__}.{cls.__name__}."
             )
+        annotation = hints.get(k, Any)
+        if isinstance(v, bool) and not _accepts_bool(annotation):
+            v = "yes" if v else "no"  # YAML 1.1 reads `no`/`off` as False (e.g. trainer.save_strategy=no)
         try:
-            out[k] = _coerce(v, hints.get(k, Any), k)
+            out[k] = _coerce(v, annotation, k)
         except TypeError as e:
             raise UserError(
                 f"wrong type for config key 'trainer.{k}': expected {e}, got {v!r}. Give a value of that type."

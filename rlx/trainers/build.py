@@ -16,6 +16,8 @@ from rlx.run import RunContext, build_instruments
 from rlx.tasks import EMBEDDED_TASKS, get_task
 from rlx.trainers.common import MetricsJsonlCallback
 
+_USER_TB_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
+
 
 def default_trainer_args(cfg, run: RunContext) -> dict[str, Any]:
     """CPU-safe defaults set explicitly (TRL defaults to bf16 and gradient checkpointing), then the recipe's."""
@@ -40,7 +42,8 @@ def default_trainer_args(cfg, run: RunContext) -> dict[str, Any]:
 def make_trainer_config(cfg, run: RunContext, **algo_defaults):
     cls = trainer_config_class(cfg.algo)
     args = {**algo_defaults, **default_trainer_args(cfg, run)}
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.run_dir / "tensorboard"))
+    # Per run (several runs can share a process); a directory the user exported before launch wins.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TB_DIR or str(run.run_dir / "tensorboard")
     try:
         return cls(**args)
     except (ValueError, TypeError) as e:
