@@ -28,7 +28,10 @@ from rlx.run import RunContext
 V, PAIRS, SEQ = 24, 8, 10
 
 
-def tiny_model(seed: int = 0, dropout: float = 0.0) -> Qwen2ForCausalLM:
+def tiny_model(
+    seed: int = 0, dropout: float = 0.0, dtype=torch.float32, tie: bool = False
+) -> Qwen2ForCausalLM:
+    """A 4-block Qwen2 with vocab V, hidden 16 (shared by the alignment math and instrument tests)."""
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         attention_dropout=dropout,
@@ -39,10 +42,10 @@ def tiny_model(seed: int = 0, dropout: float = 0.0) -> Qwen2ForCausalLM:
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=32,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         attn_implementation="eager",
     )
-    return Qwen2ForCausalLM(cfg)
+    return Qwen2ForCausalLM(cfg).to(dtype)
 
 
 def global_batch(step: int):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from rlx.alignment.math import (
     component_weights,
@@ -23,24 +23,12 @@ from rlx.alignment.math import (
 )
 from rlx.alignment.sketch import CountSketch, sketch_cosine
 from rlx.alignment.target import batch_from_ids, target_gradient, target_head_gradient, target_nll
-
-V = 24
+from tests._alignment_harness import V  # noqa: E402
+from tests._alignment_harness import tiny_model as _tiny_model
 
 
 def tiny_model(dtype=torch.float32, seed=0, tie=False) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-        attn_implementation="eager",
-    )
-    return Qwen2ForCausalLM(cfg).to(dtype)
+    return _tiny_model(seed=seed, dtype=dtype, tie=tie)
 
 
 def token_logps(model, ids):
