@@ -47,6 +47,13 @@ def decide_run_dir(cfg: Any) -> Path:
     if state.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
     run_dir = Path(chosen[0])
+    # Checked on every rank (same answer on a shared filesystem), so all of them stop together.
+    previous = [name for name in ("metrics.jsonl", "final", "run_info.json") if (run_dir / name).exists()]
+    if previous:
+        raise UserError(
+            f"output_dir {run_dir} already holds a run ({', '.join(previous)}); rlx never appends to or overwrites "
+            "a finished run. Choose a new output_dir (or omit it for runs/<recipe>/<timestamp>), or delete that one."
+        )
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

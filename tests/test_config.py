@@ -123,3 +123,22 @@ def test_yaml_boolean_words_reach_string_fields():
         validate_trainer_args("grpo", {"save_strategy": cfg.trainer.save_strategy})["save_strategy"] == "no"
     )
     assert validate_trainer_args("grpo", {"bf16": False})["bf16"] is False
+
+
+def test_existing_run_dir_is_refused_and_left_intact(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (tmp_path / "config.yaml").write_text("algo: dpo\n")
+    p = subprocess.run(
+        [sys.executable, "rlx/train.py", "recipe=grpo_tiny", f"output_dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert (
+        p.returncode == 2
+        and "already holds a run (metrics.jsonl)" in p.stderr
+        and "Traceback" not in p.stderr
+    )
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+    assert (tmp_path / "config.yaml").read_text() == "algo: dpo\n"
