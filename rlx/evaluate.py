@@ -63,8 +63,6 @@ def evaluate(
 
 def resolve(argv: list[str]):
     """Config and model path from `run_dir=` (the run's saved config) or `model=` + overrides."""
-    from omegaconf import OmegaConf
-
     from rlx.config.loader import load_config
 
     run_dir, output, rest = None, None, []
@@ -99,7 +97,7 @@ def resolve(argv: list[str]):
         if output is None:
             raise UserError("without run_dir=, give output=DIR for eval.json and samples.jsonl.")
         out = output
-    return cfg, model_path, out, OmegaConf
+    return cfg, model_path, out
 
 
 @exit_on_user_error
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     from rlx.models import load_causal_lm, load_tokenizer_for
     from rlx.tasks import get_task
 
-    cfg, model_path, out, _ = resolve(sys.argv[1:] if argv is None else argv)
+    cfg, model_path, out = resolve(sys.argv[1:] if argv is None else argv)
     if str(cfg.replay.mode).lower() in ("false", "none", ""):  # YAML 1.1 reads `replay=off` as a boolean
         cfg.replay.mode = "off"
     tokenizer = load_tokenizer_for(model_path)
