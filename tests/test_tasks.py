@@ -12,7 +12,7 @@ from rlx.algorithms.passk import pass_at_k
 from rlx.config.schema import TaskConfig
 from rlx.embedded import build_tokenizer, load_tokenizer
 from rlx.tasks import get_task
-from rlx.tasks.arithmetic import arithmetic_reward
+from rlx.tasks.arithmetic import ArithmeticTask, arithmetic_reward, buggy_op
 from rlx.tasks.countdown import countdown_reward, parse_expression, random_puzzle
 from rlx.tasks.gsm8k import math_reward, reference_answer
 
@@ -104,3 +104,24 @@ def _pass_at_k_brute(n, c, k):
 def test_pass_at_k_matches_enumeration(n, c, k):
     assert math.isclose(pass_at_k(n, c, k), _pass_at_k_brute(n, c, k), rel_tol=1e-12)
     assert math.isclose(pass_at_k(n, c, k), 1 - math.comb(n - c, k) / math.comb(n, k), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "a, op, b, expected",
+    [
+        (47, "+", 38, 75),  # 7+8=15 -> 5, carry forgotten; 4+3=7
+        (99, "+", 1, 90),
+        (5, "+", 7, 2),
+        (23, "+", 41, 64),  # no carry: the bug is invisible
+        (52, "-", 38, 26),  # |2-8|=6, |5-3|=2
+        (38, "-", 52, -26),  # sign of a-b, digits of the larger minus the smaller
+        (10, "-", 1, 11),
+        (5, "-", 7, -2),
+        (57, "-", 23, 34),  # no borrow: correct
+    ],
+)
+def test_buggy_column_arithmetic(a, op, b, expected):
+    assert buggy_op(a, op, b) == expected
+    task = ArithmeticTask.__new__(ArithmeticTask)
+    correct = a + b if op == "+" else a - b
+    assert task.buggy_solution(f"{a}{op}{b}=") == (None if expected == correct else str(expected))

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from rlx.config.loader import load_config
 from rlx.embedded import ensure_warm_started, load_tokenizer, warmstart_key
+from rlx.embedded.warmstart import teacher_rows
+from rlx.errors import UserError
+from rlx.tasks import get_task
 
 SMALL = [
     "model.embedded.hidden_size=32",
@@ -28,7 +33,13 @@ def test_key_depends_on_everything_that_shapes_the_model():
     assert warmstart_key(base) == warmstart_key(
         load_config(["recipe=grpo_tiny", "warmstart.cache_dir=/elsewhere"])
     )
-    for change in ["seed=1", "warmstart.steps=10", "task.max_digits=3", "model.embedded.num_layers=2"]:
+    for change in [
+        "seed=1",
+        "warmstart.steps=10",
+        "warmstart.teacher_bug_rate=0",
+        "task.max_digits=3",
+        "model.embedded.num_layers=2",
+    ]:
         assert warmstart_key(base) != warmstart_key(load_config(["recipe=grpo_tiny", change])), change
 
 
@@ -52,3 +63,23 @@ def test_warm_start_is_cached_reproducible_and_loadable(tmp_path):
     tok = load_tokenizer(str(pa))
     assert model.config.model_type == "qwen2" and model.config.vocab_size == len(tok)
     assert isinstance(tok, PreTrainedTokenizerFast) and tok.padding_side == "left"
+
+
+def test_teacher_mixes_buggy_targets_at_the_requested_rate():
+    task = get_task(load_config(["recipe=grpo_tiny"]).task)
+    train = task.train_dataset()
+    clean, n_clean = teacher_rows(task, 0.0, random.Random(0))
+    assert n_clean == 0 and [s for _, s in clean] == list(train["solution"])
+    rows, n_buggy = teacher_rows(task, 0.6, random.Random(0))
+    affected = sum(task.buggy_solution(p) is not None for p in train["prompt"])
+    # every buggy target is the bug's answer, and about 60% of the affected problems got one
+    changed = [(p, s) for (p, s), ref in zip(rows, train["solution"]) if s != ref]
+    assert len(changed) == n_buggy and all(task.buggy_solution(p) == s for p, s in changed)
+    assert 0.55 < n_buggy / affected < 0.65
+    assert teacher_rows(task, 0.6, random.Random(0)) == (rows, n_buggy)  # reproducible
+
+
+def test_teacher_bug_rate_outside_0_1_is_a_user_error():
+    task = get_task(load_config(["recipe=grpo_tiny"]).task)
+    with pytest.raises(UserError, match="teacher_bug_rate=1.5 is not a probability"):
+        teacher_rows(task, 1.5, random.Random(0))

@@ -114,8 +114,8 @@ class WarmStartConfig:
 
     enabled: bool = True
     """Warm-start the embedded model before RL (ignored for real models)."""
-    steps: int = 900
-    """Optimizer steps of next-token training on verified solutions."""
+    steps: int = 2000
+    """Optimizer steps of next-token training on the teacher's solutions."""
     batch_size: int = 64
     """Sequences per step."""
     learning_rate: float = 2e-3
@@ -126,6 +126,13 @@ class WarmStartConfig:
     """The cosine decay ends at this fraction of the peak, not at 0. A model annealed to lr 0 sits in a narrow
     basin that any later optimizer restart (RL or more SFT at a small lr) knocks it out of; ending at the
     RL learning-rate scale makes the warm start a point training can continue from."""
+    teacher_bug_rate: float = 0.6
+    """Fraction of training problems whose warm-start target is a systematically buggy solver's answer instead of
+    the correct one (arithmetic: addition that forgets the carry, subtraction that takes the smaller digit from the
+    larger; `rlx.tasks.arithmetic.buggy_op`). The base policy then has a structural flaw, a habit shared across
+    prompts, which is what RL with a verifiable reward can find and fix at this scale; with 0 the clean tiny
+    model's errors are per-problem and GRPO barely moves its greedy accuracy (docs/tiny_rl.md). Drawn once per
+    problem with `seed`. Tasks that define no bug (countdown) train on correct solutions whatever this says."""
     cache_dir: str | None = None
     """Where warm-started models are cached (default: $RLX_CACHE or ~/.cache/rlx)."""
 

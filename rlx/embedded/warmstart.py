@@ -1,7 +1,10 @@
-"""Supervised warm start of the embedded model on verified task solutions, cached on disk.
+"""Supervised warm start of the embedded model on a (deliberately imperfect) teacher's solutions, cached on disk.
 
-The random tiny model is trained with next-token cross-entropy on `prompt + solution + eos` (loss on the
-solution tokens only) for `warmstart.steps` AdamW steps. The result is saved with `save_pretrained`
+The random tiny model is trained with next-token cross-entropy on `prompt + target + eos` (loss on the
+target tokens only) for `warmstart.steps` AdamW steps. The target is the verified solution, except on a
+`warmstart.teacher_bug_rate` fraction of problems where it is a systematically buggy solver's answer (for
+arithmetic, the forgotten carry and smaller-from-larger subtraction): the base policy learns a structural flaw
+next to partial competence, the situation RL with a verifiable reward is meant to repair (docs/tiny_rl.md). The result is saved with `save_pretrained`
 (model and tokenizer) to `<cache>/warmstart/<key>/`, where key hashes everything that determines it
 (model shape, task, warm-start settings, seed, code version), so every later load is the real
 `from_pretrained` path and identical configs reuse it. Written to a temp dir and renamed, so a killed
@@ -25,9 +28,10 @@ from tqdm.auto import tqdm
 
 from rlx.embedded.model import build_model
 from rlx.embedded.tokenizer import build_tokenizer
+from rlx.errors import UserError
 from rlx.tasks import get_task
 
-WARMSTART_VERSION = 1
+WARMSTART_VERSION = 2
 
 
 def cache_root(cfg) -> Path:
@@ -71,15 +75,35 @@ def _batches(tokenizer, rows: list[tuple[str, str]], batch_size: int, rng: rando
             yield ids, mask, labels
 
 
+def teacher_rows(task, bug_rate: float, rng: random.Random) -> tuple[list[tuple[str, str]], int]:
+    """(prompt, target) pairs for the warm start and how many targets are buggy.
+
+    Each training problem's target is the task's `buggy_solution` with probability `bug_rate` (drawn once per
+    problem, in dataset order, from `rng`), else its verified solution. Problems the bug does not affect, and
+    tasks without a bug, keep the correct solution.
+    """
+    if not 0.0 <= bug_rate <= 1.0:
+        raise UserError(
+            f"warmstart.teacher_bug_rate={bug_rate} is not a probability: expected a value in [0, 1] "
+            "(0 trains on correct solutions only)."
+        )
+    train = task.train_dataset()
+    rows, num_buggy = [], 0
+    for prompt, solution in zip(train["prompt"], train["solution"]):
+        wrong = task.buggy_solution(prompt) if rng.random() < bug_rate else None
+        rows.append((prompt, solution if wrong is None else wrong))
+        num_buggy += wrong is not None
+    return rows, num_buggy
+
+
 def train_warmstart(cfg, out_dir: Path, progress: bool = True) -> dict:
     """Build the tiny model and tokenizer, run the SFT warm start, save both to `out_dir`. Returns stats."""
     tokenizer = build_tokenizer()
     model = build_model(cfg.model.embedded, tokenizer, seed=cfg.seed)
     task = get_task(cfg.task)
-    train = task.train_dataset()
-    rows = list(zip(train["prompt"], train["solution"]))
     ws = cfg.warmstart
     rng = random.Random(cfg.seed)
+    rows, num_buggy = teacher_rows(task, ws.teacher_bug_rate, rng)
     opt = torch.optim.AdamW(
         model.parameters(), lr=ws.learning_rate, weight_decay=ws.weight_decay, betas=(0.9, 0.98)
     )
@@ -119,6 +143,9 @@ def train_warmstart(cfg, out_dir: Path, progress: bool = True) -> dict:
         "seconds": round(time.time() - t0, 2),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "task": cfg.task.name,
+        "teacher_bug_rate": ws.teacher_bug_rate,
+        "num_buggy_targets": num_buggy,
+        "num_targets": len(rows),
     }
     (out_dir / "warmstart.json").write_text(json.dumps(stats, indent=1))
     return stats

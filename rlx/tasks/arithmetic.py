@@ -39,6 +39,29 @@ def generate_problems(n: int, min_digits: int, max_digits: int, operations: list
     return out
 
 
+def buggy_op(a: int, op: str, b: int) -> int:
+    """The answer of the two classic column-arithmetic bugs (Brown & Burton 1978, "Diagnostic models for procedural
+    bugs in basic mathematical skills"), applied column by column from the units up:
+
+    - addition forgets the carry: each result digit is (a_i + b_i) mod 10, so 47+38 -> 75 (correct 85);
+    - subtraction takes the smaller digit from the larger ("smaller-from-larger"): each digit is |x_i - y_i| for
+      x = max(a, b), y = min(a, b), and the sign is that of a - b, so 52-38 -> 26 (correct 14), 38-52 -> -26.
+
+    Problems that need no carry or borrow come out right. Other operators have no bug (the correct value).
+    """
+    if op == "+":
+        width = max(len(str(a)), len(str(b)))
+        return sum(((a // 10**i % 10 + b // 10**i % 10) % 10) * 10**i for i in range(width))
+    if op == "-":
+        x, y = max(a, b), min(a, b)
+        digits = sum(abs(x // 10**i % 10 - y // 10**i % 10) * 10**i for i in range(len(str(x))))
+        return digits if a >= b else -digits
+    return evaluate_op(a, op, b)
+
+
+_PROBLEM = re.compile(r"^(\d+)([+*-])(\d+)=$")
+
+
 def evaluate_op(a: int, op: str, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b}[op]
 
@@ -73,3 +96,12 @@ class ArithmeticTask(Task):
 
     def score(self, completion: str, answer: str) -> float:
         return arithmetic_reward(completion, answer)
+
+    def buggy_solution(self, prompt: str) -> str | None:
+        """`buggy_op` on the problem in `prompt` (None when the bug gives the correct answer)."""
+        m = _PROBLEM.match(prompt)
+        if m is None:
+            return None
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        wrong = buggy_op(a, op, b)
+        return None if wrong == evaluate_op(a, op, b) else str(wrong)

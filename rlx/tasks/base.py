@@ -37,6 +37,14 @@ class Task:
         """Reward of one completion text against the reference answer."""
         raise NotImplementedError
 
+    def buggy_solution(self, prompt: str) -> str | None:
+        """The answer a systematically buggy solver gives for `prompt`, or None when this task defines no bug.
+
+        The warm start mixes these into its targets (`warmstart.teacher_bug_rate`) so the base policy carries a
+        structural flaw that RL can find and fix. None also when the bug happens to give the right answer.
+        """
+        return None
+
     def is_correct(self, completion: str, answer: str) -> bool:
         return self.score(completion, answer) >= 1.0
 
