@@ -53,24 +53,39 @@ class LayerTargets:
     """(U,) LM-head bias at U, if the head has one."""
     local_ids: torch.Tensor | None = None
     """(N, k) positions of `top_ids` within U."""
+    gathered_rows: torch.Tensor | None = None
+    """(N, k, d) LM-head rows at `top_ids`, gathered once per prompt when U is too large for the (N, U) matmul
+    but N·k·d fits the memory cap (else they are gathered again at every step)."""
+    gathered_bias: torch.Tensor | None = None
+    """(N, k) LM-head bias at `top_ids`, if the head has one."""
 
     def rl_logits(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """RL logits (N, k) at the base top-k ids of normed `x` (N, d)."""
-        if self.head_rows is None:
-            return logits_at(x, head, self.top_ids)
-        z = x @ self.head_rows.to(x.dtype).T
-        if self.head_bias is not None:
-            z = z + self.head_bias.to(x.dtype)
-        return z.gather(1, self.local_ids)
+        if self.head_rows is not None:
+            z = x @ self.head_rows.to(x.dtype).T
+            if self.head_bias is not None:
+                z = z + self.head_bias.to(x.dtype)
+            return z.gather(1, self.local_ids)
+        if self.gathered_rows is not None:
+            z = torch.einsum("nd,nkd->nk", x, self.gathered_rows.to(x.dtype))
+            return z + self.gathered_bias.to(x.dtype) if self.gathered_bias is not None else z
+        return logits_at(x, head, self.top_ids)
 
-    def cache_head(self, head: nn.Module, max_union: int) -> None:
-        """Precompute the head rows once per prompt when |U| <= max_union: one (N, U) matmul per step beats
-        gathering N·k rows (the union of top-k ids overlaps heavily)."""
+    def cache_head(self, head: nn.Module, max_union: int, max_gathered: int) -> None:
+        """Precompute the head rows the loss reads, once per prompt (the weights are frozen during the loop).
+
+        |U| <= max_union: the union's rows, one (N, U) matmul per step (the top-k ids of nearby positions overlap
+        heavily). Else, when N·k·d <= max_gathered elements: the (N, k, d) rows themselves, so no step gathers
+        from the (|V|, d) head again (that gather was a third of the preparation time at 7B depth ratios).
+        """
         union, local = torch.unique(self.top_ids, return_inverse=True)
+        bias = getattr(head, "bias", None)
         if union.numel() <= max_union:
             self.head_rows, self.local_ids = head.weight[union].detach(), local
-            bias = getattr(head, "bias", None)
             self.head_bias = bias[union].detach() if bias is not None else None
+        elif self.top_ids.numel() * head.weight.shape[1] <= max_gathered:
+            self.gathered_rows = head.weight[self.top_ids].detach()
+            self.gathered_bias = bias[self.top_ids].detach() if bias is not None else None
 
 
 @dataclass
@@ -137,11 +152,21 @@ def base_targets(
     return targets
 
 
-def cache_rl_head(targets: list[LayerTargets], rl: DecoderParts, top_k: int) -> None:
-    """Per layer, keep the RL head rows of the union of base top-k ids if that union is small (<= 16 k)."""
+MAX_GATHERED_ELEMENTS = 1 << 28
+"""Budget for cached (N, k, d) head rows over all layers of one batch (256 Mi elements: 512 MiB in bf16)."""
+
+
+def cache_rl_head(
+    targets: list[LayerTargets], rl: DecoderParts, top_k: int, max_gathered: int = MAX_GATHERED_ELEMENTS
+) -> None:
+    """Per layer, cache the RL head rows the loss reads: the union of base top-k ids if it is small (<= 16 k),
+    else the per-position rows while the `max_gathered`-element budget lasts."""
+    budget = max_gathered
     for t in targets:
         if t.rows.numel():
-            t.cache_head(rl.head, 16 * top_k)
+            t.cache_head(rl.head, 16 * top_k, budget)
+            if t.gathered_rows is not None:
+                budget -= t.gathered_rows.numel()
 
 
 def replay_loss(
