@@ -55,6 +55,14 @@ def test_every_recipe_resolves():
         ),
         (["recipe=grpo_tiny", "seed=abc"], ["wrong type for config key 'seed'", "int", "abc"]),
         (
+            ["recipe=grpo_tiny", "warmstart.teacher_bug_rate=abc"],
+            ["wrong type for config key 'warmstart.teacher_bug_rate'", "expected float", "abc"],
+        ),
+        (
+            ["recipe=grpo_tiny", "model.embedded.hidden_size=big"],
+            ["wrong type for config key 'model.embedded.hidden_size'", "expected int", "big"],
+        ),
+        (
             ["recipe=grpo_tiny", "trainer.max_steps=ten"],
             ["wrong type for config key 'trainer.max_steps'", "int", "ten"],
         ),

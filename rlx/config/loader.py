@@ -106,7 +106,9 @@ def _explain(e: OmegaConfBaseException, base: DictConfig, source: str) -> UserEr
             "Run with print_config=true to see every key."
         )
     if isinstance(e, ValidationError):
-        node = base._get_node(key) if key else None
+        node = base
+        for part in key.split(".") if key else ():  # nested keys: walk down, `_get_node` takes one level
+            node = node._get_node(part) if isinstance(node, DictConfig) else None
         expected = getattr(node, "_metadata", None)
         expected = getattr(expected, "ref_type", None) or getattr(expected, "object_type", None) or "?"
         name = getattr(expected, "__name__", str(expected))
