@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from rlx.replay.hooks import DecoderParts, decoder_parts
-from rlx.replay.logit_lens import entropy_topk, logits_at, rms_norm, topk_kl
+from rlx.replay.logit_lens import entropy_topk, head_rows_at, rms_norm, topk_kl
 from rlx.replay.streams import frozen, layer_streams
 
 
@@ -61,31 +61,30 @@ class LayerTargets:
 
     def rl_logits(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """RL logits (N, k) at the base top-k ids of normed `x` (N, d)."""
-        if self.head_rows is not None:
+        if self.local_ids is not None:  # union cache: one (N, U) matmul, then pick each row's k columns
             z = x @ self.head_rows.to(x.dtype).T
             if self.head_bias is not None:
                 z = z + self.head_bias.to(x.dtype)
             return z.gather(1, self.local_ids)
-        if self.gathered_rows is not None:
-            z = torch.einsum("nd,nkd->nk", x, self.gathered_rows.to(x.dtype))
-            return z + self.gathered_bias.to(x.dtype) if self.gathered_bias is not None else z
-        return logits_at(x, head, self.top_ids)
+        rows, bias = self.gathered_rows, self.gathered_bias
+        if rows is None:  # over the caching budget: gather at every step
+            rows, bias = head_rows_at(head, self.top_ids)
+        z = torch.einsum("nd,nkd->nk", x, rows.to(x.dtype))
+        return z + bias.to(x.dtype) if bias is not None else z
 
     def cache_head(self, head: nn.Module, max_union: int, max_gathered: int) -> None:
         """Precompute the head rows the loss reads, once per prompt (the weights are frozen during the loop).
 
         |U| <= max_union: the union's rows, one (N, U) matmul per step (the top-k ids of nearby positions overlap
         heavily). Else, when N·k·d <= max_gathered elements: the (N, k, d) rows themselves, so no step gathers
-        from the (|V|, d) head again (that gather was a third of the preparation time at 7B depth ratios).
+        from the (|V|, d) head again (under the profiler that gather was a third of the preparation time at 7B
+        depth ratios).
         """
         union, local = torch.unique(self.top_ids, return_inverse=True)
-        bias = getattr(head, "bias", None)
         if union.numel() <= max_union:
-            self.head_rows, self.local_ids = head.weight[union].detach(), local
-            self.head_bias = bias[union].detach() if bias is not None else None
+            (self.head_rows, self.head_bias), self.local_ids = head_rows_at(head, union), local
         elif self.top_ids.numel() * head.weight.shape[1] <= max_gathered:
-            self.gathered_rows = head.weight[self.top_ids].detach()
-            self.gathered_bias = bias[self.top_ids].detach() if bias is not None else None
+            self.gathered_rows, self.gathered_bias = head_rows_at(head, self.top_ids)
 
 
 @dataclass

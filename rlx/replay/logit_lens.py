@@ -32,13 +32,11 @@ def _head_weight(head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return w, b
 
 
-def logits_at(x: torch.Tensor, head: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of normed `x` (N, d): all (N, |V|), or only the columns `ids` (N, k) -> (N, k)."""
-    w, b = _head_weight(head, x.dtype)
-    if ids is None:
-        return F.linear(x, w, b)
-    out = torch.einsum("nd,nkd->nk", x, w[ids])
-    return out + b[ids] if b is not None else out
+def head_rows_at(head: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LM-head rows (*ids.shape, d) and bias (*ids.shape) at token `ids`, detached (the head is read, not
+    trained). Gathered in the head's dtype, so a later cast copies only these rows, never the (|V|, d) head."""
+    bias = getattr(head, "bias", None)
+    return head.weight[ids].detach(), (bias[ids].detach() if bias is not None else None)
 
 
 def _chunks(v: int, chunk: int):
