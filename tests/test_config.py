@@ -90,6 +90,7 @@ def test_unreadable_yaml_names_file_and_line(tmp_path):
     [
         (["recipe=does_not_exist"], "unknown recipe"),
         (["recipe=grpo_tiny", "trainer.lerning_rate=1e-5"], "trainer.learning_rate"),
+        (["recipe=grpo_tiny", "warmstart.teacher_bug_rate=1.5"], "teacher_bug_rate=1.5 is not a probability"),
     ],
 )
 def test_cli_exits_2_without_traceback(args, expect):

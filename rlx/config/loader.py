@@ -165,6 +165,11 @@ def load_config(
         cfg = _merge(cfg, layer, f"override '{item}'")
     if cfg.algo not in ALGOS:
         raise UserError(f"unknown algo '{cfg.algo}': expected one of {', '.join(ALGOS)}.")
+    if not 0.0 <= cfg.warmstart.teacher_bug_rate <= 1.0:
+        raise UserError(
+            f"warmstart.teacher_bug_rate={cfg.warmstart.teacher_bug_rate} is not a probability: expected a value "
+            "in [0, 1] (0 trains the warm start on correct solutions only)."
+        )
     validate_trainer_args(cfg.algo, OmegaConf.to_container(cfg.trainer, resolve=True))
     return cfg
 

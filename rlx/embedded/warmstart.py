@@ -4,10 +4,10 @@ The random tiny model is trained with next-token cross-entropy on `prompt + targ
 target tokens only) for `warmstart.steps` AdamW steps. The target is the verified solution, except on a
 `warmstart.teacher_bug_rate` fraction of problems where it is a systematically buggy solver's answer (for
 arithmetic, the forgotten carry and smaller-from-larger subtraction): the base policy learns a structural flaw
-next to partial competence, the situation RL with a verifiable reward is meant to repair (docs/tiny_rl.md). The result is saved with `save_pretrained`
-(model and tokenizer) to `<cache>/warmstart/<key>/`, where key hashes everything that determines it
-(model shape, task, warm-start settings, seed, code version), so every later load is the real
-`from_pretrained` path and identical configs reuse it. Written to a temp dir and renamed, so a killed
+next to partial competence, the situation RL with a verifiable reward is meant to repair (docs/tiny_rl.md).
+The result is saved with `save_pretrained` (model and tokenizer) to `<cache>/warmstart/<key>/`, where key
+hashes everything that determines it (model shape, task, warm-start settings, seed, code version), so every
+later load is the real `from_pretrained` path and identical configs reuse it. Written to a temp dir and renamed, so a killed
 build never leaves a half-written model behind.
 """
 
@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from rlx.embedded.model import build_model
 from rlx.embedded.tokenizer import build_tokenizer
-from rlx.errors import UserError
 from rlx.tasks import get_task
 
 WARMSTART_VERSION = 2
@@ -82,11 +81,6 @@ def teacher_rows(task, bug_rate: float, rng: random.Random) -> tuple[list[tuple[
     problem, in dataset order, from `rng`), else its verified solution. Problems the bug does not affect, and
     tasks without a bug, keep the correct solution.
     """
-    if not 0.0 <= bug_rate <= 1.0:
-        raise UserError(
-            f"warmstart.teacher_bug_rate={bug_rate} is not a probability: expected a value in [0, 1] "
-            "(0 trains on correct solutions only)."
-        )
     train = task.train_dataset()
     rows, num_buggy = [], 0
     for prompt, solution in zip(train["prompt"], train["solution"]):
