@@ -185,16 +185,14 @@ def weighted_grad(token_logps: torch.Tensor, params: Sequence[torch.Tensor], wei
 
 def per_param_dot(a: Vec, b: Vec) -> torch.Tensor:
     """(n,) float64: <a_i, b_i> per tensor (fp32 products accumulated in float64)."""
-    return torch.stack([(x.float() * y.float()).sum(dtype=torch.float64).cpu() for x, y in zip(a, b)])
+    dots = [(x.float() * y.float()).sum(dtype=torch.float64).cpu() for x, y in zip(a, b)]
+    return torch.stack(dots) if dots else torch.zeros(0, dtype=torch.float64)
 
 
 def dot(a: Vec, b: Vec, index: Sequence[int] | None = None) -> torch.Tensor:
     """<a, b> accumulated in float64 (over the tensors in `index`, default all)."""
     idx = range(len(a)) if index is None else index
-    total = torch.zeros((), dtype=torch.float64)
-    for i in idx:
-        total = total + (a[i].float() * b[i].float()).sum(dtype=torch.float64).cpu()
-    return total
+    return per_param_dot([a[i] for i in idx], [b[i] for i in idx]).sum()
 
 
 def sq_norm(a: Vec, index: Sequence[int] | None = None) -> torch.Tensor:
