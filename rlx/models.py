@@ -60,19 +60,22 @@ def load_causal_lm(path: str, cfg=None, **kwargs):
         kwargs.setdefault("trust_remote_code", mcfg.trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         # VLMs (e.g. Qwen2.5-VL, Activation Replay's MM-Eureka pair) map only to ImageTextToText.
-        from transformers import AutoModelForImageTextToText
-
-        try:
-            return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        except (OSError, ValueError):
-            raise UserError(
-                f"cannot load a causal LM from '{path}': {e}. Give an HF-format model directory (config.json + "
-                "weights) or a hub id reachable from here."
-            ) from None
-    except OSError as e:
+        vlm = _image_text_to_text(path, kwargs) if isinstance(e, ValueError) else None
+        if vlm is not None:
+            return vlm
         raise UserError(
             f"cannot load a causal LM from '{path}': {e}. Give an HF-format model directory (config.json + "
             "weights) or a hub id reachable from here."
         ) from None
+
+
+def _image_text_to_text(path: str, kwargs: dict):
+    """The model as `AutoModelForImageTextToText`, or None when it is not one either."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError):
+        return None
