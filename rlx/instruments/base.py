@@ -156,6 +156,20 @@ class Instrument:
 
     def on_train_end(self, trainer: Any) -> None: ...
 
+    # ---- resume --------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every buffered row to disk now. Called at each checkpoint, before the run's diagnostics are
+        snapshotted into it, so a kill loses nothing a checkpoint covers."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this instrument needs to continue *exactly* after a resume (tensors, numbers, lists,
+        generator states, rows kept in memory). Saved per rank in every checkpoint (`torch.save`)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned; called before training resumes (before `on_train_begin`)."""
+
 
 class InstrumentSet:
     """The enabled instruments of a run, called in a fixed order on every rank."""
@@ -188,6 +202,23 @@ class InstrumentSet:
     def call(self, event: str, trainer: Any) -> None:
         for inst in self.instruments:
             getattr(inst, event)(trainer)
+
+    def flush(self) -> None:
+        for inst in self.instruments:
+            inst.flush()
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {inst.name: inst.state_dict() for inst in self.instruments}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        """Restore each instrument; a checkpoint from a run with other instruments is refused."""
+        names = [inst.name for inst in self.instruments]
+        if sorted(state) != sorted(names):
+            raise ValueError(
+                f"the checkpoint holds state for instruments {sorted(state)}, this run has {sorted(names)}"
+            )
+        for inst in self.instruments:
+            inst.load_state_dict(state[inst.name])
 
 
 # ---- capture of l_t and h during the loss forward -----------------------------------------------------
