@@ -238,3 +238,32 @@ def test_countsketch_linear_deterministic_and_accurate():
     exact = cosine(dot(a, b).item(), sq_norm(a).item(), sq_norm(b).item())
     assert abs(sketch_cosine(sa, sb) - exact) < 0.05
     assert abs(sa.norm().item() ** 2 / sq_norm(a).item() - 1) < 0.1
+
+
+def test_all_zero_advantage_batch_is_all_kl(setup):
+    """GRPO micro-batch with every A_i = 0 and beta > 0: w_t is the KL term's alone. The policy part
+    w - w_kl is fp32 round-off there, so no token may be labelled positive or negative learning, and the
+    KL component must carry the whole of w (and of G)."""
+    model, ids, mask, _, params, gT, _ = setup
+    adv = torch.zeros(6)
+    with torch.no_grad():
+        ref = token_logps(model, ids) + 0.1 * torch.randn(6, 9, generator=torch.Generator().manual_seed(3))
+    beta = 0.04
+    loss, lp = grpo_like(model, ids, mask, adv, ref, beta)
+    (w,) = torch.autograd.grad(loss, lp, retain_graph=True)
+    w_kl = kl_token_weights(w, mask, lp.detach(), ref, adv, beta)
+    pg = w * mask - w_kl * mask
+    assert (pg != 0).any()  # the round-off the rule must not call learning
+    comps = component_weights(w, mask, w_kl)
+    assert int((comps["pos"] != 0).sum()) == 0 and int((comps["neg"] != 0).sum()) == 0
+    assert torch.equal(comps["kl"], w * mask)
+    G_kl = dot(gT, weighted_grad(lp, params, comps["kl"])).item()
+    G_total = dot(gT, weighted_grad(lp, params, w * mask)).item()
+    assert G_kl == pytest.approx(G_total, rel=1e-12)
+    # the tolerance scales with w: a row with a real advantage 1e-3 of the KL scale is still learning
+    adv2 = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1e-3])
+    loss2, lp2 = grpo_like(model, ids, mask, adv2, ref, beta)
+    (w2,) = torch.autograd.grad(loss2, lp2)
+    c2 = component_weights(w2, mask, kl_token_weights(w2, mask, lp2.detach(), ref, adv2, beta))
+    assert (c2["pos"][5] != 0).sum() == mask[5].sum() and (c2["pos"][:5] == 0).all()
+    assert (c2["neg"] == 0).all()

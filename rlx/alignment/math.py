@@ -76,17 +76,21 @@ def component_weights(
 ) -> dict[str, torch.Tensor]:
     """Split w_t into positive learning (w < 0), negative learning (w > 0) and, if given, the KL part.
 
-    `w_kl` is subtracted first, so the sign split applies to the policy-gradient part only. The returned
-    weights sum exactly to `w * mask`. Shapes (B, T).
+    `w_kl` is subtracted first, so the sign split applies to the policy-gradient part pg = w - w_kl only.
+    Because w_kl is a least-squares fit, pg is round-off (not zero) on tokens whose advantage is zero. The
+    rule: a token is positive learning iff pg_t < -tol and negative learning iff pg_t > tol, with
+    tol = 1e-5 * max_t |w_t| over the masked tokens, i.e. **relative to w itself**, not to pg. A tolerance
+    relative to pg would rescale with the round-off: in a micro-batch whose advantages are all zero, pg is
+    round-off everywhere and its own maximum would label half of it positive and half negative learning.
+    Tokens under the tolerance stay in the KL part, so the three components still sum exactly to
+    `w * mask`. Without `w_kl` the split is exact (no tolerance). Shapes (B, T).
     """
     w = w * mask
     if w_kl is None:
         zero = torch.zeros_like(w)
         return {"pos": torch.where(w < 0, w, zero), "neg": torch.where(w > 0, w, zero)}
     pg = w - w_kl * mask
-    # The KL split is a least-squares fit: treat round-off-sized policy weights (zero-advantage tokens) as 0
-    # and keep the residue in the KL part, so the three components still sum exactly to w.
-    tol = 1e-5 * float(pg.abs().max()) if pg.numel() else 0.0
+    tol = 1e-5 * float(w.abs().max()) if w.numel() else 0.0
     zero = torch.zeros_like(pg)
     pos, neg = torch.where(pg < -tol, pg, zero), torch.where(pg > tol, pg, zero)
     return {"pos": pos, "neg": neg, "kl": w - pos - neg}
