@@ -52,7 +52,7 @@ def make_ctx(trainer, seed=0):
 
 
 def make(tmp_path, **kw):
-    cfg = OmegaConf.structured(RelaxConfig(**{"dict_batch_size": 4, **kw}))
+    cfg = OmegaConf.structured(RelaxConfig(**{"dict_batch_size": 4, "dict_steps": 16, **kw}))
     run = RunContext(cfg=None, run_dir=tmp_path, writer=DiagnosticsWriter(tmp_path))
     return registered_instruments()["relax"](cfg, run)
 
@@ -113,8 +113,9 @@ def test_relax_step_metrics_gradients_dumps_and_resume(tmp_path):
         "relax/kl",
     }
     # recompute DSD with the fitted dictionary: the metrics are what the formulas say
-    w = inst.weight
-    k = koopman_operator(dictionary_features(ctx.completion_hidden.detach(), w), ctx.completion_mask, 1e-3)
+    w = inst.weight.double()
+    h64, m64 = ctx.completion_hidden.detach().double(), ctx.completion_mask.double()
+    k = koopman_operator(dictionary_features(h64, w), m64, 1e-3)  # float64 reference
     dsd, _ = dynamic_spectral_dispersion(k, "svd", 1e-3)
     assert metrics["relax/dsd_mean"] == pytest.approx(float(dsd.mean()), rel=1e-5)
     pos = ctx.extras["advantages"] > 0
@@ -216,3 +217,100 @@ def test_subset_gradient_equals_full_computation(tmp_path):
     assert 0 < term.metrics["relax/masked_frac"] < 0.5
     torch.testing.assert_close(term.loss.detach(), ref.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g_inst, g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_state_dict_continues_exactly(tmp_path):
+    """Resume contract: a fresh instrument loaded with another's state gives the identical next call
+    (loss, metrics, gradient, the rows it then writes) and does not refit or recalibrate."""
+    trainer = fake_trainer()
+    a = make(tmp_path / "a", beta=0.5, refit_every=2)
+    a.on_train_begin(trainer)
+    for step in (0, 1, 2):  # fit at 0, refit at 2 (from the fitted W): two fits in the history
+        trainer.state.global_step = step
+        m = a.on_loss(make_ctx(trainer, seed=7 if step == 2 else step)).metrics
+    assert [f["fit_step"] for f in a.fits] == [0, 2] and a.micro == 3 and len(a.rows) == 3 * B
+    a.xi = 0.9 * m["relax/dsd_pos_mean"]  # some trajectories over xi: the KL branch runs too
+    state = a.state_dict()
+    b = make(tmp_path / "b", beta=0.5, refit_every=2)
+    b.load_state_dict(torch.load(_roundtrip(state, tmp_path), weights_only=False))
+    b.on_train_begin(trainer)  # must not replace the restored W by a file
+    trainer.state.global_step = 3
+    ca, cb = make_ctx(trainer, seed=7), make_ctx(trainer, seed=7)
+    ta, tb = a.on_loss(ca), b.on_loss(cb)
+    assert ta.metrics == tb.metrics and 0 < ta.metrics["relax/masked_frac"] < 0.5
+    assert torch.equal(ta.loss.detach(), tb.loss.detach())
+    (ga,), (gb,) = torch.autograd.grad(ta.loss, ca.hidden), torch.autograd.grad(tb.loss, cb.hidden)
+    assert torch.equal(ga, gb)
+    assert b.fits == a.fits and b.fit_step == a.fit_step == 2 and b.micro == a.micro == 4
+    a.flush(), b.flush()
+    ra = pd.read_parquet(tmp_path / "a/diagnostics/relax/trajectories_step000004.rank0.parquet")
+    rb = pd.read_parquet(tmp_path / "b/diagnostics/relax/trajectories_step000004.rank0.parquet")
+    pd.testing.assert_frame_equal(ra, rb)
+    assert len(ra) == 4 * B and sorted(ra.step.unique()) == [1, 2, 3, 4]
+
+
+def _roundtrip(state, tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_fit_history_refit_cadence_and_flush(tmp_path):
+    trainer = fake_trainer()
+    inst = make(tmp_path, refit_every=3, flush_every=50, xi=1e9)
+    inst.on_train_begin(trainer)
+    for step in range(7):
+        trainer.state.global_step = step
+        inst.on_loss(make_ctx(trainer, seed=step))
+        trainer.state.global_step = step + 1  # the Trainer's order: optimizer step, then on_step_end
+        inst.on_step_end(trainer)
+    assert [f["fit_step"] for f in inst.fits] == [0, 3, 6]
+    shards = tmp_path / "diagnostics" / "relax"
+    assert not list(shards.glob("trajectories_*"))  # buffered: flush_every=50
+    inst.flush()
+    df = pd.read_parquet(shards / "trajectories_step000007.rank0.parquet")
+    assert len(df) == 7 * B and inst.rows == [] and inst.spectra == []
+    import json
+
+    fit = json.loads((shards / "dictionary_fit.json").read_text())
+    man = {f["path"]: f for f in read_manifest(tmp_path)["files"]}
+    assert man["relax/dictionary_fit.json"]["schema_version"] == 2
+    assert [f["fit_step"] for f in fit["fits"]] == [0, 3, 6]
+    first = fit["fits"][0]
+    assert first["adam_steps"] == len(first["losses"]) == 16 and first["n_trajectories"] == B - 1
+    assert first["loss_after"] < first["loss_before"] and first["weight_change"] > 0
+
+
+def _gather_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    from rlx.regularizers.relax import gather_states
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    n, t = (3, 5) if rank == 0 else (2, 7)  # ranks hold different numbers of rows and widths
+    h = torch.full((n, t, 4), float(rank + 1)) + torch.arange(t)[None, :, None]
+    m = torch.ones(n, t)
+    got = gather_states(h, m)
+    if rank == 0:
+        torch.save(got, out)
+    else:
+        assert got is None
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_gather_states_two_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    out = tmp_path / "g.pt"
+    mp.spawn(_gather_worker, args=(2, port, str(out)), nprocs=2)
+    h, m = torch.load(out)
+    assert h.shape == (5, 7, 4) and m.shape == (5, 7)
+    assert m[:3, 5:].sum() == 0 and m[:3, :5].all() and m[3:].all()  # rank 0's rows padded 5 -> 7
+    assert torch.equal(h[0, :5, 0], 1 + torch.arange(5.0)) and torch.equal(h[3, :, 0], 2 + torch.arange(7.0))
+    assert h[:3, 5:].abs().sum() == 0

@@ -220,3 +220,50 @@ def test_init_dictionary_bound_and_rng_untouched():
     torch.testing.assert_close(before, after)
     assert float(w.abs().max()) <= (0.75 / 64) ** 0.5
     torch.testing.assert_close(w, init_dictionary(50, 64, seed=42))
+
+
+def test_fit_budget_lowers_the_residual_and_moves_w():
+    """A fit takes exactly `steps` Adam steps (reshuffled epochs over a small batch), lowers the residual on
+    the whole fitting set, and moves W well away from its initialisation (default lr 1e-3)."""
+    from rlx.regularizers.dictionary import dataset_loss
+
+    g = torch.Generator().manual_seed(5)
+    n, t, d = 64, 12, 64
+    a_true = torch.linalg.qr(torch.randn(d, d, generator=g))[0] * 0.95
+    h = torch.zeros(n, t, d)
+    h[:, 0] = torch.randn(n, d, generator=g)
+    for s in range(1, t):
+        h[:, s] = h[:, s - 1] @ a_true.T + 0.05 * torch.randn(n, d, generator=g)
+    mask = torch.ones(n, t)
+    mask[::3, 8:] = 0
+    w0 = init_dictionary(50, d, seed=42)
+    w, losses = fit_dictionary(h, mask, steps=128, batch_size=16)
+    assert len(losses) == 128  # 4 minibatches per epoch: 32 epochs
+    before, after = dataset_loss(w0, h, mask, RIDGE, 16), dataset_loss(w, h, mask, RIDGE, 16)
+    assert after < 0.85 * before, (before, after)
+    assert np.mean(losses[-16:]) < 0.85 * np.mean(losses[:16])
+    assert float((w - w0).norm() / w0.norm()) > 0.1
+    _, one_epoch = fit_dictionary(h, mask, steps=0, epochs=1, batch_size=16)
+    assert len(one_epoch) == 4 and one_epoch == losses[:4]  # the same first permutation
+    w_none, none = fit_dictionary(h, mask, steps=0, epochs=0, batch_size=16)
+    assert none == [] and torch.equal(w_none, w0)
+
+
+def test_eig_spectrum_eq6_without_eps():
+    """spectrum=eig with eps=0 is Eq. 6: the unbiased variance of |lambda_j| (float64 numpy reference),
+    with finite gradients although most eigenvalues of a low-rank K are 0."""
+    hidden, mask, lengths, weight = random_batch()
+    h = hidden.clone().requires_grad_(True)
+    k = koopman_operator(dictionary_features(h, weight), mask, RIDGE)
+    dsd, mod = dynamic_spectral_dispersion(k, "eig", 0.0)
+    for i in range(hidden.shape[0]):
+        L = int(lengths[i])
+        psi = 1.0 / (1.0 + np.exp(-(hidden[i, :L].numpy() @ weight.numpy().T)))
+        px, py = psi[:-1], psi[1:]
+        kk = np.linalg.solve(px.T @ px + RIDGE * np.eye(50), px.T @ py)
+        ref = np.var(np.abs(np.linalg.eigvals(kk)), ddof=1)
+        assert float(dsd[i].detach()) == pytest.approx(ref, rel=1e-6, abs=1e-12)
+    smooth, _ = dynamic_spectral_dispersion(k, "eig", EPS)
+    assert not torch.allclose(smooth, dsd)  # the eps variant is a different number
+    dsd.sum().backward()
+    assert torch.isfinite(h.grad).all()

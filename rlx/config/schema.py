@@ -233,8 +233,9 @@ class RelaxConfig:
     alpha: float = 0.1
     """Weight of the advantage-shaped exploration loss L_xp (paper Table 3: 0.1)."""
     beta: float = 0.01
-    """Weight of the adaptive KL on trajectories with A > 0 and DSD > xi; needs reference log-probs, so
-    GRPO must run with trainer.beta != 0 (a tiny value such as 1e-9 is enough); 0 switches the KL off."""
+    """Weight of the adaptive KL on trajectories with A > 0 and DSD > xi; 0 switches the KL off. The
+    reference log-probs come from the trainer when it computes them (trainer.beta > 0); with trainer.beta = 0
+    (the recipes) the reference model is built on demand and scores only the KL-masked rows."""
     xi: float | None = None
     """DSD threshold; None calibrates it once on the first rollout batch as xi_scale * median DSD."""
     xi_scale: float = 25.0
@@ -244,23 +245,33 @@ class RelaxConfig:
     ridge: float = 1e-3
     """lambda in the EDMD ridge solve K = (Px^T Px + lambda I)^-1 Px^T Py."""
     eps: float = 1e-3
-    """eps in the smoothed modulus r_j = sqrt(s_j^2 + eps) (authors' code: 1e-3)."""
+    """eps in the smoothed modulus r_j = sqrt(s_j^2 + eps) (authors' code: 1e-3); spectrum=svd, or eig with
+    eig_eps=true."""
     spectrum: str = "svd"
     """svd (singular values of K; authors' code, default) | eig (eigenvalue moduli; paper Eq. 6)."""
+    eig_eps: bool = False
+    """spectrum=eig only: smooth the moduli as sqrt(|lambda|^2 + eps). False (default) is Eq. 6 exactly,
+    DSD = Var(|lambda|) with no eps."""
     group: str = "prompt"
     """Set of the log-mean-exp: prompt (the prompt group, paper) | batch (the micro-batch, authors' code)."""
     dict_lr: float = 1e-3
     """Dictionary learning: Adam learning rate (authors' code 1e-3; paper 1e-4)."""
     dict_batch_size: int = 64
     """Dictionary learning: trajectories per Adam step."""
+    dict_steps: int = 128
+    """Dictionary learning: Adam steps per fit (the authors' one epoch is 16-128 steps at their batch sizes);
+    a smaller fitting batch is revisited in reshuffled epochs until the budget is spent. 0 = run dict_epochs
+    epochs instead."""
     dict_epochs: int = 1
-    """Dictionary learning: epochs over the fitting batch."""
+    """Dictionary learning: epochs over the fitting batch, used only when dict_steps = 0 (0 and 0 = no fit:
+    W stays at its seeded initialisation)."""
     dict_max_positions: int = 512
     """Dictionary learning: only the first N completion positions of each trajectory are used."""
     dict_seed: int = 42
     """Seed of the dictionary initialisation (a private generator; the global RNG is untouched)."""
-    refit_every: int = 0
-    """Refit the dictionary every N optimizer steps (0 = fit once at step 0; authors' code: 50)."""
+    refit_every: int = 50
+    """Refit the dictionary every N optimizer steps, from the current W, on the rollout batch of that step
+    (authors' code: 50, the default); 0 = fit once at step 0 (paper Alg. 1)."""
     code_compat: bool = False
     """Reproduce the authors' code quirks: zero-padded states to max_completion_length with all transitions
     used, and advantage scaled by L / L_max. For full parity also set group=batch and xi=10."""

@@ -7,9 +7,10 @@ modulus r_j = sqrt(s_j^2 + eps) (eps = 1e-3) and the unbiased variance over the 
 
     DSD = 1/(m-1) sum_j (r_j - mean(r))^2
 
-`spectrum="svd"` (default, authors' code) or `"eig"` (paper). Only singular *values* are differentiated,
-so repeated singular values (e.g. constant trajectories) keep finite gradients; eigenvalue gradients are
-not stable at repeated eigenvalues.
+`spectrum="svd"` (default, authors' code) or `"eig"` (paper). With `eig`, eps = 0 gives Eq. 6 exactly,
+r_j = |lambda_j| (no smoothing; the gradient of |lambda| at 0 is taken as 0); eps > 0 smooths the moduli
+like the svd path. Only singular *values* are differentiated, so repeated singular values (e.g. constant
+trajectories) keep finite gradients; eigenvalue gradients are not stable at repeated eigenvalues.
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ def dynamic_spectral_dispersion(
     """DSD per trajectory. koopman (B, m, m) -> (dsd (B,), moduli (B, m)), r_j = sqrt(s_j^2 + eps).
 
     moduli are the singular values s_j (svd) or eigenvalue moduli |lambda_j| (eig), descending for svd.
+    For eig with eps = 0, r_j = |lambda_j| (paper Eq. 6), computed without a square root so that zero
+    eigenvalues keep a finite gradient.
     """
     if spectrum == "svd":
         sq = spectrum_moduli(koopman, "svd")
         return _dispersion(sq, eps), sq.detach().sqrt()
     mod = spectrum_moduli(koopman, spectrum)
+    if eps == 0:
+        return mod.var(dim=-1, correction=1), mod.detach()
     return _dispersion(mod.square(), eps), mod.detach()
 
 

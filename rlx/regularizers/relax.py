@@ -11,9 +11,12 @@ Per loss micro-batch (no extra forward: the states come from the seam's hook on 
 Reference log-probs for the adaptive KL come from the trainer when it computed them (GRPO with
 trainer.beta != 0), otherwise from `LazyReference` on the KL-masked rows only.
 
-W is fitted once at the first loss call (optionally refitted every `refit_every` steps) on detached
-states of the first rollout batch, on rank 0, broadcast to all ranks, and saved as
-`diagnostics/relax/dictionary.safetensors`; a run directory that already holds one (resume) reuses it.
+W is fitted at the first loss call and refitted every `refit_every` steps (authors' cadence, 50) on the
+detached states of the current rollout batch gathered from every rank, with a budget of `dict_steps` Adam
+steps, on rank 0; it is broadcast to all ranks and saved as `diagnostics/relax/dictionary.safetensors`, and
+every fit's loss curve goes to `diagnostics/relax/dictionary_fit.json`. Exact resume restores W, xi and
+the fit history through `state_dict` / `load_state_dict`; without a saved state, a run directory that
+already holds a dictionary reuses it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ from rlx.instruments.base import (
     register_instrument,
     unwrap_policy,
 )
-from rlx.regularizers.dictionary import fit_dictionary
+from rlx.regularizers.dictionary import (
+    dataset_loss,
+    fit_dictionary,
+    init_dictionary,
+    usable_trajectories,
+)
 from rlx.regularizers.dsd import SPECTRA, dispersion_from_features, dynamic_spectral_dispersion
 from rlx.regularizers.koopman import dictionary_features, koopman_operator
 from rlx.regularizers.loss import adaptive_kl, exploration_loss, kl_mask, positive_advantage
@@ -40,6 +48,9 @@ from rlx.regularizers.reference import LazyReference
 
 SCHEMA_VERSION = 1
 DICT_FILE = "relax/dictionary.safetensors"
+FIT_FILE = "relax/dictionary_fit.json"
+FIT_SCHEMA_VERSION = 2
+"""dictionary_fit.json v2: {"xi", "xi_median", "fits": [one record per fit]} (v1 held one fit's losses)."""
 
 
 def sequence_advantages(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -60,6 +71,34 @@ def group_ids_of(ctx: LossContext, n: int) -> torch.Tensor:
 
 def _dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather_states(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every rank's (N_r, T_r, d) states and (N_r, T_r) masks, padded and gathered on rank 0.
+
+    Returns the concatenation in rank order on rank 0 (rows of each rank trimmed back to N_r, widths padded
+    to the largest T_r with mask 0) and None on the other ranks. Without torch.distributed it returns the
+    inputs. A gather, not an all_gather: only rank 0 fits, so only rank 0 holds world x the states.
+    """
+    if not _dist() or torch.distributed.get_world_size() == 1:
+        return hidden, mask
+    dist = torch.distributed
+    world, rank = dist.get_world_size(), dist.get_rank()
+    shape = torch.tensor([hidden.shape[0], hidden.shape[1]], device=hidden.device, dtype=torch.long)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    n_max = max(int(t[0]) for t in shapes)
+    t_max = max(int(t[1]) for t in shapes)
+    h = torch.nn.functional.pad(hidden, (0, 0, 0, t_max - hidden.shape[1], 0, n_max - hidden.shape[0]))
+    m = torch.nn.functional.pad(mask, (0, t_max - mask.shape[1], 0, n_max - mask.shape[0]))
+    hs = [torch.empty_like(h) for _ in range(world)] if rank == 0 else None
+    ms = [torch.empty_like(m) for _ in range(world)] if rank == 0 else None
+    dist.gather(h.contiguous(), hs, dst=0)
+    dist.gather(m.contiguous(), ms, dst=0)
+    if rank != 0:
+        return None
+    n = [int(t[0]) for t in shapes]
+    return torch.cat([x[:k] for x, k in zip(hs, n)]), torch.cat([x[:k] for x, k in zip(ms, n)])
 
 
 @register_instrument("relax")
@@ -86,18 +125,61 @@ class Relax(Instrument):
                 f"regularizers.relax: alpha={cfg.alpha}, beta={cfg.beta}, dict_size={cfg.dict_size}; "
                 "expected alpha >= 0, beta >= 0 and dict_size >= 2. Fix the recipe or override."
             )
+        if cfg.dict_steps < 0 or cfg.dict_epochs < 0 or cfg.refit_every < 0:
+            raise UserError(
+                f"regularizers.relax: dict_steps={cfg.dict_steps}, dict_epochs={cfg.dict_epochs}, "
+                f"refit_every={cfg.refit_every}; expected integers >= 0 (0 = off / use dict_epochs)."
+            )
         self.weight: torch.Tensor | None = None
         self.xi: float | None = None if cfg.xi is None else float(cfg.xi)
+        self.xi_median: float | None = None
         self.fit_step = -1
         self.micro = 0
         self.rows: list[dict[str, Any]] = []
         self.spectra: list[torch.Tensor] = []
+        self.fits: list[dict[str, Any]] = []
         self.reference = LazyReference()
+
+    @property
+    def _eps(self) -> float:
+        """eps of the smoothed modulus: the authors' for svd; for eig only with eig_eps (Eq. 6 has none)."""
+        if self.cfg.spectrum == "eig" and not self.cfg.eig_eps:
+            return 0.0
+        return float(self.cfg.eps)
+
+    # ---- resume ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """W, xi (and the median it was calibrated from), fit step, micro-batch counter, fit history and
+        the per-trajectory rows and spectra not yet written. The fit owns no generator between fits (each
+        fit seeds its own from dict_seed + step); the lazy reference is the base model and is rebuilt."""
+        return {
+            "weight": None if self.weight is None else self.weight.detach().cpu().clone(),
+            "xi": self.xi,
+            "xi_median": self.xi_median,
+            "fit_step": self.fit_step,
+            "micro": self.micro,
+            "fits": [dict(f) for f in self.fits],
+            "rows": [dict(r) for r in self.rows],
+            "spectra": [t.clone() for t in self.spectra],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        w = state.get("weight")
+        self.weight = None if w is None else w.detach().float().clone()
+        self.xi = None if state.get("xi") is None else float(state["xi"])
+        self.xi_median = state.get("xi_median")
+        self.fit_step = int(state.get("fit_step", -1))
+        self.micro = int(state.get("micro", 0))
+        self.fits = [dict(f) for f in state.get("fits", [])]
+        self.rows = [dict(r) for r in state.get("rows", [])]
+        self.spectra = [t.clone() for t in state.get("spectra", [])]
 
     # ---- events ------------------------------------------------------------------------------------
 
     def on_train_begin(self, trainer: Any) -> None:
-        self._load_dictionary()
+        if self.weight is None:  # nothing restored by load_state_dict: reuse a dictionary in the run dir
+            self._load_dictionary()
 
     def on_loss(self, ctx: LossContext) -> LossTerm | None:
         cfg = self.cfg
@@ -124,11 +206,11 @@ class Relax(Instrument):
         # DSD of every trajectory without a graph (metrics, mask, dumps), then with gradients only where the
         # loss can push (a > 0 and DSD <= xi): elsewhere z is 0 or detached, so the gradient is identical.
         if cfg.spectrum == "svd":
-            dsd_all, spectrum = dispersion_from_features(feats, tmask, cfg.ridge, cfg.eps)
+            dsd_all, spectrum = dispersion_from_features(feats, tmask, cfg.ridge, self._eps)
         else:
             with torch.no_grad():
                 dsd_all, spectrum = dynamic_spectral_dispersion(
-                    koopman_operator(feats, tmask, cfg.ridge), cfg.spectrum, cfg.eps
+                    koopman_operator(feats, tmask, cfg.ridge), cfg.spectrum, self._eps
                 )
         if self.xi is None:
             self._calibrate_xi(dsd_all)
@@ -137,7 +219,7 @@ class Relax(Instrument):
         if cfg.alpha > 0 and push.numel() > 0 and torch.is_grad_enabled():
             sub_mask = None if tmask is None else tmask[push]
             koop = koopman_operator(feats[push], sub_mask, cfg.ridge)
-            dsd_push, _ = dynamic_spectral_dispersion(koop, cfg.spectrum, cfg.eps)
+            dsd_push, _ = dynamic_spectral_dispersion(koop, cfg.spectrum, self._eps)
             dsd = dsd_all.index_put((push,), dsd_push)
 
         gids = group_ids_of(ctx, dsd.shape[0]).to(dsd.device) if cfg.group == "prompt" else None
@@ -174,10 +256,10 @@ class Relax(Instrument):
     def on_step_end(self, trainer: Any) -> None:
         step = int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
         if self.cfg.flush_every <= 1 or step % self.cfg.flush_every == 0:
-            self._flush()
+            self.flush()
 
     def on_train_end(self, trainer: Any) -> None:
-        self._flush()
+        self.flush()
 
     # ---- dictionary --------------------------------------------------------------------------------
 
@@ -222,41 +304,68 @@ class Relax(Instrument):
         return torch.cat(states), torch.cat(masks)
 
     def _fit(self, ctx: LossContext, step: int) -> None:
+        """Fit (or refit, from the current W) on this rollout batch's states gathered from every rank."""
+        import time
+
         cfg = self.cfg
-        hidden, mask = self._rollout_states(ctx)
+        local_h, local_m = self._rollout_states(ctx)
+        gathered = gather_states(local_h.float(), local_m.float())
         device = ctx.completion_hidden.device
-        rank = self.run.rank if self.run is not None else 0
-        losses: list[float] = []
-        if rank == 0:
+        d = ctx.completion_hidden.shape[-1]
+        if gathered is not None:  # rank 0 (or a single process)
+            hidden, mask = usable_trajectories(gathered[0].cpu(), gathered[1].cpu(), cfg.dict_max_positions)
+            start = (
+                self.weight.detach().cpu().float()
+                if self.weight is not None
+                else init_dictionary(cfg.dict_size, d, cfg.dict_seed)
+            )
+            t0 = time.perf_counter()
+            before = dataset_loss(start, hidden, mask, cfg.ridge, cfg.dict_batch_size)
             weight, losses = fit_dictionary(
-                hidden.cpu(),
-                mask.cpu(),
+                hidden,
+                mask,
                 dict_size=cfg.dict_size,
                 ridge=cfg.ridge,
                 lr=cfg.dict_lr,
                 batch_size=cfg.dict_batch_size,
                 epochs=cfg.dict_epochs,
+                steps=cfg.dict_steps,
                 max_positions=cfg.dict_max_positions,
-                seed=cfg.dict_seed,
-                init=self.weight,
+                seed=cfg.dict_seed + max(step, 0),
+                init=start,
+            )
+            after = dataset_loss(weight, hidden, mask, cfg.ridge, cfg.dict_batch_size)
+            self.fits.append(
+                {
+                    "fit_step": step,
+                    "n_trajectories": int(hidden.shape[0]),
+                    "world_size": int(torch.distributed.get_world_size()) if _dist() else 1,
+                    "adam_steps": len(losses),
+                    "lr": float(cfg.dict_lr),
+                    "loss_before": before,
+                    "loss_after": after,
+                    "weight_change": float((weight - start).norm() / start.norm().clamp_min(1e-30)),
+                    "seconds": time.perf_counter() - t0,
+                    "losses": losses,
+                }
             )
             weight = weight.to(device)
         else:
-            weight = torch.empty(cfg.dict_size, hidden.shape[-1], device=device)
+            weight = torch.empty(cfg.dict_size, d, device=device)
         if _dist():
             torch.distributed.broadcast(weight, src=0)
         self.weight = weight.detach().float()
         self.fit_step = step
-        self._fit_losses = losses
         if self.xi is not None:  # xi is calibrated once, on the first fit, and then kept (authors: fixed)
             self._save_dictionary()
 
     def _calibrate_xi(self, dsd: torch.Tensor) -> None:
         """xi = xi_scale * median DSD of this first batch (rank 0's value, broadcast)."""
-        xi = torch.tensor([float(dsd.median()) * self.cfg.xi_scale], device=dsd.device)
+        med = torch.tensor([float(dsd.median())], device=dsd.device)
         if _dist():
-            torch.distributed.broadcast(xi, src=0)
-        self.xi = float(xi.item())
+            torch.distributed.broadcast(med, src=0)
+        self.xi_median = float(med.item())
+        self.xi = self.xi_median * self.cfg.xi_scale
         self._save_dictionary()
 
     def _save_dictionary(self) -> None:
@@ -271,11 +380,12 @@ class Relax(Instrument):
             metadata={"fit_step": str(self.fit_step), "xi": str(self.xi)},
         )
         self.run.writer.write_json(
-            "relax/dictionary_fit.json",
-            {"fit_step": self.fit_step, "xi": self.xi, "losses": getattr(self, "_fit_losses", [])},
-            schema_version=SCHEMA_VERSION,
+            FIT_FILE,
+            {"xi": self.xi, "xi_median": self.xi_median, "fits": self.fits},
+            schema_version=FIT_SCHEMA_VERSION,
             instrument="relax",
-            description="ReLaX dictionary fit: residual loss per Adam step, calibrated xi.",
+            description="ReLaX dictionary fits: per fit the step, trajectories, Adam steps, residual per step "
+            "and on the whole fitting set before/after, relative change of W; calibrated xi.",
         )
 
     def _max_len(self, ctx: LossContext) -> int:
@@ -304,7 +414,8 @@ class Relax(Instrument):
         self.rows.extend(dict(zip(cols, vals)) for vals in zip(*cols.values()))
         self.spectra.append(spectrum.float().cpu())
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the buffered per-trajectory rows and spectra as one shard now (checkpoints call this)."""
         rows, spectra = self.rows, self.spectra
         self.rows, self.spectra = [], []
         if not rows or self.run is None or self.run.writer is None:

@@ -41,8 +41,10 @@ OVERRIDES = [
     "diagnostics.grad_alignment.every=1",
     "diagnostics.grad_alignment.target=heldout_chosen",  # the same D' whatever the split over ranks
     "diagnostics.grad_alignment.target_size=8",
-    # The dictionary is fitted on rank 0's share of the first rollouts (docs/relax.md), which is not the
-    # 1-process batch; with 0 epochs W is its seeded init on every layout, so relax/* must agree exactly.
+    # The dictionary is fitted on the rollouts gathered from every rank (docs/relax.md), in an order that
+    # differs between 1 x 16 and 2 x 8 after TRL's shuffle, so its Adam minibatches differ; with no fit
+    # steps W is its seeded init on every layout, so relax/* must agree exactly.
+    "regularizers.relax.dict_steps=0",
     "regularizers.relax.dict_epochs=0",
     "regularizers.relax.xi=1.0",
     "eval.before_after=false",
