@@ -96,11 +96,20 @@ def run_training(cfg) -> Path:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        from rlx.cli import train_help
+
+        print(train_help())
+        return None
     from rlx.config.loader import load_config, to_yaml
 
-    cfg = load_config(sys.argv[1:] if argv is None else argv, default_recipe=DEFAULT_RECIPE)
-    if cfg.print_config:
+    cfg = load_config(argv, default_recipe=DEFAULT_RECIPE)
+    if cfg.print_config:  # the run config, then the trainer arguments as the TRL trainer gets them; no run dir
+        from rlx.cli import trainer_args_text
+
         print(to_yaml(cfg))
+        print(trainer_args_text(cfg))
         return None
     return run_training(cfg)
 

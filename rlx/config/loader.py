@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,11 +22,41 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from rlx.config.schema import ALGOS, RunConfig
 from rlx.errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+def shipped_dir(name: str) -> Path:
+    """`recipes/` or `accelerate_configs/`: the repo's top-level directory in a checkout, else the copy in the wheel.
+
+    The top-level directories are the source of truth; setup.py ships them as the data packages
+    `rlx.recipes` and `rlx.accelerate_configs`, found here through the import system.
+    """
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / name).is_dir():
+        return root / name
+    try:
+        spec = importlib.util.find_spec(f"rlx.{name}")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return root / name  # neither: the error for a missing recipe names this path
+
+
+RECIPES_DIR = shipped_dir("recipes")
+ACCELERATE_CONFIGS_DIR = shipped_dir("accelerate_configs")
 
 
 def available_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
     return sorted(p.stem for p in recipes_dir.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def recipe_summary(name: str, recipes_dir: Path = RECIPES_DIR) -> str:
+    """The recipe's one-line summary: the first sentence of its first line when that line is a `#` comment."""
+    first = (recipes_dir / f"{name}.yaml").read_text().split("\n", 1)[0]
+    if not first.startswith("#"):
+        return ""
+    text = first.lstrip("#").strip()
+    m = re.search(r"\.\s+[A-Z]", text)  # a sentence end, not "et al. 2505" or "e.g."
+    return (text[: m.start()] if m else text).rstrip(" .:;,")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -252,13 +284,25 @@ def _accepts_bool(annotation: Any) -> bool:
     return any(_accepts_bool(a) for a in typing.get_args(annotation))
 
 
+# transformers 5.23 deprecates these TrainingArguments names (still accepted, with a FutureWarning).
+RENAMED_TRAINER_ARGS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
 def validate_trainer_args(algo: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Reject unknown or mistyped `trainer.*` keys with the closest valid names."""
+    """Reject unknown or mistyped `trainer.*` keys with the closest valid names; deprecated names are renamed."""
     cls = trainer_config_class(algo)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     out = {}
     for k, v in args.items():
+        new = RENAMED_TRAINER_ARGS.get(k)
+        if new in fields:  # pass the current name: the deprecated one makes transformers warn on every run
+            if new in args:
+                continue  # both given: the current name wins
+            k = new
         if k not in fields:
             close = difflib.get_close_matches(k, sorted(fields), n=3, cutoff=0.6)
             raise UserError(

@@ -1,0 +1,191 @@
+"""The `rlx` command: `rlx train|eval|report|summary|recipes|configs ...` (also `python -m rlx ...`).
+
+Each command is the matching entry point (`rlx/train.py`, `rlx/evaluate.py`, `python -m analysis`) with the
+same arguments; `rlx COMMAND --help` says what they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rlx._entry import prepare_process
+from rlx.errors import UserError, exit_on_user_error
+
+COMMANDS = {
+    "train": "train a recipe: rlx train recipe=NAME key.sub=value ...",
+    "eval": "evaluate a policy: rlx eval run_dir=DIR | model=PATH task=NAME output=DIR ...",
+    "report": "one HTML report comparing runs: rlx report RUN_DIR [RUN_DIR ...] --out report.html",
+    "summary": "a text summary of one run: rlx summary RUN_DIR",
+    "recipes": "list the recipes, one line each",
+    "configs": "list the accelerate configs shipped with rlx (for accelerate launch --config_file)",
+}
+
+
+def recipes_text() -> str:
+    from rlx.config.loader import RECIPES_DIR, available_recipes, recipe_summary
+
+    names = available_recipes()
+    width = max(map(len, names), default=0)
+    lines = [f"  {n:<{width}}  {recipe_summary(n)}" for n in names]
+    return f"recipes ({RECIPES_DIR}):\n" + "\n".join(lines)
+
+
+def configs_text() -> str:
+    from rlx.config.loader import ACCELERATE_CONFIGS_DIR
+
+    paths = sorted(ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
+    return "accelerate configs (accelerate launch --config_file PATH -m rlx.train recipe=...):\n" + "\n".join(
+        f"  {p}" for p in paths
+    )
+
+
+def train_help() -> str:
+    return f"""usage: rlx train [recipe=NAME] [key.sub=value ...]
+       python -m rlx.train ... | python rlx/train.py ... | accelerate launch [--config_file PATH] -m rlx.train ...
+
+Trains one recipe (default grpo_tiny) with any key=value overrides on top, e.g.
+  rlx train recipe=grpo_tiny trainer.max_steps=50 trainer.learning_rate=1e-5 seed=1 output_dir=runs/try
+
+Every key, with its value for this recipe, and the arguments the TRL trainer receives:
+  rlx train recipe=NAME print_config=true
+Each key is documented in rlx/config/schema.py; trainer.* are the fields of TRL's GRPOConfig, DPOConfig,
+SFTConfig (or rlx's PPOConfig) for the recipe's algo. A recipe=path/to/file.yaml works too.
+
+{recipes_text()}"""
+
+
+def eval_help() -> str:
+    import rlx.evaluate
+
+    return "usage: rlx eval run_dir=DIR | model=PATH task=NAME output=DIR [key.sub=value ...]\n" + (
+        rlx.evaluate.__doc__ or ""
+    ).replace("python rlx/evaluate.py", "rlx eval")
+
+
+def main_help() -> str:
+    width = max(map(len, COMMANDS))
+    cmds = "\n".join(f"  {c:<{width}}  {h}" for c, h in COMMANDS.items())
+    return f"""usage: rlx COMMAND [args ...]      (rlx COMMAND --help for each)
+
+RL post-training of language models (GRPO, DPO, PPO, SFT) with interpretability instruments.
+
+commands:
+{cmds}
+
+Multi-GPU and multi-node: accelerate launch --config_file PATH -m rlx.train recipe=NAME ... ('rlx configs')."""
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def _plain(value: Any) -> Any:
+    """A trainer-argument value as YAML can print it (enums by value, library objects by str)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def effective_trainer_args(cfg) -> tuple[str, dict[str, Any]]:
+    """The TRL config class for `cfg.algo` and every field of it that rlx or the recipe sets, as the trainer gets it.
+
+    Built the way `rlx.trainers.build` builds it (rlx's defaults, the algo's defaults, then `trainer.*`), without
+    creating the run directory: fields that TRL's `__post_init__` derives are read back from the built object.
+    """
+    from rlx.run import RunContext
+    from rlx.tasks import get_task
+    from rlx.trainers.build import default_trainer_args, make_trainer_config
+
+    run_dir = Path(cfg.output_dir or Path("runs", cfg.recipe or "run", "<timestamp>")).absolute()
+    run = RunContext(cfg=cfg, run_dir=run_dir)
+    algo_defaults = {}
+    if cfg.algo in ("grpo", "ppo"):  # as in build_trainer / build_ppo_trainer
+        algo_defaults["max_completion_length"] = get_task(cfg.task).max_completion_length
+    saved = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    try:
+        args = make_trainer_config(cfg, run, **algo_defaults)
+    finally:  # make_trainer_config points TensorBoard at the run dir for the run it is about to start
+        if saved is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = saved
+    # What rlx and the recipe pass, and plain values that __post_init__ derived (e.g. generation_batch_size).
+    passed = {*default_trainer_args(cfg, run), *algo_defaults}
+    out = {}
+    for f in dataclasses.fields(args):
+        if not f.init:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        raw = getattr(args, f.name)
+        value = _plain(raw)
+        derived = value != _plain(default) and value not in (None, "", [], {})
+        plain = isinstance(raw, (bool, int, float, str, list, dict, enum.Enum))
+        if f.name in passed or (derived and plain):
+            out[f.name] = value
+    return type(args).__name__, out
+
+
+def trainer_args_text(cfg) -> str:
+    import yaml
+
+    cls, args = effective_trainer_args(cfg)
+    header = (
+        f"# trainer arguments: the {cls} the trainer receives (rlx defaults, then the recipe and overrides).\n"
+        f"# Only fields that differ from TRL's defaults or that rlx sets; any {cls} field can be set as trainer.NAME.\n"
+    )
+    return header + yaml.safe_dump({"effective_trainer_args": args}, sort_keys=True, default_flow_style=None)
+
+
+@exit_on_user_error
+def _run(cmd: str, rest: list[str]) -> int:
+    if cmd == "train":
+        from rlx.train import main as train_main
+
+        train_main(rest)  # handles --help itself
+    elif cmd == "eval":
+        if _wants_help(rest):
+            print(eval_help())
+            return 0
+        from rlx.evaluate import main as eval_main
+
+        eval_main(rest)
+    elif cmd in ("report", "summary"):
+        from analysis.__main__ import main as analysis_main
+
+        return analysis_main([cmd, *rest])
+    elif cmd == "recipes":
+        print(recipes_text())
+    elif cmd == "configs":
+        print(configs_text())
+    else:
+        close = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(
+            f"unknown command '{cmd}'{hint}: expected one of {', '.join(COMMANDS)}. See rlx --help."
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    prepare_process(__file__)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main_help())
+        return 0
+    return _run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Package list for setuptools (metadata, dependencies and package data are in pyproject.toml).
+
+The wheel holds `rlx`, `analysis` (run as `python -m analysis` or `rlx report`) and the top-level
+`recipes/` and `accelerate_configs/` as the data packages `rlx.recipes` and `rlx.accelerate_configs`.
+`benchmarks/` stays in the repository (run from a checkout: `python -m benchmarks.run`).
+"""
+
+from setuptools import find_packages, setup
+
+DATA = {"rlx.recipes": "recipes", "rlx.accelerate_configs": "accelerate_configs"}
+
+setup(
+    packages=[*find_packages(include=["rlx", "rlx.*", "analysis", "analysis.*"]), *DATA],
+    package_dir=DATA,
+)
