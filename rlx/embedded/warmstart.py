@@ -147,15 +147,22 @@ def train_warmstart(cfg, out_dir: Path, progress: bool = True) -> dict:
 
 def ensure_warm_started(cfg, progress: bool = True) -> Path:
     """Path of the warm-started embedded model for `cfg`, training and caching it on first use."""
+    import fcntl
+
     final = cache_root(cfg) / "warmstart" / warmstart_key(cfg)
     if (final / "warmstart.json").exists():
         return final
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    train_warmstart(cfg, tmp, progress=progress)
     final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process finished first
+    # One builder per key: concurrent runs (ranks, parallel jobs) wait for it instead of each training a copy.
+    with open(final.with_name(f".{final.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "warmstart.json").exists():
+            return final
+        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        train_warmstart(cfg, tmp, progress=progress)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
