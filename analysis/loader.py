@@ -35,7 +35,7 @@ from rlx.errors import UserError
 # listed is read generically and must be at schema version 1.
 SUPPORTED_SCHEMA: dict[str, int] = {
     "grad_alignment": 1,
-    "relax": 1,
+    "relax": 2,  # dictionary_fit.json v2 (a list of fits); the other relax files are v1
     "activations": 1,
     "activation_replay": 1,
     "activation_replay_positions": 1,

@@ -204,6 +204,16 @@ def masked_fraction(df: pd.DataFrame) -> Figure:
     return _finish(fig, ax, "Trajectories with DSD > xi (KL-masked)", STEP, "fraction of trajectories")
 
 
+def dictionary_fit(df: pd.DataFrame) -> Figure:
+    """Residual per Adam step of each Koopman dictionary fit (one curve per run and fit step)."""
+    fig, ax = _fig()
+    for run, g in _runs(df):
+        for fit_step, h in g.groupby("fit_step", sort=True):
+            lbl = " ".join(x for x in (run, f"fit at step {fit_step}") if x)
+            ax.plot(h["adam_step"], h["loss"], lw=1, label=lbl)
+    return _finish(fig, ax, "Koopman dictionary fit", "Adam step", "residual (minibatch)")
+
+
 def spectra(df: pd.DataFrame, max_curves: int = 6) -> Figure:
     """Sorted singular-value spectrum of K at a few steps (mean over trajectories, 10-90% band)."""
     fig, ax = _fig()

@@ -149,7 +149,7 @@ def grad_alignment_section(runs: RunSet) -> Section | None:
     cls = _per_run(runs, grad_alignment.classify)
     if cls:
         s.table(pd.concat(cls.values(), ignore_index=True).drop(columns=["rule"]), "Regime classification")
-        s.text("Rule: " + grad_alignment.RULE + " (research/gradient_alignment.md §5.8).")
+        s.text("Rule: " + grad_alignment.RULE + " (docs/gradient_alignment.md, Definitions).")
     return s
 
 
@@ -157,7 +157,8 @@ def relax_section(runs: RunSet) -> Section | None:
     dsd = _per_run(runs, relax.dsd_over_steps)
     mf = _per_run(runs, relax.masked_fraction)
     sp = _per_run(runs, relax.spectra)
-    if not (dsd or mf or sp):
+    fit = _per_run(runs, relax.dictionary_fit)
+    if not (dsd or mf or sp or fit):
         return None
     s = Section(
         "ReLaX: latent dynamics",
@@ -170,6 +171,14 @@ def relax_section(runs: RunSet) -> Section | None:
         s.figure(plots.masked_fraction(plots.with_run(mf)), "masked fraction")
     for label, df in sp.items():
         s.figure(plots.spectra(df), f"spectra {label}")
+    if fit:
+        s.figure(plots.dictionary_fit(plots.with_run(fit)), "dictionary fit")
+        summ = _per_run(runs, relax.dictionary_fit_summary)
+        if summ:
+            s.table(
+                plots.with_run(summ),
+                "Dictionary fits: residual on the whole fitting set before and after, relative change of W",
+            )
     if dsd:
         last = plots.with_run(dsd)
         last = last[last["step"] == last.groupby("run")["step"].transform("max")]

@@ -207,6 +207,31 @@ def _relax(w: DiagnosticsWriter, steps: int, rng, per_rank: bool) -> None:
         description="synthetic",
         per_rank=per_rank,
     )
+    if w.rank == 0:  # two dictionary fits with decaying residuals (schema 2 of dictionary_fit.json)
+        fits = []
+        for fit_step in (0, 50):
+            losses = (2.0 * np.exp(-np.arange(32) / 12) + 0.1 * rng.random(32) + 1).tolist()
+            fits.append(
+                {
+                    "fit_step": fit_step,
+                    "n_trajectories": 64,
+                    "world_size": 2 if per_rank else 1,
+                    "adam_steps": 32,
+                    "lr": 1e-3,
+                    "loss_before": losses[0],
+                    "loss_after": losses[-1],
+                    "weight_change": 0.3,
+                    "seconds": 0.1,
+                    "losses": losses,
+                }
+            )
+        w.write_json(
+            "relax/dictionary_fit.json",
+            {"xi": 8.0, "xi_median": 0.32, "fits": fits},
+            schema_version=2,
+            instrument="relax",
+            description="synthetic",
+        )
 
 
 def _activations(

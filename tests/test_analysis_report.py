@@ -108,6 +108,7 @@ def test_every_plot_returns_a_labelled_figure(synth_runs):
         "dsd_over_steps": plots.dsd_over_steps(relax.dsd_over_steps(rx)),
         "masked_fraction": plots.masked_fraction(relax.masked_fraction(rx)),
         "spectra": plots.spectra(relax.spectra(rx)),
+        "dictionary_fit": plots.dictionary_fit(relax.dictionary_fit(rx)),
         "entropy_quantiles": plots.entropy_quantiles(ent),
         "high_entropy_fraction": plots.high_entropy_fraction(ent),
         "logp_advantage_covariance": plots.logp_advantage_covariance(ent),
@@ -121,3 +122,15 @@ def test_every_plot_returns_a_labelled_figure(synth_runs):
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), name
         assert ax.has_data() or ax.images, name
         plt.close(fig)
+
+
+def test_dictionary_fit_curve_and_table_in_report(synth_runs, tmp_path):
+    from analysis.diagnostics import relax
+
+    rx = Run(synth_runs[1])
+    curve = relax.dictionary_fit(rx)
+    assert sorted(curve.fit_step.unique()) == [0, 50] and len(curve) == 64
+    summ = relax.dictionary_fit_summary(rx)
+    assert list(summ.fit_step) == [0, 50] and (summ.loss_after < summ.loss_before).all()
+    html = write_report(synth_runs[1:2], tmp_path / "r.html", strict=True).read_text()
+    assert 'alt="dictionary fit"' in html and "Dictionary fits: residual" in html

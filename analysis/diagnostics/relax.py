@@ -164,3 +164,40 @@ def spectra(run: Run) -> pd.DataFrame:
     if not rows:
         return empty(cols)
     return pd.DataFrame(rows, columns=cols).sort_values(["step", "index"]).reset_index(drop=True)
+
+
+def dictionary_fit(run: Run) -> pd.DataFrame:
+    """fit_step, adam_step, loss: the residual of every Adam step of every dictionary fit.
+
+    Reads `relax/dictionary_fit.json` (schema 2: a `fits` list; schema 1: one fit's `losses`)."""
+    cols = ["fit_step", "adam_step", "loss"]
+    rows = []
+    for obj in run.json(instrument=INSTRUMENT, name="dictionary_fit"):
+        fits = obj.get("fits") if isinstance(obj, dict) else None
+        if fits is None and isinstance(obj, dict) and "losses" in obj:
+            fits = [{"fit_step": obj.get("fit_step", 0), "losses": obj["losses"]}]
+        for f in fits or []:
+            rows += [
+                {"fit_step": int(f.get("fit_step", 0)), "adam_step": k, "loss": float(v)}
+                for k, v in enumerate(f.get("losses", []))
+            ]
+    return pd.DataFrame(rows, columns=cols) if rows else empty(cols)
+
+
+def dictionary_fit_summary(run: Run) -> pd.DataFrame:
+    """One row per dictionary fit: fit_step, n_trajectories, adam_steps, loss_before, loss_after (residual
+    on the whole fitting set), weight_change (||W - W_start|| / ||W_start||); schema-2 files only."""
+    cols = [
+        "fit_step",
+        "n_trajectories",
+        "world_size",
+        "adam_steps",
+        "loss_before",
+        "loss_after",
+        "weight_change",
+    ]
+    rows = []
+    for obj in run.json(instrument=INSTRUMENT, name="dictionary_fit"):
+        for f in (obj.get("fits") or []) if isinstance(obj, dict) else []:
+            rows.append({c: f.get(c, np.nan) for c in cols})
+    return pd.DataFrame(rows, columns=cols) if rows else empty(cols)
