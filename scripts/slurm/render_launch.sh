@@ -10,8 +10,9 @@
 #   SLURM_JOB_NODELIST         hosts; the first is the main process (expanded with `scontrol show hostnames`)
 #   SLURM_GPUS_ON_NODE         GPUs per node (else GPUS_PER_NODE, else 8)
 #   MAIN_PROCESS_PORT          rendezvous port (default 29500)
-#   RLX_PYTHON                 interpreter prefix for accelerate (default: `accelerate` on PATH)
+#   RLX_ACCELERATE             the accelerate command (default: `accelerate` on PATH), e.g. /opt/venv/bin/accelerate
 # Prints one line: the command, each argument shell-quoted, so it can be eval'ed or compared in a test.
+# It runs `-m rlx.train`: the installed rlx (pip install or make setup), with recipes shipped in the package.
 
 _rlx_first_host() {
     # `scontrol show hostnames` expands compact lists such as gpu[001-002]; tests stub `scontrol`.
@@ -50,7 +51,7 @@ rlx_launch_cmd() {
         --main_process_port "$port"
         --rdzv_backend static
         --same_network
-        rlx/train.py "$@")
+        -m rlx.train "$@")
     printf '%q ' "${cmd[@]}" | sed 's/ $//'
     echo
 }
