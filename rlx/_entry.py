@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -15,6 +16,11 @@ def prepare_process(script: str) -> None:
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
         os.environ.setdefault(k, v)
+    # TRL 1.16 reads `model.is_gradient_checkpointing` around every generation, an alias transformers 5.23
+    # deprecates; no rlx setting avoids it. Only that message is hidden.
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     # `python rlx/train.py` puts rlx/ first on sys.path, where e.g. rlx/evaluate.py would shadow HF `evaluate`.
     here = str(Path(script).resolve().parent)
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
