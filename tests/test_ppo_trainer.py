@@ -4,6 +4,7 @@ checkpoints, and a 2-process DDP run of `recipe=ppo_tiny` through rlx/train.py."
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -304,3 +305,79 @@ def test_ppo_qwen3_gsm8k_recipe_loads_and_steps(tmp_path):
     assert len(steps) == 1 and steps[0]["kl_coef"] == pytest.approx(0.01)
     assert json.loads((run_dir / "run_info.json").read_text())["algo"] == "ppo"
     assert (run_dir / "final" / "critic" / "model.safetensors").exists()
+
+
+def _bare_ppo_trainer(model_dir, out, **over):
+    """An RLXPPOTrainer on the tiny random model, not trained (for the clipping tests)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlx.embedded import load_tokenizer
+    from rlx.tasks import get_task
+    from rlx.trainers.ppo import RLXPPOTrainer, build_value_model
+    from rlx.trainers.ppo_config import PPOConfig
+
+    task = get_task(OmegaConf.structured(TaskConfig(num_train=16, num_eval=4)))
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = PPOConfig(
+        output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+        max_steps=1, max_grad_norm=1.0, **over,
+    )  # fmt: skip
+    return RLXPPOTrainer(
+        model=policy,
+        reward_funcs=task.reward_funcs,
+        args=args,
+        train_dataset=task.train_dataset(),
+        processing_class=load_tokenizer(str(model_dir)),
+        value_model=build_value_model(policy, args),
+    )
+
+
+@pytest.mark.parametrize("policy_scale", [0.5, 4.0])  # policy gradient norm below / above max_grad_norm = 1
+def test_separate_clipping_ignores_the_critic_norm(tiny_random_model_dir, tmp_path, policy_scale):
+    """With a critic gradient of norm 1e3, `separate` gives the policy the update it would get with the critic
+    absent (its own gradient clipped alone); `joint` shrinks it by the critic's norm. Asserted on the actual
+    SGD parameter deltas after the trainer's clipping."""
+    deltas, logged = {}, {}
+    for mode in ("separate", "joint"):
+        tr = _bare_ppo_trainer(tiny_random_model_dir, tmp_path / mode, grad_clip=mode)
+        critic_ids = {id(p) for p in tr.critic_of(tr.model).parameters()}
+        params = list(tr.model.parameters())
+        pol = [p for p in params if id(p) not in critic_ids]
+        val = [p for p in params if id(p) in critic_ids]
+        g = torch.Generator().manual_seed(0)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        n_pi0 = torch.nn.utils.get_total_norm([p.grad for p in pol])
+        n_v0 = torch.nn.utils.get_total_norm([p.grad for p in val])
+        for p in pol:
+            p.grad.mul_(policy_scale / n_pi0)  # ||g_pi|| = policy_scale
+        for p in val:
+            p.grad.mul_(1e3 / n_v0)  # ||g_V|| = 1000
+        expected_pi = [p.grad.clone() * min(1.0, 1.0 / policy_scale) for p in pol]  # clipped alone
+        before = [p.detach().clone() for p in pol]
+        total = tr._clip_grad_norm(tr.model)
+        assert float(total) == pytest.approx(math.hypot(policy_scale, 1e3), rel=1e-5)
+        torch.optim.SGD(params, lr=0.1).step()
+        deltas[mode] = [p.detach() - b for p, b in zip(pol, before)]
+        logged[mode] = {k: tr._metrics["train"][k][-1] for k in ("grad_norm/policy", "grad_norm/value")}
+        n_v_after = float(torch.nn.utils.get_total_norm([p.grad for p in val]))
+        if mode == "separate":
+            for d, e in zip(deltas[mode], expected_pi):
+                torch.testing.assert_close(d, -0.1 * e, rtol=1e-4, atol=1e-7)  # fp32 p_new - p_old
+            assert n_v_after == pytest.approx(1.0, rel=1e-5)  # the critic clipped to max_grad_norm alone
+    for mode in ("separate", "joint"):
+        assert logged[mode]["grad_norm/policy"] == pytest.approx(policy_scale, rel=1e-5)
+        assert logged[mode]["grad_norm/value"] == pytest.approx(1e3, rel=1e-5)
+    norm = {m: float(torch.nn.utils.get_total_norm(deltas[m])) for m in deltas}
+    # joint: the policy step is scaled by max_grad_norm / ||(g_pi, g_V)|| ~ 1e-3 instead of min(1, 1/||g_pi||)
+    assert norm["separate"] == pytest.approx(0.1 * min(policy_scale, 1.0), rel=1e-5)
+    assert norm["joint"] == pytest.approx(0.1 * policy_scale / math.hypot(policy_scale, 1e3), rel=1e-4)
+
+
+def test_grad_clip_option_is_validated():
+    from rlx.trainers.ppo_config import PPOConfig
+
+    with pytest.raises(ValueError, match="grad_clip"):
+        PPOConfig(output_dir="/tmp/rlx_ppo_cfg", use_cpu=True, per_device_train_batch_size=8, num_generations=4,
+                  grad_clip="both")  # fmt: skip

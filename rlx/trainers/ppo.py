@@ -308,6 +308,40 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             optimizer.add_param_group(g)
         return optimizer
 
+    def _clip_grad_norm(self, model):
+        """Clip the policy's and the critic's gradients to `max_grad_norm` each (`grad_clip: separate`), or
+        together (`joint`, the Trainer's clip). Logs both pre-clip norms; returns the pre-clip norm of both,
+        which the Trainer logs as `grad_norm`.
+
+        The gradients are complete here (accumulated and, under DDP, all-reduced), so local norms are global.
+        DeepSpeed (the engine clips), FSDP and XLA (sharded gradients) and mixed-mesh DTensor gradients keep
+        the Trainer's joint clip."""
+        from accelerate.utils import DistributedType
+
+        dt = self.accelerator.distributed_type
+        if dt == DistributedType.DEEPSPEED or dt == DistributedType.FSDP or dt == DistributedType.XLA:
+            return super()._clip_grad_norm(model)
+        if self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)
+        critic_ids = {id(p) for p in self.critic_of(model).parameters()}
+        params = [p for p in model.parameters() if p.grad is not None]
+        policy = [p for p in params if id(p) not in critic_ids]
+        critic = [p for p in params if id(p) in critic_ids]
+        if self.args.grad_clip == "joint":
+            with torch.no_grad():
+                n_pi = torch.nn.utils.get_total_norm([p.grad for p in policy])
+                n_v = torch.nn.utils.get_total_norm([p.grad for p in critic])
+            total = super()._clip_grad_norm(model)
+        else:
+            self.accelerator.unscale_gradients()  # fp16 AMP; a no-op otherwise (once, for both groups)
+            max_norm = self.args.max_grad_norm
+            n_pi = torch.nn.utils.clip_grad_norm_(policy, max_norm)
+            n_v = torch.nn.utils.clip_grad_norm_(critic, max_norm)
+            total = torch.sqrt(n_pi.float() ** 2 + n_v.float() ** 2)
+        self._log("train", "grad_norm/policy", n_pi)
+        self._log("train", "grad_norm/value", n_v)
+        return total
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the policy without the critic (a clean HF checkpoint) and the critic in `output_dir/critic`."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir

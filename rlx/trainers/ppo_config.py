@@ -103,6 +103,19 @@ class PPOConfig(GRPOConfig):
         metadata={"help": "Learning rate of the critic's parameters (None = `learning_rate`)."},
     )
 
+    grad_clip: str = field(
+        default="separate",
+        metadata={
+            "help": "How `max_grad_norm` clips the policy and the critic. separate (default, as verl and OpenRLHF, "
+            "which hold them in two models): the policy's gradient is clipped to max_grad_norm by its own norm and "
+            "the critic's by its own, so a large critic gradient never shrinks the policy step. joint: one norm "
+            "over both (the HF Trainer's clip of its one model), so the critic's norm also scales the policy "
+            "update. Both norms are logged (grad_norm/policy, grad_norm/value); grad_norm stays the norm of both. "
+            "Under DeepSpeed, FSDP or XLA the Trainer's own (joint) clip is used whatever this says: the engine "
+            "clips the whole model with `gradient_clipping`."
+        },
+    )
+
     ddp_find_unused_parameters: bool | None = field(
         default=False,
         metadata={
@@ -129,6 +142,8 @@ class PPOConfig(GRPOConfig):
                 f"steps_per_generation={self.steps_per_generation} conflicts with num_minibatches * "
                 f"gradient_accumulation_steps = {derived}; set num_minibatches instead"
             )
+        if self.grad_clip not in ("separate", "joint"):
+            raise ValueError(f"grad_clip must be separate or joint, got {self.grad_clip!r}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 or None, got {self.dual_clip}")
         if self.adaptive_kl and self.beta <= 0:
