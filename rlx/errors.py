@@ -1,4 +1,4 @@
-"""User-facing errors: one clear message, exit code 2, no traceback."""
+"""User-facing errors: one clear message, exit code 2 (3 for a diverged run), no traceback."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ class UserError(Exception):
     exit_code = 2
 
 
+class Diverged(Exception):
+    """The run diverged or collapsed (rlx/guard.py): the message names the step and the metric; exit code 3."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 def exit_on_user_error(fn: Callable) -> Callable:
     """Decorate an entry point: a `UserError` prints `error: <message>` on stderr and exits 2."""
 
@@ -26,5 +36,8 @@ def exit_on_user_error(fn: Callable) -> Callable:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(UserError.exit_code)
+        except Diverged as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(Diverged.exit_code)
 
     return wrapper

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from rlx import checkpoint as ckpt
 from rlx.diagnostics import DiagnosticsWriter
 from rlx.errors import UserError
 from rlx.instruments.base import Instrument, InstrumentSet, registered_instruments
@@ -32,7 +35,10 @@ class RunContext:
 
 
 def decide_run_dir(cfg: Any) -> Path:
-    """`output_dir` if given, else runs/<recipe>/<timestamp>; chosen on rank 0 and broadcast to all ranks."""
+    """`output_dir` if given, else runs/<recipe>/<timestamp>; chosen on rank 0 and broadcast to all ranks.
+
+    Creates nothing: the directory is claimed (`claim_run_dir`) only once the trainer has been built.
+    """
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -47,18 +53,187 @@ def decide_run_dir(cfg: Any) -> Path:
     if state.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
     run_dir = Path(chosen[0])
-    # Checked on every rank (same answer on a shared filesystem), so all of them stop together.
-    previous = [name for name in ("metrics.jsonl", "final", "run_info.json") if (run_dir / name).exists()]
-    if previous:
+    if run_dir.exists() and not run_dir.is_dir():
         raise UserError(
-            f"output_dir {run_dir} already holds a run ({', '.join(previous)}); rlx never appends to or overwrites "
-            "a finished run. Choose a new output_dir (or omit it for runs/<recipe>/<timestamp>), or delete that one."
+            f"output_dir {run_dir} is a file, not a directory. Choose a directory path for the run."
         )
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("/"))
+    if not os.access(existing, os.W_OK):
+        raise UserError(
+            f"output_dir {run_dir} cannot be written: {existing} is read-only for this user. "
+            "Choose an output_dir on a writable file system."
+        )
+    return run_dir
+
+
+def check_run_dir(cfg: Any, run_dir: Path) -> Path | None:
+    """Refuse a directory another live run holds or a finished/killed run's directory (unless resuming it).
+
+    Returns the checkpoint to resume from, or None. Reads only; checked on every rank (shared file system).
+    """
+    holder = ckpt.lock_holder(run_dir)
+    if holder is not None:
+        raise UserError(
+            f"output_dir {run_dir} is in use by another rlx run: {ckpt.describe_holder(holder)}. "
+            "Wait for it to finish, or choose another output_dir."
+        )
+    resume = ckpt.resolve_resume(cfg.trainer.get("resume_from_checkpoint"), run_dir)
+    if (run_dir / "final").exists():
+        raise UserError(
+            f"output_dir {run_dir} holds a finished run (final/ exists); rlx never appends to or overwrites it. "
+            "Choose a new output_dir (or omit it for runs/<recipe>/<timestamp>)."
+        )
+    if resume is None:
+        previous = [
+            name for name in ("metrics.jsonl", "run_info.json", "config.yaml") if (run_dir / name).exists()
+        ]
+        if previous:
+            done = ckpt.complete_checkpoints(run_dir)
+            hint = (
+                f"It stopped after its checkpoint at step {done[-1][0]}: continue it with "
+                "trainer.resume_from_checkpoint=true, or choose a new output_dir."
+                if done
+                else "It has no complete checkpoint. Choose a new output_dir, or delete that one."
+            )
+            raise UserError(
+                f"output_dir {run_dir} already holds a run that did not finish ({', '.join(previous)}). {hint}"
+            )
+    return resume
+
+
+# Keys a resumed run may change: where to resume from, and how long to train.
+_RESUMABLE_CHANGES = {
+    "trainer.resume_from_checkpoint",
+    "trainer.max_steps",
+    "trainer.num_train_epochs",
+    "output_dir",
+}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@contextlib.contextmanager
+def claim_run_dir(cfg: Any, run_dir: Path, resume: Path | None) -> Iterator[None]:
+    """Create (or re-enter) the run directory, hold its lock for the run, write or check config.yaml.
+
+    On resume, `metrics.jsonl` and `diagnostics/` are put back as they were at the checkpoint, so steps after it
+    are written once. Rank 0 does the file work; every rank waits for it.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    lock = contextlib.nullcontext()
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        lock = ckpt.run_lock(run_dir)
+    with lock:
+        if state.is_main_process:
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            saved = run_dir / "config.yaml"
+            if resume is None:
+                if saved.exists():
+                    raise UserError(
+                        f"{saved} exists and rlx did not write it for this run; move it away first."
+                    )
+                _write_atomic(saved, OmegaConf.to_yaml(cfg))
+            else:
+                before = (
+                    _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+                    if saved.exists()
+                    else {}
+                )
+                now = _flat(resolved)
+                changed = sorted(
+                    k
+                    for k in set(before) | set(now)
+                    if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES
+                )
+                if before and changed:
+                    raise UserError(
+                        f"cannot resume {run_dir} with a different config: {', '.join(changed[:8])} differ from its "
+                        "config.yaml. A resumed run is the same run; only trainer.max_steps / num_train_epochs may "
+                        "change."
+                    )
+                dropped = ckpt.restore_run_files(run_dir, resume)
+                print(
+                    f"resuming {run_dir} from {resume.name} (step {ckpt.read_marker(resume)['step']}); "
+                    f"{dropped} metrics rows written after it were discarded",
+                    flush=True,
+                )
+        state.wait_for_everyone()
+        yield
     state.wait_for_everyone()
-    return run_dir
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_dependencies(cfg: Any) -> None:
+    """Every package the run will import later (loggers, DeepSpeed), checked before anything is written."""
+    import importlib.util
+
+    report_to = cfg.trainer.get("report_to", ["tensorboard"])
+    report_to = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    packages = {
+        "wandb": "wandb",
+        "tensorboard": "tensorboard",
+        "mlflow": "mlflow",
+        "comet_ml": "comet_ml",
+        "trackio": "trackio",
+        "clearml": "clearml",
+        "swanlab": "swanlab",
+    }
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        pkg = packages.get(name, name)
+        if importlib.util.find_spec(pkg) is None and not (
+            name == "tensorboard" and importlib.util.find_spec("tensorboardX")
+        ):
+            extra = " (or pip install 'rlx[wandb]')" if name == "wandb" else ""
+            raise UserError(
+                f"trainer.report_to includes {name!r} but the {pkg} package is not installed. "
+                f"pip install {pkg}{extra}, or drop it from trainer.report_to."
+            )
+    if (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and importlib.util.find_spec("deepspeed") is None
+    ):
+        raise UserError(
+            "this launch uses DeepSpeed but the deepspeed package is not installed: pip install deepspeed."
+        )
+
+
+def check_trainer_numbers(cfg: Any) -> None:
+    """Values TRL/HF accept silently or fail on deep inside (a batch of 0, max_steps=-5)."""
+    t = cfg.trainer
+    max_steps = t.get("max_steps", -1)
+    if max_steps is not None and (int(max_steps) == 0 or int(max_steps) < -1):
+        raise UserError(
+            f"trainer.max_steps={max_steps}: expected a number of optimizer steps > 0, or -1 to train for "
+            "trainer.num_train_epochs epochs."
+        )
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        v = t.get(key)
+        if v is not None and int(v) < 1:
+            raise UserError(f"trainer.{key}={v}: expected an integer >= 1.")
+    for key in ("save_steps", "logging_steps"):
+        v = t.get(key)
+        if v is not None and float(v) <= 0:
+            raise UserError(
+                f"trainer.{key}={v}: expected a number > 0 (steps, or a fraction of the run if < 1)."
+            )
 
 
 def make_run_context(cfg: Any, run_dir: Path) -> RunContext:

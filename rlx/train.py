@@ -17,6 +17,7 @@ if __name__ == "__main__":  # must run before anything imports transformers
     prepare_process(__file__)
 
 import json
+import os
 from pathlib import Path
 
 from rlx.errors import exit_on_user_error
@@ -40,58 +41,156 @@ def _greedy_accuracy(model, tokenizer, task, cfg) -> dict:
 
 
 def run_training(cfg) -> Path:
-    """Train one resolved config; returns the run directory."""
+    """Train one resolved config; returns the run directory.
+
+    Everything that can fail on bad input (config values, dependencies, model, data, instruments) is checked
+    before the run directory is created or touched; then the directory is locked for the life of the run.
+    """
     from accelerate import PartialState
     from transformers import set_seed
 
-    from rlx.run import decide_run_dir, make_run_context
+    from rlx.run import (
+        check_dependencies,
+        check_run_dir,
+        check_trainer_numbers,
+        claim_run_dir,
+        decide_run_dir,
+        make_run_context,
+    )
     from rlx.trainers.build import build_trainer
 
+    check_trainer_numbers(cfg)
+    check_dependencies(cfg)
     run_dir = decide_run_dir(cfg)
+    resume = check_run_dir(cfg, run_dir)
     state = PartialState()
     run = make_run_context(cfg, run_dir)
     set_seed(cfg.seed)
-    built = build_trainer(cfg, run)
+    made_by_build = not run_dir.exists()
+    try:
+        built = build_trainer(cfg, run)
+        if resume is not None:
+            built.trainer.rlx_load_checkpoint_state(resume)
+    except BaseException:
+        _remove_if_empty(run_dir if made_by_build else None)  # HF's Trainer makes output_dir when it is built
+        raise
     trainer, task = built.trainer, built.task
-    verifiable = cfg.task.name != "ultrafeedback" and cfg.eval.before_after
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    before = (
-        _greedy_accuracy(policy, built.tokenizer, task, cfg) if verifiable and state.is_main_process else None
-    )
-    trainer.train()
-    final_dir = run_dir / "final"
-    trainer.save_model(str(final_dir))
-    if state.is_main_process:
-        built.tokenizer.save_pretrained(final_dir)
-        info = {
-            "recipe": cfg.recipe,
-            "algo": cfg.algo,
-            "base_model": built.model_dir,
-            "final_model": str(final_dir),
-            "world_size": state.num_processes,
-            "global_step": trainer.state.global_step,
-        }
-        if verifiable:
-            policy = trainer.accelerator.unwrap_model(trainer.model)
-            after = _greedy_accuracy(policy, built.tokenizer, task, cfg)
-            result = {
-                "before": before,
-                "after": after,
-                "delta_points": 100 * (after["greedy_accuracy"] - before["greedy_accuracy"]),
+    with claim_run_dir(cfg, run_dir, resume):
+        if state.is_main_process:
+            print(f"run dir: {run_dir}", flush=True)
+        verifiable = cfg.task.name != "ultrafeedback" and cfg.eval.before_after
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        before = (
+            _greedy_accuracy(policy, built.tokenizer, task, cfg)
+            if verifiable and state.is_main_process
+            else None
+        )
+        _train(trainer, resume, cfg)
+        final_dir = run_dir / "final"
+        _save_final(trainer, built.tokenizer, run_dir)
+        if state.is_main_process:
+            info = {
+                "recipe": cfg.recipe,
+                "algo": cfg.algo,
+                "base_model": built.model_dir,
+                "final_model": str(final_dir),
+                "world_size": state.num_processes,
+                "global_step": trainer.state.global_step,
+                "resumed_from": str(resume) if resume else None,
             }
-            (run_dir / "eval_before_after.json").write_text(json.dumps(result, indent=1))
-            info["greedy_accuracy_before"] = before["greedy_accuracy"]
-            info["greedy_accuracy_after"] = after["greedy_accuracy"]
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
-        print(f"\nrun dir: {run_dir}")
-        if verifiable:
-            print(
-                f"held-out greedy accuracy: before {100 * before['greedy_accuracy']:.1f}%  "
-                f"after {100 * after['greedy_accuracy']:.1f}%  ({result['delta_points']:+.1f} points, "
-                f"{before['num_prompts']} prompts)"
-            )
-    state.wait_for_everyone()
+            if verifiable:
+                policy = trainer.accelerator.unwrap_model(trainer.model)
+                after = _greedy_accuracy(policy, built.tokenizer, task, cfg)
+                result = {
+                    "before": before,
+                    "after": after,
+                    "delta_points": 100 * (after["greedy_accuracy"] - before["greedy_accuracy"]),
+                }
+                (run_dir / "eval_before_after.json").write_text(json.dumps(result, indent=1))
+                info["greedy_accuracy_before"] = before["greedy_accuracy"]
+                info["greedy_accuracy_after"] = after["greedy_accuracy"]
+            (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+            print(f"\nrun dir: {run_dir}")
+            if verifiable:
+                print(
+                    f"held-out greedy accuracy: before {100 * before['greedy_accuracy']:.1f}%  "
+                    f"after {100 * after['greedy_accuracy']:.1f}%  ({result['delta_points']:+.1f} points, "
+                    f"{before['num_prompts']} prompts)"
+                )
     return run_dir
+
+
+def _remove_if_empty(path: Path | None) -> None:
+    if path is not None and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
+def _train(trainer, resume: Path | None, cfg) -> None:
+    """`trainer.train`, with a diverged run checkpointed (last finite state) and a full disk reported."""
+    from rlx.guard import Diverged
+
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Diverged as e:
+        if cfg.guard.checkpoint:
+            trainer.state.global_step = e.step
+            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+            e.args = (
+                f"{e.args[0]} Checkpoint of the last finite state: {trainer.args.output_dir}/checkpoint-{e.step}",
+            )
+        raise
+    except OSError as e:
+        _raise_if_disk_full(
+            e, Path(trainer.args.output_dir), Path(trainer.args.output_dir), "writing a checkpoint"
+        )
+        raise
+
+
+def _save_final(trainer, tokenizer, run_dir: Path) -> None:
+    """Write `final/` through a temporary directory renamed into place: it is either complete or absent."""
+    import shutil
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    tmp, final = run_dir / ".final.tmp", run_dir / "final"
+    if state.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    state.wait_for_everyone()
+    try:
+        trainer.save_model(str(tmp))
+        if state.is_main_process:
+            tokenizer.save_pretrained(tmp)
+    except OSError as e:
+        if state.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(e, tmp, run_dir, "writing the final model")
+        raise
+    state.wait_for_everyone()
+    if state.is_main_process:
+        os.replace(tmp, final)
+    state.wait_for_everyone()
+
+
+def _raise_if_disk_full(e: OSError, path: Path, run_dir: Path, what: str) -> None:
+    import errno
+    import shutil
+
+    from rlx.checkpoint import complete_checkpoints
+    from rlx.errors import UserError
+
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    done = complete_checkpoints(run_dir)
+    last = (
+        f" The last complete checkpoint is {done[-1][1]}: free space and resume with trainer.resume_from_checkpoint=true."
+        if done
+        else ""
+    )
+    raise UserError(
+        f"no space left on the device while {what} to {path} ({free / 2**20:.1f} MiB free).{last}"
+    ) from None
 
 
 @exit_on_user_error

@@ -573,7 +573,7 @@ class GradAlignment(Instrument):
         G_total, sq_total = float(pp_Tt.sum()), float(pp_tt.sum())
         drift = float("nan")
         if len(self.prev) == self.prev.maxlen:
-            old = self.prev[0]
+            old = [o.to(t.device) for o, t in zip(self.prev[0], total)]  # on the CPU after a resume
             drift = am.cosine(am.dot(total, old).item(), sq_total, am.sq_norm(old).item())
         self.prev.append([t.clone() for t in total])
         n_tot = rec.get("n_total", 0.0)
@@ -790,6 +790,33 @@ class GradAlignment(Instrument):
             instrument=self.name,
             description="run summary: fraction of logged steps with G_total > 0, sign-flip rate, CV, regime",
         )
+
+    # ---- exact resume -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Target set D', table rows, G series and the drift history (previous total gradients)."""
+        t = self.target
+        return {
+            "target": None
+            if t is None
+            else {
+                "input_ids": t.input_ids.cpu(),
+                "attention_mask": t.attention_mask.cpu(),
+                "loss_mask": t.loss_mask.cpu(),
+                "name": t.name,
+            },
+            "rows": list(self.rows),
+            "series": list(self.series),
+            "prev": [[x.detach().cpu() for x in g] for g in self.prev],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        t = state["target"]
+        self.target = None if t is None else TargetBatch(**t)
+        self.rows = list(state["rows"])
+        self.series = list(state["series"])
+        self.prev.clear()
+        self.prev.extend(state["prev"])
 
 
 class _gathered:

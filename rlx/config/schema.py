@@ -365,6 +365,23 @@ class ReplayConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Divergence guard: stops a run that has diverged or collapsed with exit code 3 (docs/resume.md)."""
+
+    enabled: bool = True
+    """Check every optimizer step and every logged step."""
+    nonfinite: bool = True
+    """Stop on a non-finite gradient (checked before the optimizer step, so the weights are still finite)."""
+    collapse_steps: int = 5
+    """Stop when the policy looks collapsed for this many consecutive logged steps: entropy at its uniform
+    maximum (see `entropy_fraction`), or every reward function returning NaN. 0 turns collapse checks off."""
+    entropy_fraction: float = 0.98
+    """Logged mean token entropy >= entropy_fraction * ln(vocabulary size) counts as uniform (collapsed)."""
+    checkpoint: bool = True
+    """Write a checkpoint of the last finite state before stopping (resumable, e.g. with a lower learning rate)."""
+
+
+@dataclass
 class RunConfig:
     """One training or evaluation run."""
 
@@ -394,5 +411,7 @@ class RunConfig:
     """Exploration regularizers."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """Activation Replay (evaluate.py)."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Divergence guard (non-finite gradients, collapsed policy): exit 3."""
     print_config: bool = False
     """Print the resolved config and exit."""

@@ -54,8 +54,7 @@ class DiagnosticsWriter:
 
     def __init__(self, run_dir: str | Path, rank: int = 0, world_size: int = 1):
         self.dir = Path(run_dir) / "diagnostics"
-        self.rank, self.world_size = rank, world_size
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world_size = rank, world_size  # the directory is made by the first write
 
     def path(self, relpath: str, per_rank: bool = False) -> Path:
         """Where to write `relpath`; per-rank files get `.rank{r}` before the suffix."""

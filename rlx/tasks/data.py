@@ -28,6 +28,10 @@ def load_split(spec: str, split: str, config: str | None = None, limit: int | No
                     f"cannot load data file {path}: unsupported suffix '{path.suffix}'. "
                     f"Expected one of {', '.join(_FILE_BUILDERS)}."
                 )
+            if path.stat().st_size == 0:
+                raise UserError(
+                    f"data file {path} is empty; expected one example per row. Point at a non-empty file."
+                )
             ds = load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             ds = load_from_disk(str(path))
@@ -41,12 +45,14 @@ def load_split(spec: str, split: str, config: str | None = None, limit: int | No
             ds = load_dataset(spec, config, split=split)
     except UserError:
         raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, StopIteration) as e:
         raise UserError(
             f"cannot load dataset '{spec}' (config={config}, split={split}): {e}. "
             "Give a local .jsonl/.parquet file or directory, or a hub id with network access "
             "(unset HF_HUB_OFFLINE)."
         ) from None
+    if len(ds) == 0:
+        raise UserError(f"dataset '{spec}' (split={split}) has no rows; expected at least one example.")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from rlx.config.loader import trainer_config_class, validate_trainer_args
 from rlx.errors import UserError
+from rlx.guard import DivergenceGuard
 from rlx.models import load_causal_lm, load_tokenizer_for, resolve_model_dir
 from rlx.run import RunContext, build_instruments
 from rlx.tasks import EMBEDDED_TASKS, get_task
@@ -30,9 +31,15 @@ def default_trainer_args(cfg, run: RunContext) -> dict[str, Any]:
         "use_cpu": not on_gpu,
         "gradient_checkpointing": False,
         "logging_steps": 1,
-        "save_strategy": "no",
+        # Checkpoints every 100 steps and at the end (two kept): what `trainer.resume_from_checkpoint` resumes.
+        "save_strategy": "steps",
+        "save_steps": 100,
+        "save_total_limit": 2,
         "report_to": ["tensorboard"],
         "ddp_find_unused_parameters": False,
+        # A collective that cannot complete (a rank stuck or gone) fails after this many seconds, with
+        # torch's timeout error naming the operation, instead of hanging (HF's default is 1800).
+        "ddp_timeout": 900,
         "dataloader_num_workers": 0,
     }
     args.update(validate_trainer_args(cfg.algo, OmegaConf.to_container(cfg.trainer, resolve=True)))
@@ -45,9 +52,28 @@ def make_trainer_config(cfg, run: RunContext, **algo_defaults):
     # Per run (several runs can share a process); a directory the user exported before launch wins.
     os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TB_DIR or str(run.run_dir / "tensorboard")
     try:
-        return cls(**args)
+        config = cls(**args)
     except (ValueError, TypeError) as e:
         raise UserError(f"invalid trainer settings for algo={cfg.algo}: {e}") from None
+    apply_collective_timeout(config.ddp_timeout)
+    return config
+
+
+def apply_collective_timeout(seconds: int) -> None:
+    """Make `trainer.ddp_timeout` the timeout of every collective on the default process group.
+
+    The group exists before the trainer config does (rlx decides the run dir on rank 0 and broadcasts it), so
+    HF's own use of `ddp_timeout` at group creation never applies; a collective that one rank never joins
+    would then wait for torch's default (30 min on gloo, 10 min on NCCL) or, with some backends, forever.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(datetime.timedelta(seconds=int(seconds)))
 
 
 def peft_config(cfg):
@@ -65,12 +91,9 @@ def peft_config(cfg):
     )
 
 
-def zero3_launch() -> bool:
-    """True under `accelerate launch` with a DeepSpeed ZeRO-3 config (known from its env before any model loads)."""
-    return (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    )
+def grpo_needs_reference(cfg) -> bool:
+    """TRL's GRPO (and rlx's PPO on it) builds a reference model when beta != 0 and there are no LoRA adapters."""
+    return float(cfg.trainer.get("beta", 0.0) or 0.0) != 0 and not cfg.model.lora.enabled
 
 
 @dataclass
@@ -102,16 +125,14 @@ def build_trainer(cfg, run: RunContext) -> Built:
         peft_config=peft_config(cfg),
         instruments=instruments,
         run=run,
+        guard=DivergenceGuard(cfg.guard, len(tokenizer)) if cfg.guard.enabled else None,
     )
 
     if cfg.algo == "grpo":
-        # Under ZeRO-3, TRL would build the reference (beta != 0) under zero.Init, which fails on CPU: load
-        # policy and reference here, before the trainer config exists (so outside zero.Init), and hand it over.
-        preload = (
-            zero3_launch() and float(cfg.trainer.get("beta", 0.0) or 0.0) != 0 and not cfg.model.lora.enabled
-        )
-        policy = load_causal_lm(model_dir, cfg) if preload else model_dir
-        ref = load_causal_lm(model_dir, cfg) if preload else None
+        # rlx loads the policy and TRL's reference itself (same `model.*` settings for both, full weights
+        # also under ZeRO-3); TRL, given a path, would apply none of model.dtype / attn_implementation / ...
+        policy = load_causal_lm(model_dir, cfg)
+        ref = load_causal_lm(model_dir, cfg) if grpo_needs_reference(cfg) else None
         args = make_trainer_config(cfg, run, max_completion_length=task.max_completion_length)
         with preloaded_reference(ref):
             trainer = RLXGRPOTrainer(

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 import torch
 from transformers import TrainerCallback
 
+from rlx import checkpoint as ckpt
+from rlx.errors import UserError
 from rlx.instruments.base import InstrumentSet, LossContext, capture_loss_forward
 from rlx.trainers.deepspeed_hooks import inert_output_hooks, track_output_hooks
 
@@ -25,6 +27,9 @@ class InstrumentCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         self.trainer.instruments.call("on_pre_optimizer_step", self.trainer)
+        guard = getattr(self.trainer, "rlx_guard", None)
+        if guard is not None:
+            guard.check_gradients(self.trainer)
 
     def on_step_end(self, args, state, control, **kw):
         self.trainer.instruments.call("on_step_end", self.trainer)
@@ -50,6 +55,7 @@ class MetricsJsonlCallback(TrainerCallback):
                 row[k] = v
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        ckpt.fault_point("after_log", state.global_step)
 
 
 class InstrumentedMixin:
@@ -61,11 +67,84 @@ class InstrumentedMixin:
 
     rlx_algo: ClassVar[str] = ""
 
-    def __init__(self, *args, instruments: InstrumentSet | None = None, run: Any = None, **kwargs):
+    def __init__(
+        self, *args, instruments: InstrumentSet | None = None, run: Any = None, guard: Any = None, **kwargs
+    ):
         self.instruments = instruments or InstrumentSet([])
         self.rlx_run = run
+        self.rlx_guard = guard
         super().__init__(*args, **kwargs)
         self.add_callback(InstrumentCallback(self))
+        if guard is not None:
+            self.add_callback(guard)
+
+    # -- exact resume: what rlx adds to HF's checkpoints -----------------------------------------------
+    def _rlx_trainer_state(self) -> dict[str, Any]:
+        """Trainer-owned state HF does not checkpoint (subclasses extend: rollout buffer, KL controller...)."""
+        return {}
+
+    def _rlx_load_trainer_state(self, state: dict[str, Any]) -> None: ...
+
+    def _save_checkpoint(self, model, trial):
+        """HF's checkpoint, then rlx's state per rank, the run's metrics/diagnostics snapshot, and the marker.
+
+        Old checkpoints are rotated only after the new one is complete, so a kill mid-save always leaves one.
+        """
+        from transformers.trainer_utils import rotate_checkpoints
+
+        self.instruments.flush()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = int(self.state.global_step)
+        folder = run_dir / f"checkpoint-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        acc = self.accelerator
+        state = {
+            "step": step,
+            "world_size": acc.num_processes,
+            "instruments": self.instruments.state_dict(),
+            "trainer": self._rlx_trainer_state(),
+        }
+        torch.save(state, ckpt.state_file(folder, acc.process_index))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.fault_point("in_checkpoint", step)
+            ckpt.snapshot_run_files(run_dir, folder, step)
+            ckpt.write_marker(folder, step, acc.num_processes)
+            ckpt.fault_point("after_checkpoint", step)
+            if limit:
+                rotate_checkpoints(
+                    output_dir=str(run_dir),
+                    save_total_limit=limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=True,
+                )
+        acc.wait_for_everyone()
+
+    def rlx_load_checkpoint_state(self, checkpoint: str | Path) -> None:
+        """Restore rlx's part of `checkpoint` on this rank (HF restores its own part inside `train`)."""
+        acc = self.accelerator
+        info = ckpt.read_marker(Path(checkpoint))
+        if int(info["world_size"]) != acc.num_processes:
+            raise UserError(
+                f"{checkpoint} was written by {info['world_size']} processes; this launch has {acc.num_processes}. "
+                f"An exact resume needs the same number of processes: relaunch with {info['world_size']}."
+            )
+        state = torch.load(
+            ckpt.state_file(checkpoint, acc.process_index), map_location="cpu", weights_only=False
+        )
+        try:
+            self.instruments.load_state_dict(state["instruments"])
+        except ValueError as e:
+            raise UserError(
+                f"cannot resume from {checkpoint}: {e}. Resume with the run's own config."
+            ) from None
+        self._rlx_load_trainer_state(state["trainer"])
 
     # -- hooks for subclasses ------------------------------------------------------------------------
     def _loss_extras(self, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 from trl import GRPOTrainer
+from trl.trainer.utils import RepeatSampler
 
 from rlx.trainers.common import InstrumentedMixin, bind
 
@@ -41,8 +42,65 @@ def preloaded_reference(ref_model: torch.nn.Module | None) -> Iterator[None]:
         )
 
 
+class ResumableRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler whose epoch-e order is a function of (seed, e), so a resumed run sees the same order.
+
+    TRL draws each epoch's permutation from one generator seeded once; a resumed run would restart it at the
+    first permutation. Here epoch e re-seeds and draws e + 1 permutations (the same sequence TRL produces).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+
+    def __iter__(self):
+        if self.shuffle:
+            self.generator = torch.Generator()
+            if self.seed is not None:
+                self.generator.manual_seed(self.seed)
+            for _ in range(self.epoch):
+                torch.randperm(self.num_samples, generator=self.generator)
+        self.epoch += 1
+        return super().__iter__()
+
+
 class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
     rlx_algo = "grpo"
+
+    def _get_train_sampler(self, dataset=None):
+        s = super()._get_train_sampler(dataset)
+        self._rlx_sampler = ResumableRepeatSampler(
+            data_source=s.data_source,
+            mini_repeat_count=s.mini_repeat_count,
+            batch_size=s.batch_size,
+            repeat_count=s.repeat_count,
+            shuffle=s.shuffle,
+            seed=s.seed,
+        )
+        return self._rlx_sampler
+
+    def _init_training_state(self, *args, **kwargs):
+        epochs_trained, steps_in_epoch = super()._init_training_state(*args, **kwargs)
+        sampler = getattr(self, "_rlx_sampler", None)
+        if sampler is not None:
+            sampler.epoch = epochs_trained  # the next iter() starts the epoch being resumed
+        return epochs_trained, steps_in_epoch
+
+    def _rlx_trainer_state(self):
+        """The rollout buffer TRL reuses across `steps_per_generation * num_iterations` micro-steps, and its counter."""
+        buf = self._buffered_inputs
+        to_cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return {
+            "micro_step": self._step,
+            "buffered_inputs": None if buf is None else [{k: to_cpu(v) for k, v in b.items()} for b in buf],
+        }
+
+    def _rlx_load_trainer_state(self, state):
+        self._step = int(state["micro_step"])
+        buf = state["buffered_inputs"]
+        dev = self.accelerator.device
+        to_dev = lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        self._buffered_inputs = None if buf is None else [{k: to_dev(v) for k, v in b.items()} for b in buf]
 
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)

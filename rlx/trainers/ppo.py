@@ -368,26 +368,58 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             safetensors.torch.save_file(sd, os.path.join(output_dir, "critic", "model.safetensors"))
 
+    # ---- exact resume ---------------------------------------------------------------------------------
+
+    def _rlx_trainer_state(self):
+        return {**super()._rlx_trainer_state(), "kl_coef": self.kl_ctl.value}
+
+    def _rlx_load_trainer_state(self, state):
+        super()._rlx_load_trainer_state(state)
+        self.kl_ctl.value = float(state["kl_coef"])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Load the policy as HF does (the checkpoint's policy has no critic keys), then the critic from `critic/`."""
+        policy = unwrap_policy(self.model)
+        critic = policy._modules.pop(CRITIC_ATTR, None)
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        finally:
+            if critic is not None:
+                policy.add_module(CRITIC_ATTR, critic)
+        path = os.path.join(resume_from_checkpoint, "critic", "model.safetensors")
+        if critic is not None and os.path.isfile(path):
+            import safetensors.torch
+
+            critic.load_state_dict(
+                safetensors.torch.load_file(path, device=str(next(critic.parameters()).device))
+            )
+
 
 def build_ppo_trainer(cfg: Any, run: Any, model_dir: str, task: Any, common: dict[str, Any]) -> RLXPPOTrainer:
     """`algo: ppo` branch of `rlx.trainers.build.build_trainer`: policy, critic, reference (by GRPO), data, rewards."""
-    from rlx.models import _DTYPES, load_causal_lm
-    from rlx.trainers.build import make_trainer_config
+    from rlx.models import _DTYPES, load_causal_lm, outside_zero3_init
+    from rlx.trainers.build import grpo_needs_reference, make_trainer_config
+    from rlx.trainers.grpo import preloaded_reference
 
     args = make_trainer_config(cfg, run, max_completion_length=task.max_completion_length)
+    # Policy, reference and critic all take model.* and load whole (also under ZeRO-3, which partitions them
+    # when the trainer prepares them); the critic is a copy of the policy's backbone unless value_model is set.
     policy = load_causal_lm(model_dir, cfg)
-    load_kwargs: dict[str, Any] = {"dtype": _DTYPES.get(cfg.model.dtype, "auto")}
+    ref = load_causal_lm(model_dir, cfg) if grpo_needs_reference(cfg) else None
+    load_kwargs: dict[str, Any] = {
+        "dtype": _DTYPES.get(cfg.model.dtype, "auto"),
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
     if cfg.model.attn_implementation:
         load_kwargs["attn_implementation"] = cfg.model.attn_implementation
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    # Under ZeRO-3 the policy was loaded (partitioned) under zero.Init: load the critic the same way, never deepcopy.
-    critic = build_value_model(model_dir if is_deepspeed_zero3_enabled() else policy, args, **load_kwargs)
-    return RLXPPOTrainer(
-        model=policy,
-        reward_funcs=task.reward_funcs,
-        args=args,
-        train_dataset=task.train_dataset(),
-        value_model=critic,
-        **common,
-    )
+    with outside_zero3_init():
+        critic = build_value_model(policy, args, **load_kwargs)
+    with preloaded_reference(ref):
+        return RLXPPOTrainer(
+            model=policy,
+            reward_funcs=task.reward_funcs,
+            args=args,
+            train_dataset=task.train_dataset(),
+            value_model=critic,
+            **common,
+        )

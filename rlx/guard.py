@@ -1,0 +1,85 @@
+"""Divergence guard: stop a run that has diverged or collapsed, with exit code 3 and a checkpoint.
+
+Two checks, trainer-independent (a `TrainerCallback` every rlx trainer installs):
+
+- **non-finite gradient**, before the optimizer step: the update is not applied, so the weights that get
+  checkpointed are the last finite ones;
+- **collapse**, on logged metrics: for `collapse_steps` consecutive logged steps, the mean token entropy at
+  its uniform maximum (>= `entropy_fraction` * ln |V|), or every reward function returning NaN.
+
+Either raises `Diverged` (exit code 3); `rlx/train.py` writes the checkpoint (unless `guard.checkpoint=false`)
+and exits. A non-finite *loss* shows up as a non-finite gradient, which is why the loss (which HF filters
+out of its logs) is not checked on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from rlx.errors import Diverged
+
+__all__ = ["Diverged", "DivergenceGuard"]
+
+
+def _entropy_at_max(entropy: float, vocab_size: int, fraction: float) -> bool:
+    return vocab_size > 1 and entropy >= fraction * math.log(vocab_size)
+
+
+def _all_rewards_nan(logs: dict[str, Any]) -> bool:
+    means = [v for k, v in logs.items() if k.startswith("rewards/") and k.endswith("/mean")]
+    return bool(means) and all(isinstance(v, float) and math.isnan(v) for v in means)
+
+
+class DivergenceGuard(TrainerCallback):
+    """See the module docstring; `cfg` is the run's `guard` section, `vocab_size` the policy's."""
+
+    def __init__(self, cfg: Any, vocab_size: int):
+        self.cfg = cfg
+        self.vocab_size = int(vocab_size)
+        self.streak: dict[str, int] = {"entropy": 0, "rewards": 0}
+
+    def check_gradients(self, trainer: Any) -> None:
+        """Called by the instrument callback before `optimizer.step` (gradients all-reduced)."""
+        if not self.cfg.nonfinite or getattr(trainer, "is_deepspeed_enabled", False):
+            return  # under DeepSpeed the engine has already stepped here; collapse checks still apply
+        total = torch.zeros((), dtype=torch.float64)
+        for p in trainer.model.parameters():
+            if p.grad is not None:
+                total += p.grad.detach().float().pow(2).sum().double().cpu()
+        if not torch.isfinite(total):
+            step = int(trainer.state.global_step) + 1
+            raise Diverged(
+                f"diverged at step {step}: the gradient is not finite (grad_norm = {total.sqrt().item()}); "
+                f"the update was not applied. Lower trainer.learning_rate or check the reward and the data.",
+                step - 1,
+            )
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        k = int(self.cfg.collapse_steps)
+        if not logs or k <= 0:
+            return
+        step = int(state.global_step)
+        checks = {
+            "entropy": "entropy" in logs
+            and _entropy_at_max(float(logs["entropy"]), self.vocab_size, self.cfg.entropy_fraction),
+            "rewards": _all_rewards_nan(logs),
+        }
+        for name, hit in checks.items():
+            self.streak[name] = self.streak[name] + 1 if hit else 0
+        if self.streak["entropy"] >= k:
+            raise Diverged(
+                f"collapsed at step {step}: mean token entropy {float(logs['entropy']):.4f} has been at its uniform "
+                f"maximum ln|V| = {math.log(self.vocab_size):.4f} for {k} logged steps (guard.collapse_steps). "
+                "Lower trainer.learning_rate; guard.enabled=false turns this check off.",
+                step,
+            )
+        if self.streak["rewards"] >= k:
+            raise Diverged(
+                f"collapsed at step {step}: every reward function returned NaN for {k} logged steps "
+                "(rewards/*/mean). Check the reward functions and the completions they receive.",
+                step,
+            )
