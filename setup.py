@@ -5,11 +5,17 @@ The wheel holds `rlx`, `analysis` (run as `python -m analysis` or `rlx report`) 
 `benchmarks/` stays in the repository (run from a checkout: `python -m benchmarks.run`).
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 DATA = {"rlx.recipes": "recipes", "rlx.accelerate_configs": "accelerate_configs"}
 
 setup(
-    packages=[*find_packages(include=["rlx", "rlx.*", "analysis", "analysis.*"]), *DATA],
+    # namespace discovery: several rlx folders (config/, trainers/, ...) have no __init__.py
+    packages=[
+        *find_namespace_packages(
+            include=["rlx", "rlx.*", "analysis", "analysis.*"], exclude=["*__pycache__*"]
+        ),
+        *DATA,
+    ],
     package_dir=DATA,
 )
