@@ -94,7 +94,7 @@ def test_clip_cov_removes_exactly_the_selected_gradients():
 
 def test_kl_cov_penalty_and_gradient():
     ctx = make_ctx(old_shift=0.3)
-    inst = build("kl_cov", CovConfig(kl_ratio=0.25, kl_coef=2.0))
+    inst = build("kl_cov", CovConfig(kl_ratio=0.25, kl_coef=2.0, kl_variant="penalty"))
     term = inst.on_loss(ctx)
     lp, old, mask = ctx.completion_logps, ctx.extras["old_logps"], ctx.completion_mask
     cov = token_covariance(lp, ctx.extras["advantages"], mask)
@@ -105,6 +105,91 @@ def test_kl_cov_penalty_and_gradient():
     torch.testing.assert_close(term.loss, expected)
     (g,) = torch.autograd.grad(term.loss, ctx.token_logps)
     torch.testing.assert_close(g[:, -ctx.completion_len :], 2.0 * torch.sign(lp.detach() - old) * sel / n)
+
+
+def _hand_ctx(loss_scale=1.0):
+    """2 sequences x 2 completion tokens, all valid (n = 4); TRL-like clipped loss with eps = 0.2.
+
+    l = [[-1, -2], [-0.5, -3]], l_old = [[-1, -2.5], [-0.5, -2]]  ->  log rho = [[0, 0.5], [0, -1]]
+    A = [1, -1] per sequence  ->  A_t = [[1, 1], [-1, -1]], mean A = 0; mean l = -6.5 / 4 = -1.625
+    Cov_t = (l - mean l)(A - mean A) = [[0.625, -0.375], [-1.125, 1.375]]
+    """
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-1.0, -2.5], [-0.5, -2.0]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(2, 2, dtype=torch.float64)
+    rho = torch.exp(lp - old)
+    a = adv[:, None]
+    clipped = -torch.minimum(rho * a, rho.clamp(0.8, 1.2) * a)  # TRL's surrogate: (0,1) and (1,1) clipped
+    loss = loss_scale * clipped.sum() / 4
+    extras = {"advantages": adv, "completion_len": 2, "old_logps": old, "group_ids": torch.tensor([0, 0])}
+    return LossContext(
+        trainer=None,
+        algo="grpo",
+        inputs={},
+        loss=loss,
+        token_logps=lp,
+        mask=mask,
+        hidden=None,
+        loss_scale=loss_scale,
+        extras=extras,
+    )
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 0.5])
+def test_kl_cov_reference_hand_computed(loss_scale):
+    """verl's KL-Cov on the hand case of `_hand_ctx`, kl_ratio 0.1 (int(0.1 * 4) = 0), kl_coef 0.5.
+
+    Reference: k = max(1, 0) = 1 token, the top Cov_t = 1.375 at (1, 1), where |l - l_old| = 1.
+    verl's loss = 1/4 sum_t (-A_t rho_t) + 0.5 * 1 / 4, so dL/dl_t = (-A_t rho_t + 0.5 sign(l - l_old) 1[sel]) / 4:
+      (0,0): -1/4 = -0.25            (0,1): -e^0.5 / 4 = -0.412180
+      (1,0): +1/4 = +0.25            (1,1): (e^-1 - 0.5) / 4 = -0.033030
+    The trainer's clipped loss alone has gradient [[-0.25, 0], [0.25, 0]] (both rho-extreme tokens clipped),
+    so only the unclipped loss can give the (0,1) and (1,1) entries. All of it times the GA scale.
+    Penalty variant: k = int(0.4) = 0 tokens, so nothing changes: the trainer's gradient and a zero term.
+    """
+    ctx = _hand_ctx(loss_scale)
+    inst = build("kl_cov", CovConfig(kl_ratio=0.1, kl_coef=0.5))
+    loss, metrics = InstrumentSet([inst]).on_loss(ctx)
+    (g,) = torch.autograd.grad(loss, ctx.token_logps, retain_graph=True)
+    hand = torch.tensor([[-0.25, -0.412180318], [0.25, -0.033030139]], dtype=torch.float64)
+    torch.testing.assert_close(g, loss_scale * hand, rtol=0, atol=1e-8)
+    assert metrics["kl_cov/selected_frac"] == 0.25 and metrics["kl_cov/penalty"] == pytest.approx(0.25)
+    # value: the trainer's loss plus the penalty 0.5 * 1/4 (times the GA scale)
+    assert float(loss.detach()) == pytest.approx(float(ctx.loss.detach()) + loss_scale * 0.125, abs=1e-12)
+
+    ctx = _hand_ctx(loss_scale)
+    inst = build("kl_cov", CovConfig(kl_ratio=0.1, kl_coef=0.5, kl_variant="penalty"))
+    loss, metrics = InstrumentSet([inst]).on_loss(ctx)
+    (g,) = torch.autograd.grad(loss, ctx.token_logps)
+    torch.testing.assert_close(g, loss_scale * torch.tensor([[-0.25, 0.0], [0.25, 0.0]], dtype=torch.float64))
+    assert metrics["kl_cov/selected_frac"] == 0.0
+
+
+def test_kl_cov_reference_keeps_grpo_kl_term():
+    """GRPO with beta > 0: only the policy-gradient part of w_t is replaced; the k3 term's gradient
+    beta * (1 - exp(ref - l)) / 4 stays, on top of the hand-computed verl gradient."""
+    from types import SimpleNamespace
+
+    ctx = _hand_ctx()
+    lp, beta = ctx.token_logps, 0.1
+    ref = torch.tensor([[-1.2, -1.8], [-0.4, -2.6]], dtype=torch.float64)
+    k3 = torch.exp(ref - lp) - (ref - lp) - 1
+    ctx.loss = ctx.loss + beta * k3.sum() / 4
+    ctx.trainer = SimpleNamespace(beta=beta, epsilon_low=0.2, epsilon_high=0.2)
+    ctx.extras["ref_logps"] = ref
+    loss, _ = InstrumentSet([build("kl_cov", CovConfig(kl_ratio=0.1, kl_coef=0.5))]).on_loss(ctx)
+    (g,) = torch.autograd.grad(loss, lp)
+    hand = torch.tensor([[-0.25, -0.412180318], [0.25, -0.033030139]], dtype=torch.float64)
+    kl_grad = beta * (1 - torch.exp(ref - lp.detach())) / 4
+    torch.testing.assert_close(g, hand + kl_grad, rtol=0, atol=1e-8)
+
+
+def test_kl_cov_variant_is_validated():
+    from rlx.errors import UserError
+
+    with pytest.raises(UserError, match="kl_variant"):
+        build("kl_cov", CovConfig(kl_variant="verl"))
 
 
 def test_kl_cov_on_policy_is_zero_and_warns():

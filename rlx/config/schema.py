@@ -302,10 +302,16 @@ class CovConfig:
     clip_cov_ub: float = 5.0
     """Clip-Cov: upper covariance bound."""
     kl_ratio: float = 0.002
-    """KL-Cov: fraction of highest-covariance tokens that get the KL penalty (verl 7B recipe: 0.002)."""
+    """KL-Cov: fraction of highest-covariance tokens that get the KL penalty (verl 7B recipe: 0.002); the
+    reference variant selects max(1, int(kl_ratio * n_tokens)), the penalty variant int(kl_ratio * n_tokens)."""
     kl_coef: float = 1.0
     """KL-Cov: weight of the penalty |log pi - log pi_old| on those tokens; needs old log-probs, i.e. an
     off-policy GRPO setting (trainer.num_iterations > 1 or steps_per_generation > gradient_accumulation_steps)."""
+    kl_variant: str = "reference"
+    """KL-Cov: reference (default; verl's compute_policy_loss_kl_cov): the unclipped policy-gradient loss
+    token-mean(-A * rho) on every completion token replaces the trainer's clipped one, plus the penalty on at
+    least one token | penalty (rlx's earlier variant): the trainer's clipped loss plus the penalty only, on
+    int(kl_ratio * n) tokens, possibly none. docs/relax.md."""
 
 
 @dataclass

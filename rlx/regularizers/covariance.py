@@ -7,7 +7,7 @@ For the valid tokens of a batch, with means taken over those tokens,
 
 Entropy change under policy gradient is driven by the batch mean of Cov_t (their Eq. 7-8). Clip-Cov
 detaches the gradient of a random `clip_ratio` fraction of tokens with Cov_t in (lb, ub); KL-Cov puts
-kl_coef * |log pi - log pi_old| on the top `kl_ratio` fraction of tokens by Cov_t. Selections follow
+kl_coef * |log pi - log pi_old| on the top max(1, int(kl_ratio * n)) tokens by Cov_t. Selections follow
 verl `core_algos.compute_policy_loss_{clip_cov,kl_cov}`.
 """
 
@@ -56,10 +56,19 @@ def clip_cov_selection(
     return sel.view_as(cov)
 
 
-def kl_cov_selection(cov: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
-    """KL-Cov: (B, C) bool of the int(ratio * n_valid) valid tokens with the largest Cov_t."""
+def kl_cov_selection(
+    cov: torch.Tensor, mask: torch.Tensor, ratio: float, at_least_one: bool = False
+) -> torch.Tensor:
+    """KL-Cov: (B, C) bool of the k valid tokens with the largest Cov_t, k = int(ratio * n_valid).
+
+    `at_least_one` (verl's rule): k = max(1, int(ratio * n_valid)) whenever ratio > 0 and a token is valid.
+    """
     valid = mask.reshape(-1) > 0
-    n = min(int(ratio * float(valid.sum())), int(valid.sum()))
+    n_valid = int(valid.sum())
+    k = int(ratio * n_valid)
+    if at_least_one and ratio > 0:
+        k = max(k, 1)
+    n = min(k, n_valid)
     sel = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
     if n > 0:
         scores = torch.where(valid, cov.reshape(-1), torch.full_like(cov.reshape(-1), -torch.inf))
