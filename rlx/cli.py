@@ -184,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(main_help())
         return 0
-    return _run(argv[0], argv[1:])
+    try:
+        return _run(argv[0], argv[1:])
+    except BrokenPipeError:  # `rlx recipes | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
