@@ -181,10 +181,10 @@ def _run(cmd: str, rest: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     prepare_process(__file__)
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(main_help())
-        return 0
     try:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(main_help())
+            return 0
         return _run(argv[0], argv[1:])
     except BrokenPipeError:  # `rlx recipes | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
