@@ -2,7 +2,9 @@
 
 Event order follows transformers' Trainer: micro-batches (on_loss, backward) -> _clip_grad_norm ->
 on_pre_optimizer_step -> optimizer.step -> zero_grad -> global_step += 1 -> on_step_end. The loss is a sigmoid
-DPO on pairs (rows [chosen; rejected]) of a tiny random Qwen2, or a GRPO-like loss with a k3 KL term.
+DPO on pairs (rows [chosen; rejected]) of a tiny random Qwen2, a GRPO-like loss with a k3 KL term, or a PPO
+clipped loss with token-level advantages whose rollouts last `rollout_steps` optimizer steps (old log-probs
+equal the policy's on the first step of each rollout, and differ from them on the others).
 Run as a script under torchrun to get the 2-process DDP numbers: `python _alignment_harness.py OUT_DIR ALGO`.
 """
 
@@ -94,6 +96,7 @@ def run(
     instrument: bool = True,
     fast: bool = True,
     kl: bool = True,
+    rollout_steps: int = 1,
     **over,
 ):
     """Train `steps` optimizer steps; returns (instrument, checks, model).
@@ -123,7 +126,12 @@ def run(
         model=wrapped,
         accelerator=_Accel(world),
         state=SimpleNamespace(global_step=0),
-        args=SimpleNamespace(max_grad_norm=0.5),
+        args=SimpleNamespace(
+            max_grad_norm=0.5,
+            gradient_accumulation_steps=ga,
+            steps_per_generation=ga,
+            num_iterations=rollout_steps,
+        ),
         _metrics={"train": defaultdict(list)},
         rlx_algo=algo,
         processing_class=SimpleNamespace(pad_token_id=0, eos_token_id=1),
@@ -166,6 +174,21 @@ def run(
                     n = len(pairs)
                     loss = -torch.nn.functional.logsigmoid(0.1 * (h[:n] - h[n:])).mean()
                     extras = {"pair_index": torch.cat([torch.arange(n), torch.arange(n)])}
+                elif algo == "ppo":  # clipped PPO surrogate, token-level A, token-mean
+                    a = torch.randn(mask.shape, generator=torch.Generator().manual_seed(200 + step))[rows]
+                    with torch.no_grad():
+                        old = lp.detach()
+                        if step % rollout_steps:  # a later step of the rollout: off-policy
+                            old = old - 0.15 * torch.cos(torch.arange(lp.numel()).float()).view_as(lp)
+                    rho = torch.exp(lp - old)
+                    per_tok = -torch.minimum(rho * a, rho.clamp(0.8, 1.2) * a)
+                    loss = (per_tok * mk).sum() / mk.sum()
+                    extras = {
+                        "advantages": a,
+                        "old_logps": old,
+                        "ref_logps": None,
+                        "completion_len": lp.shape[1],
+                    }
                 else:  # grpo-like 'bnpo' loss with k3 KL; advantages per sequence
                     a = adv[rows]
                     with torch.no_grad():

@@ -202,3 +202,32 @@ def test_grpo_and_dpo_recipes_end_to_end(run_recipe):
         tot = df[df.component == "total"].set_index("step").G
         assert sorted(logged) == [1, 2, 3] and all(rel(logged[s], tot[s]) < 1e-6 for s in logged)
         assert (df.target == ("probe_rollouts" if recipe.startswith("grpo") else "heldout_chosen")).all()
+
+
+def test_ppo_on_policy_steps_and_identities(tmp_path):
+    """PPO: rollouts of 4 optimizer steps; only the first step of each (rho = 1) is logged, even with
+    every=1, and there G_pos + G_neg = G_total, the tertiles sum to it, `other` vanishes, the layer groups
+    sum to it, and the positive-learning tokens are exactly those with A_t > 0 (token-level signs)."""
+    inst, checks, _ = harness.run(tmp_path, "ppo", steps=8, ga=2, rollout_steps=4)
+    df = table(tmp_path)
+    assert sorted(df.step.unique()) == [1, 5]
+    for dv, grad_v, _ in checks:  # every step: sum_t w_t grad l_t == the optimizer's gradient
+        assert rel(dv, grad_v) < 1e-5
+    for s, batch_step in ((1, 0), (5, 4)):
+        tot = G(df, s, "total")
+        assert rel(G(df, s, "pos") + G(df, s, "neg"), tot) < 1e-5
+        assert rel(G(df, s, "top") + G(df, s, "mid") + G(df, s, "bot"), tot) < 1e-5
+        assert abs(G(df, s, "other")) / abs(tot) < 1e-5
+        layers = [G(df, s, c) for c in df.component.unique() if c.startswith("layer:")]
+        assert rel(sum(layers), tot) < 1e-5
+        assert "kl" not in set(df[df.step == s].component)  # PPO's KL is in the reward, not a loss term
+        # on-policy (rho = 1, nothing clipped): w_t = -A_t / n, so pos = {A_t > 0} on scored tokens
+        _, mask, _ = harness.global_batch(batch_step)
+        a = torch.randn(mask.shape, generator=torch.Generator().manual_seed(200 + batch_step))
+        n_pos = int(((a > 0) & (mask > 0)).sum())
+        row = df[(df.step == s) & (df.component == "pos")].iloc[0]
+        assert row.n_tokens == n_pos and 0 < n_pos < int(mask.sum())
+    # every=3: the on-policy steps 1, 5, 9 qualify when (previous start, step] holds a multiple of 3
+    every3, _, _ = harness.run(tmp_path / "e3", "ppo", steps=12, rollout_steps=4, every=3)
+    assert sorted(table(tmp_path / "e3").step.unique()) == [1, 5, 9]
+    assert [s for s in range(1, 40) if every3._logged(s)] == [1, 5, 9, 13, 17, 21, 25, 29, 33, 37]

@@ -159,6 +159,11 @@ class GradAlignment(Instrument):
                 [p.shape for p in self.params], int(self.cfg.sketch_dim), seed=int(self.run.cfg.seed)
             )
         self.algo = getattr(trainer, "rlx_algo", "") or self.run.cfg.algo
+        if self.algo == "ppo":  # num_iterations = ppo_epochs, steps_per_generation = num_minibatches * GA
+            args = trainer.args
+            ga = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+            spg = int(getattr(args, "steps_per_generation", None) or ga)
+            self._rollout_steps = max(1, int(getattr(args, "num_iterations", 1) or 1) * spg // ga)
         self.rowcap = None
         if self.variant == "param" and self.allow_fast and self.algo in ROW_ALGOS:
             head = policy.get_output_embeddings()
@@ -239,7 +244,18 @@ class GradAlignment(Instrument):
     # ---- per micro-batch ----------------------------------------------------------------------------------
 
     def _logged(self, step: int) -> bool:
-        return step == 1 or step % int(self.cfg.every) == 0
+        """Step 1 and every `every`-th step; PPO: only on-policy steps (see `_rollout_steps`)."""
+        every, k = int(self.cfg.every), self._rollout_steps
+        if k <= 1:
+            return step == 1 or step % every == 0
+        # PPO reuses each rollout for k optimizer steps and only the first (epoch 0, minibatch 0) has
+        # rho = 1: log that step whenever (previous rollout start, step] holds a multiple of `every`.
+        if (step - 1) % k != 0:
+            return False
+        return step == 1 or step // every > (step - k) // every
+
+    _rollout_steps = 1
+    """Optimizer steps per PPO rollout (ppo_epochs * num_minibatches), set in `_setup`; 1 otherwise."""
 
     def on_loss(self, ctx: LossContext) -> None:
         trainer = ctx.trainer
