@@ -185,6 +185,8 @@ def test_metrics_logged(trained):
         "returns/mean",
         "approx_kl",
         "grad_norm",
+        "grad_norm/policy",
+        "grad_norm/value",
         "ppo_test/seen",
     ):
         assert k in keys, k
