@@ -152,15 +152,18 @@ def claim_run_dir(cfg: Any, run_dir: Path, resume: Path | None) -> Iterator[None
                 )
                 now = _flat(resolved)
                 changed = sorted(
-                    k
-                    for k in set(before) | set(now)
-                    if before.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES
+                    k for k in set(before) & set(now) if before[k] != now[k] and k not in _RESUMABLE_CHANGES
                 )
                 if before and changed:
                     raise UserError(
                         f"cannot resume {run_dir} with a different config: {', '.join(changed[:8])} differ from its "
                         "config.yaml. A resumed run is the same run; only trainer.max_steps / num_train_epochs may "
                         "change."
+                    )
+                added = sorted(set(now) - set(before)) if before else []
+                if added:  # keys a newer rlx added since the run started: their defaults apply from here on
+                    print(
+                        f"note: config keys new since this run started (defaults used): {', '.join(added[:8])}"
                     )
                 dropped = ckpt.restore_run_files(run_dir, resume)
                 print(

@@ -43,20 +43,15 @@ PPO = [
     "eval.before_after=false",
     "trainer.report_to=[]",
 ]
-DDP = [
-    "-m",
-    "accelerate.commands.launch",
-    "--config_file",
-    str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
-]
 
 
 def train(out: Path, args: list[str], fault: str | None = None, launcher: list[str] | None = None):
+    """Run rlx/train.py in a subprocess (`launcher`: a command that takes the script, e.g. accelerate launch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RLX_FAULT", None)
     if fault:
         env["RLX_FAULT"] = fault
-    cmd = [sys.executable, *(launcher or []), str(REPO / "rlx" / "train.py"), *args, f"output_dir={out}"]
+    cmd = [*(launcher or [sys.executable]), str(REPO / "rlx" / "train.py"), *args, f"output_dir={out}"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -140,3 +135,71 @@ def test_ppo_resume_equals_straight(tmp_path, tiny_model_dir):
     assert_same_metrics(straight, run)
     assert_same_weights(straight, run)
     assert_same_weights(straight, run, "checkpoint-6/critic/model.safetensors")
+
+
+@pytest.mark.slow
+def test_three_kills_each_step_once(tmp_path, tiny_model_dir):
+    """SIGKILL after a step's log, inside a checkpoint (before its marker) and right after one; resume each time."""
+    args = [a.replace("max_steps=6", "max_steps=8").replace("save_steps=3", "save_steps=2") for a in GRPO]
+    run = killed_and_resumed(tmp_path, args, ["after_log:3", "in_checkpoint:4", "after_checkpoint:6"])
+    steps = [r["step"] for r in rows(run) if "train_runtime" not in r]
+    assert steps == list(range(1, 9)), steps
+    from rlx.checkpoint import complete_checkpoints
+
+    assert [s for s, _ in complete_checkpoints(run)] == [6, 8]  # save_total_limit=2, rotated after completion
+    import pandas as pd
+
+    from rlx.diagnostics import read_manifest
+
+    manifest = read_manifest(run)
+    listed = {f["path"] for f in manifest["files"]}
+    on_disk = {
+        str(p.relative_to(run / "diagnostics")) for p in (run / "diagnostics").rglob("*") if p.is_file()
+    }
+    on_disk = {p for p in on_disk if not Path(p).name.startswith(".")} - {"manifest.json"}
+    assert listed == on_disk
+    table = pd.read_parquet(run / "diagnostics" / "grad_alignment.parquet")
+    assert sorted(set(table["step"])) == [1, 2, 4, 6, 8]
+    assert not table.duplicated(["step", "component"]).any()
+    p = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-m", "analysis", "summary", str(run)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0 and "Warning" not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_second_run_on_a_live_run_dir_exits_2(tmp_path, tiny_model_dir):
+    import time
+
+    run = tmp_path / "run"
+    args = [a.replace("max_steps=6", "max_steps=40") for a in PPO]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "rlx" / "train.py"), *args, f"output_dir={run}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (run / ".rlx.lock").exists() or not (run / ".rlx.lock").read_text():
+        assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
+        time.sleep(0.2)
+    t0 = time.time()
+    second = train(run, args)
+    assert second.returncode == 2
+    assert time.time() - t0 < 60
+    line = second.stderr.strip().splitlines()[-1]
+    assert (
+        line.startswith("error: output_dir")
+        and f"PID {first.pid}" in line
+        and "Traceback" not in second.stderr
+    )
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert [r["step"] for r in rows(run) if "train_runtime" not in r] == list(range(1, 41))
+    assert json.loads((run / "run_info.json").read_text())["global_step"] == 40

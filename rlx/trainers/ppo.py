@@ -36,6 +36,7 @@ from rlx.algorithms.ppo import (
     masked_whiten,
     token_level_rewards,
 )
+from rlx.errors import UserError
 from rlx.instruments.base import backbone_of, unwrap_policy
 from rlx.trainers.common import bind
 from rlx.trainers.grpo import RLXGRPOTrainer
@@ -387,8 +388,13 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             if critic is not None:
                 policy.add_module(CRITIC_ATTR, critic)
         path = os.path.join(resume_from_checkpoint, "critic", "model.safetensors")
-        if critic is not None and os.path.isfile(path):
+        if critic is not None:
             import safetensors.torch
+
+            if not os.path.isfile(path):
+                raise UserError(
+                    f"{resume_from_checkpoint} has no critic ({path}); it is not a PPO checkpoint of this run."
+                )
 
             critic.load_state_dict(
                 safetensors.torch.load_file(path, device=str(next(critic.parameters()).device))
