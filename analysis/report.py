@@ -245,7 +245,7 @@ def correctness_section(runs: RunSet) -> Section | None:
     s = Section(
         "Correctness direction",
         "Direction separating correct from wrong completions of the same probe prompt (RepE on GRPO-style "
-        "groups; research/diagnostics.md §2). Fitted on half of the probe prompts, AUROC on the other half, "
+        "groups; docs/analysis.md). Fitted on half of the probe prompts, AUROC on the other half, "
         "next to the AUROC of the policy's own mean log-prob.",
     )
     if tabs:

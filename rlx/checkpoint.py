@@ -89,7 +89,10 @@ def resolve_resume(setting: Any, run_dir: Path) -> Path | None:
                 "Set trainer.save_steps to checkpoint more often."
             )
         return None
-    path = Path(str(setting)).absolute()
+    path = Path(str(setting)).expanduser()
+    if not path.is_absolute() and not path.exists() and (run_dir / path).exists():
+        path = run_dir / path  # checkpoint-N relative to the run dir
+    path = path.absolute()
     if not (path / MARKER).is_file():
         raise UserError(
             f"trainer.resume_from_checkpoint={setting}: not a complete rlx checkpoint (no {MARKER} in it). "

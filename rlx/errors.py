@@ -21,9 +21,10 @@ class Diverged(Exception):
 
     exit_code = 3
 
-    def __init__(self, message: str, step: int):
+    def __init__(self, message: str, step: int, checkpoint: bool = True):
         super().__init__(message)
         self.step = step
+        self.checkpoint = checkpoint  # False when the weights in memory are not worth saving (non-finite)
 
 
 def exit_on_user_error(fn: Callable) -> Callable:

@@ -4,6 +4,8 @@ Two checks, trainer-independent (a `TrainerCallback` every rlx trainer installs)
 
 - **non-finite gradient**, before the optimizer step: the update is not applied, so the weights that get
   checkpointed are the last finite ones;
+- **non-finite weights**, after the optimizer step (a finite gradient times a huge learning rate): the
+  weights in memory are lost, so nothing is checkpointed and the message names the last complete checkpoint;
 - **collapse**, on logged metrics: for `collapse_steps` consecutive logged steps, the mean token entropy at
   its uniform maximum (>= `entropy_fraction` * ln |V|), or every reward function returning NaN.
 
@@ -34,6 +36,28 @@ def _all_rewards_nan(logs: dict[str, Any]) -> bool:
     return bool(means) and all(isinstance(v, float) and math.isnan(v) for v in means)
 
 
+def last_checkpoint(run_dir: Any) -> str:
+    """One sentence naming the run's last complete checkpoint, for messages about weights not worth saving."""
+    from rlx.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(run_dir)
+    if not done:
+        return "No checkpoint was written before it."
+    return f"The last complete checkpoint is {done[-1][1]}."
+
+
+def sampling_diverged(e: RuntimeError, step: int, run_dir: Any) -> Diverged | None:
+    """torch's multinomial error on NaN/inf probabilities, as the divergence it is (finite but exploded weights)."""
+    if "probability tensor contains either" not in str(e):
+        return None
+    return Diverged(
+        f"diverged at step {step + 1}: sampling met non-finite probabilities (the weights have exploded). "
+        f"Lower trainer.learning_rate. {last_checkpoint(run_dir)}",
+        step,
+        checkpoint=False,
+    )
+
+
 class DivergenceGuard(TrainerCallback):
     """See the module docstring; `cfg` is the run's `guard` section, `vocab_size` the policy's."""
 
@@ -56,6 +80,22 @@ class DivergenceGuard(TrainerCallback):
                 f"diverged at step {step}: the gradient is not finite (grad_norm = {total.sqrt().item()}); "
                 f"the update was not applied. Lower trainer.learning_rate or check the reward and the data.",
                 step - 1,
+            )
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if not self.cfg.nonfinite or model is None:
+            return
+        # under ZeRO-3 each rank checks its own partition (ds_tensor); elsewhere the full parameter
+        bad = next(
+            (n for n, p in model.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p)).all()),
+            None,
+        )
+        if bad is not None:
+            raise Diverged(
+                f"diverged at step {state.global_step}: the update made the weights non-finite ({bad}). "
+                f"Lower trainer.learning_rate. {last_checkpoint(args.output_dir)}",
+                int(state.global_step),
+                checkpoint=False,
             )
 
     def on_log(self, args, state, control, logs=None, **kw):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,7 +43,7 @@ def load_tokenizer_for(path: str):
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot load a tokenizer from '{path}': {e}. Give an HF-format model directory or hub id."
+            f"cannot load a tokenizer from '{path}': {_first_line(e)}. {hub_hint(path, 'model.name_or_path')}"
         ) from None
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -49,7 +52,10 @@ def load_tokenizer_for(path: str):
 
 
 def load_causal_lm(path: str, cfg=None, **kwargs):
-    """`AutoModelForCausalLM.from_pretrained` with the config's dtype / attention / trust settings."""
+    """`AutoModelForCausalLM.from_pretrained` with the config's dtype / attention / trust settings.
+
+    Always loads the full weights (on CPU), also under a DeepSpeed ZeRO-3 launch: see `outside_zero3_init`.
+    """
     mcfg = cfg.model if cfg is not None else None
     if mcfg is not None:
         if mcfg.dtype not in _DTYPES:
@@ -59,16 +65,55 @@ def load_causal_lm(path: str, cfg=None, **kwargs):
             kwargs.setdefault("attn_implementation", mcfg.attn_implementation)
         kwargs.setdefault("trust_remote_code", mcfg.trust_remote_code)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with outside_zero3_init():
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         # VLMs (e.g. Qwen2.5-VL, Activation Replay's MM-Eureka pair) map only to ImageTextToText.
-        vlm = _image_text_to_text(path, kwargs) if isinstance(e, ValueError) else None
+        with outside_zero3_init():
+            vlm = _image_text_to_text(path, kwargs) if isinstance(e, ValueError) else None
         if vlm is not None:
             return vlm
         raise UserError(
-            f"cannot load a causal LM from '{path}': {e}. Give an HF-format model directory (config.json + "
-            "weights) or a hub id reachable from here."
+            f"cannot load a causal LM from '{path}': {_first_line(e)}. {hub_hint(path, 'model.name_or_path')}"
         ) from None
+
+
+@contextlib.contextmanager
+def outside_zero3_init() -> Iterator[None]:
+    """Load models with full weights even after a ZeRO-3 trainer config exists (no `deepspeed.zero.Init`).
+
+    Once a TrainingArguments with a ZeRO-3 DeepSpeed config exists, `from_pretrained` partitions the weights
+    while loading, a collective over all ranks. On CPU that trips DeepSpeed's batch-size assertion (accelerate
+    skips DeepSpeed's own distributed init there, so DeepSpeed sees one rank), and a model loaded on only some
+    ranks (a lazily loaded reference) would wait forever for the others. rlx loads every model whole, and
+    DeepSpeed partitions the ones it trains when the trainer prepares them.
+    """
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def hub_hint(spec: str, key: str) -> str:
+    """What to do when `spec` (a `key` value) did not load: a local path that is wrong, or a hub id not reachable."""
+    if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+        return f"Set {key} to an HF-format directory (config.json + weights) or a hub id."
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    where = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    state = "HF_HUB_OFFLINE is set, so only the local HF cache was searched" if offline else f"from {where}"
+    return (
+        f"'{spec}' is read as a Hugging Face Hub id ({state}). Either set {key} to a local directory "
+        "(download it elsewhere with `hf download " + spec + " --local-dir DIR`), or go online: unset "
+        "HF_HUB_OFFLINE, check the network, or set HF_ENDPOINT to a reachable mirror."
+    )
 
 
 def _image_text_to_text(path: str, kwargs: dict):

@@ -45,8 +45,11 @@ def decide_run_dir(cfg: Any) -> Path:
     state = PartialState()
     chosen = [None]
     if state.is_main_process:
+        resume = cfg.trainer.get("resume_from_checkpoint")
         if cfg.output_dir:
             chosen[0] = str(Path(cfg.output_dir).absolute())
+        elif isinstance(resume, str) and resume.lower() not in ("true", "false", "latest", ""):
+            chosen[0] = str(Path(resume).absolute().parent)  # a checkpoint path names its run
         else:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             chosen[0] = str(Path("runs", cfg.recipe or "run", stamp).absolute())
@@ -85,7 +88,7 @@ def check_run_dir(cfg: Any, run_dir: Path) -> Path | None:
         )
     if resume is None:
         previous = [
-            name for name in ("metrics.jsonl", "run_info.json", "config.yaml") if (run_dir / name).exists()
+            name for name in ("metrics.jsonl", "run_info.json", ckpt.LOCK_NAME) if (run_dir / name).exists()
         ]
         if previous:
             done = ckpt.complete_checkpoints(run_dir)
@@ -97,6 +100,11 @@ def check_run_dir(cfg: Any, run_dir: Path) -> Path | None:
             )
             raise UserError(
                 f"output_dir {run_dir} already holds a run that did not finish ({', '.join(previous)}). {hint}"
+            )
+        if (run_dir / "config.yaml").exists():
+            raise UserError(
+                f"{run_dir / 'config.yaml'} exists and rlx did not write it for this run; rlx never overwrites it. "
+                "Move it away, or choose another output_dir."
             )
     return resume
 
@@ -160,7 +168,7 @@ def claim_run_dir(cfg: Any, run_dir: Path, resume: Path | None) -> Iterator[None
                         "config.yaml. A resumed run is the same run; only trainer.max_steps / num_train_epochs may "
                         "change."
                     )
-                added = sorted(set(now) - set(before)) if before else []
+                added = sorted(set(now) - set(before) - _RESUMABLE_CHANGES) if before else []
                 if added:  # keys a newer rlx added since the run started: their defaults apply from here on
                     print(
                         f"note: config keys new since this run started (defaults used): {', '.join(added[:8])}"

@@ -130,16 +130,28 @@ def _train(trainer, resume: Path | None, cfg) -> None:
     from rlx.guard import Diverged
 
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume is not None and _finished_at(resume, trainer.args.max_steps):
+            # HF Trainer would run one more step before noticing max_steps is reached; load the weights instead.
+            trainer._load_from_checkpoint(str(resume))
+            trainer.state = type(trainer.state).load_from_json(str(resume / "trainer_state.json"))
+            print(
+                f"{resume.name} is the last step (max_steps {trainer.state.max_steps}): nothing left to train"
+            )
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Diverged as e:
-        if cfg.guard.checkpoint:
+        if cfg.guard.checkpoint and e.checkpoint:
             trainer.state.global_step = e.step
             trainer._save_checkpoint(trainer.model_wrapped, trial=None)
-            e.args = (
-                f"{e.args[0]} Checkpoint of the last finite state: {trainer.args.output_dir}/checkpoint-{e.step}",
-            )
+            e.args = (f"{e.args[0]} Checkpoint written: {trainer.args.output_dir}/checkpoint-{e.step}",)
         raise
-    except OSError as e:
+    except Exception as e:  # OSError, or safetensors' SafetensorError wrapping one
+        if isinstance(e, RuntimeError) and cfg.guard.enabled and cfg.guard.nonfinite:
+            from rlx.guard import sampling_diverged
+
+            diverged = sampling_diverged(e, int(trainer.state.global_step), trainer.args.output_dir)
+            if diverged is not None:
+                raise diverged from None
         _raise_if_disk_full(
             e, Path(trainer.args.output_dir), Path(trainer.args.output_dir), "writing a checkpoint"
         )
@@ -161,7 +173,7 @@ def _save_final(trainer, tokenizer, run_dir: Path) -> None:
         trainer.save_model(str(tmp))
         if state.is_main_process:
             tokenizer.save_pretrained(tmp)
-    except OSError as e:
+    except Exception as e:  # OSError, or safetensors' SafetensorError wrapping one
         if state.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_disk_full(e, tmp, run_dir, "writing the final model")
@@ -172,14 +184,24 @@ def _save_final(trainer, tokenizer, run_dir: Path) -> None:
     state.wait_for_everyone()
 
 
-def _raise_if_disk_full(e: OSError, path: Path, run_dir: Path, what: str) -> None:
+def _finished_at(checkpoint: Path, max_steps: int) -> bool:
+    """Whether `checkpoint` is at or past the run's last step (`max_steps`, or the epoch-derived one it saved)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    last = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    return last > 0 and state["global_step"] >= last
+
+
+def _raise_if_disk_full(e: BaseException, path: Path, run_dir: Path, what: str) -> None:
     import errno
     import shutil
 
     from rlx.checkpoint import complete_checkpoints
     from rlx.errors import UserError
 
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        m in str(e) for m in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+    )
+    if not full:
         return
     free = shutil.disk_usage(path if path.exists() else path.parent).free
     done = complete_checkpoints(run_dir)
@@ -204,7 +226,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     from rlx.config.loader import load_config, to_yaml
 
     cfg = load_config(argv, default_recipe=DEFAULT_RECIPE)
-    if cfg.print_config:  # the run config, then the trainer arguments as the TRL trainer gets them; no run dir
+    if (
+        cfg.print_config
+    ):  # the run config, then the trainer arguments as the TRL trainer gets them; no run dir
         from rlx.cli import trainer_args_text
 
         print(to_yaml(cfg))

@@ -146,7 +146,7 @@ def test_existing_run_dir_is_refused_and_left_intact(tmp_path):
     )
     assert (
         p.returncode == 2
-        and "already holds a run (metrics.jsonl)" in p.stderr
+        and "already holds a run that did not finish (metrics.jsonl)" in p.stderr
         and "Traceback" not in p.stderr
     )
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'

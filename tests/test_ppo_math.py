@@ -145,7 +145,7 @@ def test_clipped_policy_loss_epsilon_high_and_dual_clip_by_hand():
 
 
 def test_clipped_policy_loss_gradient_is_masked_rho_a():
-    # d L_t / d log pi_t = -A_t rho_t on unclipped tokens, 0 on clipped ones (research/gradient_alignment.md 1.3)
+    # d L_t / d log pi_t = -A_t rho_t on unclipped tokens, 0 on clipped ones (docs/gradient_alignment.md)
     a, rho = t(ADV), t(RATIO)
     logps = torch.log(rho).requires_grad_(True)
     out = clipped_policy_loss(logps, torch.zeros_like(rho), a, epsilon=0.2)

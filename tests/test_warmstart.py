@@ -54,7 +54,8 @@ def test_warm_start_is_cached_reproducible_and_loadable(tmp_path):
         ensure_warm_started(a, progress=False) == pa
         and (pa / "model.safetensors").stat().st_mtime_ns == stamp
     )
-    assert not [p for p in pa.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    # no temp dirs left behind (the builders' lock files stay: removing one while a builder waits on it is racy)
+    assert not [p for p in pa.parent.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
     stats = json.loads((pa / "warmstart.json").read_text())
     assert stats["steps"] == 3 and stats["num_parameters"] > 0
     model = AutoModelForCausalLM.from_pretrained(pa)

@@ -1,4 +1,4 @@
-"""Activation shift by base-model entropy (Activation Replay finding; research/activation_replay.md §1).
+"""Activation shift by base-model entropy (Activation Replay finding; docs/activation_replay.md).
 
 Logit lens at input positions: p_l(t) = softmax(W_U RMSNorm_final(h_l(t))). Positions are bucketed by the
 entropy H_l(t) of the *base* model's distribution; the shift is KL(p_l^base(t) || p_l^rl(t)). The claim is

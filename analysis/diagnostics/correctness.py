@@ -1,4 +1,4 @@
-"""Correctness direction from GRPO-style groups (research/diagnostics.md §2; RepE/LAT, arXiv 2512.07404).
+"""Correctness direction from GRPO-style groups (docs/analysis.md; RepE/LAT, arXiv 2512.07404).
 
 Input: the `diagnostics.activations` files (rlx/instruments/activations.py): per saved step, per sampled
 probe completion, the per-layer state at the last completion token, its reward, its probe prompt (the

@@ -1,4 +1,4 @@
-"""Gradient alignment tables (arXiv 2512.00778; research/gradient_alignment.md §1, §3-4).
+"""Gradient alignment tables (arXiv 2512.00778; docs/gradient_alignment.md).
 
 Input: the `grad_alignment` instrument's table (rows per logged step and component: `step`,
 `component`, `G`, `cos`, `norm`, `n_tokens`, `target`, `variant`; rlx/alignment/instrument.py) and its
@@ -9,7 +9,7 @@ a descent step on L lowers the NLL of the target responses D' (moves the model t
 - `tertiles`: the |w| reweighting tertiles top / mid / bot over steps (G_top + G_mid + G_bot = G_total);
 - `layer_groups`: G per layer group over steps (heatmap);
 - `pos_neg_cosine`: cos(grad L_pos, grad L_neg), the entanglement of positive and negative learning;
-- `classify`: supervised-like vs RL-like per run and target, by the rule of §5.8: SL-like iff G_total > 0
+- `classify`: supervised-like vs RL-like per run and target, by the rule of docs/gradient_alignment.md: SL-like iff G_total > 0
   on >= 90% of logged steps and CV = std/|mean| < 1, else RL-like;
 - `sketch_similarity` / `drift`: cosines between the saved sketches of grad L at pairs of steps.
 """
@@ -182,7 +182,7 @@ def classify(run: Run) -> pd.DataFrame:
 
 def realised(run: Run) -> pd.DataFrame:
     """step, target, G_update, delta_R: alignment of the optimizer's actual step Delta theta with g_T next to the
-    measured change of the target NLL R_T(theta_{t+1}) - R_T(theta_t) (first-order validity, research note §3.5:
+    measured change of the target NLL R_T(theta_{t+1}) - R_T(theta_t) (first-order validity:
     G_update > 0 should go with delta_R < 0)."""
     cols = ["step", "target", "G_update", "delta_R"]
     df = table(run)

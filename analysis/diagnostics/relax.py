@@ -1,4 +1,4 @@
-"""ReLaX dynamics (arXiv 2512.07558; research/relax.md §1.4, §2).
+"""ReLaX dynamics (arXiv 2512.07558; docs/relax.md).
 
 DSD(x) = sample variance of the smoothed singular values r_j = sqrt(s_j^2 + eps) of the per-trajectory
 Koopman matrix K fitted on the last-layer states (the code's variant; `spectrum: eig` uses eigenvalue

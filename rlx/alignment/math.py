@@ -1,15 +1,15 @@
 """Gradient alignment, pure functions (arXiv 2512.00778, "What Is Preference Optimization Doing, and Why?").
 
-Notation (research/gradient_alignment.md §1):
+Notation (the definitions are restated for users in docs/gradient_alignment.md):
 
 - l_t = log pi_theta(a_t | s_t), the per-token log-probs the trainer's loss L consumes, (B, T).
-- w_t = dL/dl_t (§1.5). Since L depends on theta only through l_t, grad L = sum_t w_t grad l_t.
-- g_T = grad R_T, R_T = token-mean NLL of a fixed target set D' (§1.1).
-- G(L) = <g_T, grad L> = sum_t w_t <g_T, grad l_t> (§1.1). One SGD step theta -= eta grad L changes R_T by
+- w_t = dL/dl_t. Since L depends on theta only through l_t, grad L = sum_t w_t grad l_t.
+- g_T = grad R_T, R_T = token-mean NLL of a fixed target set D'.
+- G(L) = <g_T, grad L> = sum_t w_t <g_T, grad l_t>. One SGD step theta -= eta grad L changes R_T by
   about -eta G, so G > 0 means a descent step moves the model toward D'.
-- Components (§1.5): positive learning {t: w_t < 0} (descent raises l_t), negative learning {t: w_t > 0},
-  reweighting |w_t|; a KL loss term is a third component with its own weights (§1.4). By linearity
-  G_pos + G_neg + G_kl = G_total, and G_top + G_mid + G_bot = G_total for the reweighting tertiles (§1.6).
+- Components: positive learning {t: w_t < 0} (descent raises l_t), negative learning {t: w_t > 0},
+  reweighting |w_t|; a KL loss term is a third component with its own weights. By linearity
+  G_pos + G_neg + G_kl = G_total, and G_top + G_mid + G_bot = G_total for the reweighting tertiles.
 
 G_c is computed as <g_T, grad sum_t (w_t m_c,t) l_t>: one backward of the weighted log-probs per component
 (`weighted_grad`) dotted with g_T in float64 (`dot`). Nothing here imports TRL.
@@ -41,7 +41,7 @@ def kl_token_weights(
     eps_low: float | None = None,
     eps_high: float | None = None,
 ) -> torch.Tensor:
-    """The part of w_t that comes from a k3 KL term beta * KL_t in a clipped policy-gradient loss (§1.4).
+    """The part of w_t that comes from a k3 KL term beta * KL_t in a clipped policy-gradient loss.
 
     Per token the loss is c_i (p_t + beta k3_t) with p_t = -M_t rho_t A_t (the PPO-clip surrogate, rho_t =
     exp(l_t - old_t), M_t the not-clipped mask) and k3_t = exp(r_t - l_t) - (r_t - l_t) - 1, so
@@ -97,7 +97,7 @@ def component_weights(
 
 
 def reweighting_units(level: str, mask: torch.Tensor, pair_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Unit id per token for the tertile split (§1.6, §5.7): `token` (PPO), `sequence` (GRPO, SFT), `pair` (DPO).
+    """Unit id per token for the tertile split: `token` (PPO), `sequence` (GRPO, SFT), `pair` (DPO).
 
     Returns (B, T) int64; tokens outside `mask` get -1. For `pair`, `pair_index` (B,) maps each row to its pair.
     """
@@ -120,7 +120,7 @@ def token_tiers(
     units: torch.Tensor,
     gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
 ) -> torch.Tensor:
-    """(B, T) reweighting tier of each token: 0 top, 1 mid, 2 bot, -1 unscored (§1.6; see `tertile_weights`)."""
+    """(B, T) reweighting tier of each token: 0 top, 1 mid, 2 bot, -1 unscored (see `tertile_weights`)."""
     valid = units >= 0
     uid, inv = torch.unique(units[valid], return_inverse=True)
     n = uid.numel()
@@ -140,7 +140,7 @@ def tertile_weights(
     units: torch.Tensor,
     gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Split w_t into equal thirds of units ranked by their reweighting score (§1.6).
+    """Split w_t into equal thirds of units ranked by their reweighting score.
 
     The score of a unit is its mean |w_t| over scored tokens (for sigmoid DPO this is beta * omega_i / B; for
     GRPO it is proportional to |A_i| / |o_i|; per token it is |w_t|). Units are sorted by score, descending,
@@ -271,7 +271,7 @@ def layer_groups(names: Sequence[str], num_layers: int, k: int) -> dict[str, lis
 
 
 def run_summary(g_total: Sequence[float], min_positive: float = 0.9, max_cv: float = 1.0) -> dict:
-    """Regime of a run from its logged G_total series (§2, §3.6, §5.8).
+    """Regime of a run from its logged G_total series (docs/gradient_alignment.md, run summary).
 
     frac_positive: fraction of logged steps with G > 0; sign_flip_rate: fraction of consecutive pairs whose
     signs differ; cv = std / |mean| (population std); regime "supervised-like" iff frac_positive >= 0.9 and
@@ -323,7 +323,7 @@ def head_grad_from_activations(
 
     l_t = log softmax(W h_t / T)[y_t], so dl_t/dW = (e_{y_t} - p_t) h_t^T / T and the sum is
     ((E - P) * coef)^T H / T with H (N, d) the head inputs, E one-hot labels, P = softmax. This is the
-    activation-space variant used where parameter autograd is unavailable (ZeRO-2/3, research/stack.md §3c):
+    activation-space variant used where parameter autograd is unavailable (ZeRO-2/3: DeepSpeed owns the gradients; docs/gradient_alignment.md):
     it needs only the hooked final hidden states, the labels and w_t. Shapes: hidden (N, d), labels (N,),
     coef (N,). Returns (V, d) float32.
     """

@@ -1,4 +1,4 @@
-"""CountSketch of gradient-shaped vectors, for offline drift and similarity matrices (research §4.3).
+"""CountSketch of gradient-shaped vectors, for offline drift and similarity matrices (docs/gradient_alignment.md).
 
 S(v)_j = sum_{i: h(i)=j} s(i) v_i with a hash h: [n] -> [k] and signs s in {-1, +1} generated per parameter
 tensor from (seed, tensor index), so no dense k x n matrix ever exists. S is linear and E<S(a), S(b)> = <a, b>

@@ -1,6 +1,6 @@
-"""The target set D' and its gradient g_T = grad R_T, R_T = token-mean NLL of D' (arXiv 2512.00778 §1.1).
+"""The target set D' and its gradient g_T = grad R_T, R_T = token-mean NLL of D' (arXiv 2512.00778).
 
-Targets (research/gradient_alignment.md §4.5, §5.1):
+Targets (docs/gradient_alignment.md, options):
 - `heldout_chosen` (default for DPO and SFT): held-out prompts with their verified reference completion.
 - `probe_rollouts` (default for GRPO and PPO): a fixed probe batch of the run's own rollouts (the first
   completions the run trains on), frozen for the whole run and identical on every rank.

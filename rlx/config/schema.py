@@ -377,14 +377,16 @@ class GuardConfig:
     enabled: bool = True
     """Check every optimizer step and every logged step."""
     nonfinite: bool = True
-    """Stop on a non-finite gradient (checked before the optimizer step, so the weights are still finite)."""
+    """Stop on a non-finite gradient (checked before the optimizer step, so the weights are still finite), on
+    weights made non-finite by a step, and on sampling that meets non-finite probabilities."""
     collapse_steps: int = 5
     """Stop when the policy looks collapsed for this many consecutive logged steps: entropy at its uniform
     maximum (see `entropy_fraction`), or every reward function returning NaN. 0 turns collapse checks off."""
     entropy_fraction: float = 0.98
     """Logged mean token entropy >= entropy_fraction * ln(vocabulary size) counts as uniform (collapsed)."""
     checkpoint: bool = True
-    """Write a checkpoint of the last finite state before stopping (resumable, e.g. with a lower learning rate)."""
+    """Write a checkpoint of the state at the stop (not when the weights are non-finite or exploded): to inspect,
+    or to start a new run from (model.name_or_path=RUN/checkpoint-N)."""
 
 
 @dataclass

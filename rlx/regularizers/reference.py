@@ -6,8 +6,13 @@ reference log-probs for every row, and only when trainer.beta != 0; when it did 
 extras) those are used instead.
 
 The reference is the initial policy: with PEFT the policy with its adapters disabled, otherwise the model
-re-loaded from `config._name_or_path` (the directory the run started from, also right after a resume).
-Not supported under DeepSpeed ZeRO-3 (re-loading under zero.Init fails on CPU); there, set trainer.beta.
+re-loaded from `config._name_or_path` (the directory the run started from, also right after a resume) with the
+policy's dtype and attention implementation.
+
+Under DeepSpeed ZeRO-3 the reference is a whole, frozen copy on every rank, loaded outside `zero.Init` and never
+handed to DeepSpeed. Each rank scores only its own masked rows, often none, so a partitioned reference (whose
+forward is a collective every rank must join) would wait forever for ranks that had nothing to score. The cost
+is one unpartitioned copy of the model per rank; with `trainer.beta > 0` TRL's partitioned reference is used.
 """
 
 from __future__ import annotations
@@ -36,8 +41,17 @@ class LazyReference:
         if self.model is None:
             from transformers import AutoModelForCausalLM
 
+            from rlx.models import outside_zero3_init
+
             path = policy.config._name_or_path
-            ref = AutoModelForCausalLM.from_pretrained(path, dtype=policy.dtype)
+            with outside_zero3_init():
+                ref = AutoModelForCausalLM.from_pretrained(
+                    path,
+                    dtype=policy.dtype,
+                    attn_implementation=policy.config._attn_implementation,
+                    # the policy runs custom code only when the user allowed it (model.trust_remote_code)
+                    trust_remote_code=type(policy).__module__.startswith("transformers_modules"),
+                )
             self.model = ref.to(policy.device).eval().requires_grad_(False)
         return self.model
 

@@ -1,6 +1,6 @@
 """Countdown: use each of n numbers exactly once with + - * / to reach a target.
 
-Reward (research/diagnostics.md §7, TinyZero-style): 1.0 for a correct expression, 0.1 for a well-formed
+Reward (TinyZero-style): 1.0 for a correct expression, 0.1 for a well-formed
 expression that is wrong or misuses the numbers, 0.0 for anything that does not parse. The prompt is
 `Use 3 7 9 to get 30:`; the completion is a bare expression such as `(9-7)*3*5`.
 """

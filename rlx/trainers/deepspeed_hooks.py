@@ -5,7 +5,7 @@ deepspeed/runtime/utils.py). The first gradient that reaches one of them runs th
 ZeRO enters its backward and queues an epilogue that reduces gradient buckets when that autograd call
 ends. An instrument's `torch.autograd.grad(loss, token_logps)` (w_t = dL/dl_t) or `grad(term, hidden)` is not
 the training backward. Under ZeRO-2 the epilogue then fails on empty buckets (IndexError in
-`reduce_ipg_grads`, research/stack.md §3c), and it also marks the prologue done, so the real backward would
+`reduce_ipg_grads`; docs/distributed.md), and it also marks the prologue done, so the real backward would
 skip it. `inert_output_hooks()` makes the live managers pass gradients through untouched and restores them,
 so the real `engine.backward` runs them as usual. Without DeepSpeed both functions do nothing.
 """

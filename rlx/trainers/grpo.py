@@ -17,8 +17,8 @@ def preloaded_reference(ref_model: torch.nn.Module | None) -> Iterator[None]:
     """While a GRPOTrainer is constructed, hand it `ref_model` as its reference (no-op when None).
 
     GRPOTrainer has no `ref_model` argument: with beta != 0 it builds the reference with
-    `create_model_from_path`, which under ZeRO-3 runs under `zero.Init` and fails on CPU (research/stack.md
-    §6). Pass the policy as a model instance so this is the only call; raises if TRL never asked for it.
+    `create_model_from_path`, which under ZeRO-3 runs under `zero.Init` and fails on CPU (a DeepSpeed
+    batch-size assertion, docs/distributed.md). Pass the policy as a model instance so this is the only call; raises if TRL never asked for it.
     """
     if ref_model is None:
         yield
