@@ -189,7 +189,18 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if "step" not in df.columns:
         raise RunLoadError(f"{path}: no 'step' field; expected one JSON object per logging step with 'step'.")
-    # TRL logs train metrics and e.g. eval or final summaries at the same step: merge them per step.
+    # TRL logs train metrics and e.g. eval or final summaries at the same step, under different keys: merge
+    # them per step. The same key twice at one step means the step was written twice (two runs in one
+    # directory, or a resume that replayed steps): refuse to merge that silently.
+    per_step = df.drop(columns=[c for c in ("epoch",) if c in df.columns]).groupby("step").count()
+    twice = per_step.index[(per_step > 1).any(axis=1)].tolist()
+    if twice:
+        keys = sorted(per_step.columns[(per_step.loc[twice[0]] > 1)])
+        raise RunLoadError(
+            f"{path}: step {twice[0]} is logged more than once ({', '.join(keys[:4])}; {len(twice)} steps in all). "
+            "Two runs wrote this directory, or a resume replayed steps; rlx's own resume writes each step once. "
+            "Its metrics cannot be trusted: start a clean run."
+        )
     df = df.groupby("step", as_index=False, sort=True).last()
     df["step"] = df["step"].astype(int)
     return df

@@ -158,6 +158,19 @@ def test_truncated_metrics_line_is_rejected(runs, tmp_path):
         Run(run)
 
 
+def test_a_step_logged_twice_is_rejected(runs, tmp_path):
+    """Rows of one step under different keys (train + summary) merge; the same key twice is a replayed step."""
+    run = _copy(runs["dpo"], tmp_path / "run")
+    p = run / "metrics.jsonl"
+    lines = p.read_text().splitlines()
+    first = json.loads(lines[0])
+    p.write_text("\n".join([*lines, json.dumps({"step": first["step"], "train_runtime": 1.0})]) + "\n")
+    assert len(Run(run).metrics) == len({json.loads(line)["step"] for line in lines})
+    p.write_text("\n".join([*lines, lines[0]]) + "\n")
+    with pytest.raises(RunLoadError, match=f"step {first['step']} is logged more than once"):
+        Run(run)
+
+
 def test_replay_only_directory_opens(tmp_path):
     """`python -m rlx.replay.analysis ... out=DIR` writes config.yaml, an empty metrics.jsonl and the table."""
     from analysis.diagnostics.activation_shift import activation_shift

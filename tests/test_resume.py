@@ -127,6 +127,30 @@ def test_grpo_relax_alignment_resume_equals_straight(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["dpo_tiny", "sft_tiny"])
+def test_dpo_sft_resume_equals_straight(tmp_path, tiny_model_dir, recipe):
+    args = [
+        f"recipe={recipe}",
+        "diagnostics.grad_alignment.enabled=true",
+        "diagnostics.grad_alignment.every=2",
+        "diagnostics.grad_alignment.target_size=16",
+        "trainer.per_device_train_batch_size=16",
+        "trainer.max_steps=6",
+        "trainer.save_steps=3",
+        "eval.before_after=false",
+        "trainer.report_to=[]",
+    ]
+    if recipe == "dpo_tiny":
+        args.append("preference.num_pairs=64")
+    straight = tmp_path / "straight"
+    p = train(straight, args)
+    assert p.returncode == 0, p.stderr[-4000:]
+    run = killed_and_resumed(tmp_path, args, ["after_log:5"])
+    assert_same_metrics(straight, run)
+    assert_same_weights(straight, run)
+
+
+@pytest.mark.slow
 def test_ppo_resume_equals_straight(tmp_path, tiny_model_dir):
     straight = tmp_path / "straight"
     p = train(straight, PPO)

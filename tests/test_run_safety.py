@@ -266,3 +266,38 @@ def test_guard_collapse_needs_consecutive_steps():
     guard.on_log(None, state, None, logs=nan)
     with pytest.raises(Diverged, match="NaN"):
         guard.on_log(None, state, None, logs=nan)
+
+
+def test_overlong_prompts_are_refused_or_dropped_never_truncated(capsys):
+    from datasets import Dataset
+
+    from rlx.embedded import build_tokenizer
+    from rlx.errors import UserError
+    from rlx.tasks.data import fit_prompts
+
+    tok = build_tokenizer()
+    prompts = ["1+2=", "12+34+56+78=", "1+1=" * 10, "3-1="]
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    ds = Dataset.from_dict({"prompt": prompts, "answer": ["3", "180", "2", "2"]})
+    context, budget = lengths[1] + 8, 8  # row 1 fits exactly, row 2 does not
+    with pytest.raises(UserError) as e:
+        fit_prompts(ds, tok, context, budget)
+    msg = str(e.value)
+    assert f"1 of 4 training prompts are longer than {lengths[1]} tokens" in msg
+    assert f"row 2, has {lengths[2]} tokens" in msg and "task.overlong_prompts=drop" in msg
+    kept = fit_prompts(ds, tok, context, budget, "drop")
+    assert kept["prompt"] == [prompts[0], prompts[1], prompts[3]]
+    assert "dropped 1 of 4" in capsys.readouterr().out
+    assert fit_prompts(ds, tok, None, budget) is ds  # unknown context: nothing checked
+    with pytest.raises(UserError, match="leaves no room"):
+        fit_prompts(ds, tok, 8, 8)
+
+
+def test_completion_budget_over_the_context_is_refused_before_the_run_dir(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "run"
+    fails_with(
+        capsys,
+        ["recipe=grpo_tiny", f"output_dir={out}", *SHORT, "trainer.max_completion_length=125"],
+        "training prompts are longer than 3 tokens",
+    )
+    assert not out.exists()

@@ -106,6 +106,10 @@ class TaskConfig:
     """Truncate the held-out split (real data)."""
     system_prompt: str | None = None
     """Real-data tasks: system message prepended to each conversational prompt."""
+    overlong_prompts: str = "error"
+    """GRPO/PPO training prompts longer than the model's context minus trainer.max_completion_length:
+    `error` (default) refuses the run and names the longest row; `drop` removes them and prints how many.
+    Prompts are never truncated."""
 
 
 @dataclass

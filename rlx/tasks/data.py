@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset, load_dataset, load_from_disk
 
@@ -65,3 +66,54 @@ def require_columns(ds: Dataset, columns: list[str], spec: str) -> None:
             f"dataset '{spec}' lacks column(s) {missing}; it has {ds.column_names}. "
             f"Expected columns {columns}."
         )
+
+
+def fit_prompts(
+    ds: Dataset, tokenizer: Any, context: int | None, max_completion_length: int, overlong: str = "error"
+) -> Dataset:
+    """`ds` without prompts that do not fit the model's context together with the completion budget.
+
+    rlx never truncates a prompt for rollouts (a truncated question is another question, and its reward is
+    meaningless): `overlong="error"` refuses the run, `"drop"` removes those rows and prints the count. Chat
+    prompts are measured after the chat template. `context` is the model's `max_position_embeddings` (None:
+    unknown, nothing checked).
+    """
+    if overlong not in ("error", "drop"):
+        raise UserError(f"task.overlong_prompts={overlong!r}: expected 'error' or 'drop'.")
+    if not context:
+        return ds
+    limit = int(context) - int(max_completion_length)
+    if limit <= 0:
+        raise UserError(
+            f"trainer.max_completion_length={max_completion_length} leaves no room for a prompt in the model's "
+            f"context of {context} tokens. Set trainer.max_completion_length below {context}."
+        )
+    prompts = ds["prompt"]
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        if isinstance(p, list)
+        else p
+        for p in prompts
+    ]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if over and overlong == "drop":
+        keep = sorted(set(range(len(lengths))) - set(over))
+        if not keep:
+            raise UserError(
+                f"every training prompt is longer than {limit} tokens (context {context} minus "
+                f"trainer.max_completion_length={max_completion_length}); nothing is left to train on."
+            )
+        print(
+            f"task.overlong_prompts=drop: dropped {len(over)} of {len(lengths)} training prompts over {limit} tokens"
+        )
+        return ds.select(keep)
+    if over:
+        worst = max(over, key=lengths.__getitem__)
+        raise UserError(
+            f"{len(over)} of {len(lengths)} training prompts are longer than {limit} tokens (the model's context "
+            f"{context} minus trainer.max_completion_length={max_completion_length}); the longest, row {worst}, "
+            f"has {lengths[worst]} tokens. rlx does not truncate prompts. Lower trainer.max_completion_length, "
+            "or set task.overlong_prompts=drop to train without them."
+        )
+    return ds

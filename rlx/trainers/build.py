@@ -139,7 +139,7 @@ def build_trainer(cfg, run: RunContext) -> Built:
                 model=policy,
                 reward_funcs=task.reward_funcs,
                 args=args,
-                train_dataset=task.train_dataset(),
+                train_dataset=rollout_prompts(cfg, task, tokenizer, policy, args),
                 **common,
             )
     elif cfg.algo == "dpo":
@@ -166,6 +166,17 @@ def build_trainer(cfg, run: RunContext) -> Built:
     else:  # pragma: no cover - the loader validates algo
         raise UserError(f"unknown algo {cfg.algo}")
     return Built(trainer=trainer, model_dir=model_dir, tokenizer=tokenizer, task=task)
+
+
+def rollout_prompts(cfg, task, tokenizer, policy, args):
+    """The GRPO/PPO training prompts, each fitting the policy's context with the completion budget (or refused)."""
+    from rlx.tasks.data import fit_prompts
+
+    text_cfg = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
+    context = getattr(text_cfg, "max_position_embeddings", None)
+    return fit_prompts(
+        task.train_dataset(), tokenizer, context, args.max_completion_length, cfg.task.overlong_prompts
+    )
 
 
 def preference_datasets(cfg, task, policy, tokenizer):

@@ -80,10 +80,15 @@ class InstrumentedMixin:
 
     # -- exact resume: what rlx adds to HF's checkpoints -----------------------------------------------
     def _rlx_trainer_state(self) -> dict[str, Any]:
-        """Trainer-owned state HF does not checkpoint (subclasses extend: rollout buffer, KL controller...)."""
-        return {}
+        """Trainer-owned state HF does not checkpoint (subclasses extend: rollout buffer, KL controller...).
 
-    def _rlx_load_trainer_state(self, state: dict[str, Any]) -> None: ...
+        Here: TRL's running token count behind the logged `num_tokens` (SFT/DPO keep it outside HF's state).
+        """
+        return {"total_train_tokens": getattr(self, "_total_train_tokens", None)}
+
+    def _rlx_load_trainer_state(self, state: dict[str, Any]) -> None:
+        if state.get("total_train_tokens") is not None:
+            self._total_train_tokens = state["total_train_tokens"]
 
     def _save_checkpoint(self, model, trial):
         """HF's checkpoint, then rlx's state per rank, the run's metrics/diagnostics snapshot, and the marker.

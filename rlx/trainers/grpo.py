@@ -91,11 +91,13 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
         buf = self._buffered_inputs
         to_cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
         return {
+            **super()._rlx_trainer_state(),
             "micro_step": self._step,
             "buffered_inputs": None if buf is None else [{k: to_cpu(v) for k, v in b.items()} for b in buf],
         }
 
     def _rlx_load_trainer_state(self, state):
+        super()._rlx_load_trainer_state(state)
         self._step = int(state["micro_step"])
         buf = state["buffered_inputs"]
         dev = self.accelerator.device

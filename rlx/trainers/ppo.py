@@ -404,7 +404,7 @@ class RLXPPOTrainer(RLXGRPOTrainer):
 def build_ppo_trainer(cfg: Any, run: Any, model_dir: str, task: Any, common: dict[str, Any]) -> RLXPPOTrainer:
     """`algo: ppo` branch of `rlx.trainers.build.build_trainer`: policy, critic, reference (by GRPO), data, rewards."""
     from rlx.models import _DTYPES, load_causal_lm, outside_zero3_init
-    from rlx.trainers.build import grpo_needs_reference, make_trainer_config
+    from rlx.trainers.build import grpo_needs_reference, make_trainer_config, rollout_prompts
     from rlx.trainers.grpo import preloaded_reference
 
     args = make_trainer_config(cfg, run, max_completion_length=task.max_completion_length)
@@ -425,7 +425,7 @@ def build_ppo_trainer(cfg: Any, run: Any, model_dir: str, task: Any, common: dic
             model=policy,
             reward_funcs=task.reward_funcs,
             args=args,
-            train_dataset=task.train_dataset(),
+            train_dataset=rollout_prompts(cfg, task, common["processing_class"], policy, args),
             value_model=critic,
             **common,
         )
