@@ -92,6 +92,45 @@ def assert_same_weights(a: Path, b: Path, file: str = "final/model.safetensors")
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def assert_same_diagnostics(a: Path, b: Path) -> None:
+    """Every instrument file (alignment tables and sketches, ReLaX shards and fits, ...) the same in both runs."""
+    import pandas as pd
+
+    from rlx.diagnostics import read_manifest
+
+    files_a = {f["path"] for f in read_manifest(a)["files"]}
+    assert files_a and files_a == {f["path"] for f in read_manifest(b)["files"]}
+    for rel in sorted(files_a):
+        pa, pb = a / "diagnostics" / rel, b / "diagnostics" / rel
+        if rel.endswith(".parquet"):
+            fa, fb = pd.read_parquet(pa), pd.read_parquet(pb)
+            drop = [c for c in fa if "time" in c]
+            pd.testing.assert_frame_equal(fa.drop(columns=drop), fb.drop(columns=drop), rtol=1e-5, obj=rel)
+        elif rel.endswith(".safetensors"):
+            assert_same_weights(pa.parent, pb.parent, pa.name)
+        elif rel.endswith(".json"):
+            assert_close_json(json.loads(pa.read_text()), json.loads(pb.read_text()), rel)
+
+
+def assert_close_json(a, b, where: str) -> None:
+    """Equal JSON values, numbers to rtol 1e-5, wall-time fields ignored."""
+    if isinstance(a, dict):
+        keys = {k for k in a if "time" not in k and "seconds" not in k}
+        assert keys == {k for k in b if "time" not in k and "seconds" not in k}, where
+        for k in keys:
+            assert_close_json(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close_json(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    elif isinstance(a, (int, float)) and not isinstance(a, bool):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7), f"{where}: {a} vs {b}"
+    else:
+        assert a == b, f"{where}: {a} vs {b}"
+
+
 def killed_and_resumed(tmp: Path, args: list[str], faults: list[str], launcher=None) -> Path:
     run = tmp / "resumed"
     for fault in faults:
@@ -112,16 +151,7 @@ def test_grpo_relax_alignment_resume_equals_straight(tmp_path, tiny_model_dir):
     run = killed_and_resumed(tmp_path, GRPO, ["after_log:4"])
     assert_same_metrics(straight, run)
     assert_same_weights(straight, run)
-    # the instruments' tables hold each logged step once, with the same values
-    import pandas as pd
-
-    for table in ("grad_alignment.parquet",):
-        a, b = pd.read_parquet(straight / "diagnostics" / table), pd.read_parquet(run / "diagnostics" / table)
-        pd.testing.assert_frame_equal(
-            a.drop(columns=[c for c in a if "time" in c]),
-            b.drop(columns=[c for c in b if "time" in c]),
-            rtol=1e-5,
-        )
+    assert_same_diagnostics(straight, run)
     info = json.loads((run / "run_info.json").read_text())
     assert info["resumed_from"].endswith("checkpoint-3") and info["global_step"] == 6
 
