@@ -157,10 +157,10 @@ def test_grpo_relax_alignment_resume_equals_straight(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["dpo_tiny", "sft_tiny"])
-def test_dpo_sft_resume_equals_straight(tmp_path, tiny_model_dir, recipe):
+@pytest.mark.parametrize("recipe", ["dpo_tiny", "sft_tiny", "grpo_tiny+lora"])
+def test_dpo_sft_lora_resume_equals_straight(tmp_path, tiny_model_dir, recipe):
     args = [
-        f"recipe={recipe}",
+        f"recipe={recipe.split('+')[0]}",
         "diagnostics.grad_alignment.enabled=true",
         "diagnostics.grad_alignment.every=2",
         "diagnostics.grad_alignment.target_size=16",
@@ -172,12 +172,15 @@ def test_dpo_sft_resume_equals_straight(tmp_path, tiny_model_dir, recipe):
     ]
     if recipe == "dpo_tiny":
         args.append("preference.num_pairs=64")
+    if recipe.endswith("+lora"):  # adapters, their optimizer state and the adapter-disabled reference
+        args += ["model.lora.enabled=true", "trainer.learning_rate=1e-3"]
     straight = tmp_path / "straight"
     p = train(straight, args)
     assert p.returncode == 0, p.stderr[-4000:]
     run = killed_and_resumed(tmp_path, args, ["after_log:5"])
     assert_same_metrics(straight, run)
-    assert_same_weights(straight, run)
+    weights = "final/adapter_model.safetensors" if recipe.endswith("+lora") else "final/model.safetensors"
+    assert_same_weights(straight, run, weights)
 
 
 @pytest.mark.slow
