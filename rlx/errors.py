@@ -35,10 +35,22 @@ def exit_on_user_error(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
+            _close_progress_bars()
             print(f"error: {e}", file=sys.stderr)
             sys.exit(UserError.exit_code)
         except Diverged as e:
+            _close_progress_bars()
             print(f"stopped: {e}", file=sys.stderr)
             sys.exit(Diverged.exit_code)
 
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """End any open tqdm bar (the trainer's) so the message starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -73,7 +73,8 @@ class TaskConfig:
     """The verifiable task: prompts, references, reward, splits."""
 
     name: str = "arithmetic"
-    """arithmetic | countdown (embedded, generated) | gsm8k (real data) | ultrafeedback (real preference data)."""
+    """arithmetic | countdown (embedded, generated) | gsm8k (real data) | ultrafeedback (real preference data) |
+    jsonl (your own prompts file, with `task.reward` plug-ins; docs/custom_tasks.md)."""
     num_train: int = 8000
     """Generated tasks: number of training problems."""
     num_eval: int = 200
@@ -106,6 +107,13 @@ class TaskConfig:
     """Truncate the held-out split (real data)."""
     system_prompt: str | None = None
     """Real-data tasks: system message prepended to each conversational prompt."""
+    reward: list[str] = field(default_factory=list)
+    """Plug-in reward functions replacing the task's own for training: `module:function` (importable, the
+    working directory included) or `path/to/file.py:function`, in TRL's reward-function convention; several
+    are summed with `trainer.reward_weights`. Held-out accuracy still uses the task's verifier (for
+    task=jsonl: the first plug-in). See docs/custom_tasks.md."""
+    answer_column: str = "answer"
+    """task=jsonl: the column holding the reference answer."""
     overlong_prompts: str = "error"
     """GRPO/PPO training prompts longer than the model's context minus trainer.max_completion_length:
     `error` (default) refuses the run and names the longest row; `drop` removes them and prints how many.

@@ -7,6 +7,7 @@ from rlx.tasks.arithmetic import ArithmeticTask
 from rlx.tasks.base import Task, completion_text
 from rlx.tasks.countdown import CountdownTask
 from rlx.tasks.gsm8k import GSM8KTask
+from rlx.tasks.jsonl import JsonlTask
 from rlx.tasks.ultrafeedback import UltraFeedbackTask
 
 TASKS: dict[str, type[Task]] = {
@@ -14,6 +15,7 @@ TASKS: dict[str, type[Task]] = {
     "countdown": CountdownTask,
     "gsm8k": GSM8KTask,
     "ultrafeedback": UltraFeedbackTask,
+    "jsonl": JsonlTask,
 }
 EMBEDDED_TASKS = ("arithmetic", "countdown")
 

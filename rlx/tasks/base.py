@@ -50,7 +50,14 @@ class Task:
 
     @property
     def reward_funcs(self) -> list[Callable[..., list[float]]]:
-        """Reward functions in TRL's calling convention."""
+        """Reward functions in TRL's calling convention: `task.reward` plug-ins if set, else the task's own."""
+        specs = list(getattr(self.cfg, "reward", None) or [])
+        if specs:
+            if getattr(self, "_plugins", None) is None:
+                from rlx.tasks.rewards import plugin_rewards
+
+                self._plugins = plugin_rewards(specs)
+            return self._plugins
 
         def correctness(prompts, completions, answer, **kwargs) -> list[float]:
             return [self.score(completion_text(c), a) for c, a in zip(completions, answer)]
