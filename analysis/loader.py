@@ -172,18 +172,29 @@ def _validate(path: Path, fmt: str, schema_version: int) -> None:
         ) from e
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
+def _read_jsonl(path: Path, lenient: bool = False) -> pd.DataFrame:
+    """metrics.jsonl as a frame, one row per step. `lenient`: lines that are not JSON (a torn last line after a
+    kill) are dropped with a `RunLoadWarning` saying how many, instead of failing the file."""
+    rows, bad = [], []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise RunLoadError(
-                f"{path}: line {i} is not valid JSON ({e}); the file is truncated or corrupt. "
-                "Expected one JSON object per logging step."
-            ) from e
+            if not lenient:
+                raise RunLoadError(
+                    f"{path}: line {i} is not valid JSON ({e}); the file is truncated or corrupt. "
+                    "Expected one JSON object per logging step."
+                ) from e
+            bad.append(i)
+    if bad:
+        warnings.warn(
+            f"{path}: dropped {len(bad)} line(s) that are not valid JSON (line {', '.join(map(str, bad[:5]))}); "
+            f"kept {len(rows)} rows.",
+            RunLoadWarning,
+            stacklevel=3,
+        )
     if not rows:  # e.g. the out/ dir of `python -m rlx.replay.analysis` (no training)
         return pd.DataFrame({"step": pd.Series([], dtype=int)})
     df = pd.DataFrame(rows)
@@ -224,7 +235,9 @@ class Run:
                 f"{self.path}: not a directory; expected an rlx run directory (with config.yaml)."
             )
         self.config = self._guard(self.path / "config.yaml", self._load_config, required=True)
-        self.metrics = self._guard(self.path / "metrics.jsonl", _read_jsonl, required=True)
+        self.metrics = self._guard(
+            self.path / "metrics.jsonl", lambda p: _read_jsonl(p, lenient=not strict), required=True
+        )
         if self.metrics is None:
             self.metrics = pd.DataFrame({"step": pd.Series([], dtype=int)})
         self.eval_before_after = self._guard(self.path / "eval_before_after.json", _read_json, required=False)

@@ -25,19 +25,18 @@ from rlx.errors import exit_on_user_error
 DEFAULT_RECIPE = "grpo_tiny"
 
 
-def _greedy_accuracy(model, tokenizer, task, cfg) -> dict:
-    from rlx.evaluation import evaluate_policy
+def _greedy_accuracy(trainer, tokenizer, task, cfg) -> dict:
+    """On every rank (a collective: the prompts are split over ranks, ZeRO-3 weights gathered)."""
+    from rlx.evaluation import greedy_accuracy_all_ranks
 
-    summary, _ = evaluate_policy(
-        model,
+    return greedy_accuracy_all_ranks(
+        trainer,
         tokenizer,
         task,
         num_prompts=cfg.eval.num_prompts,
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
-        greedy_only=True,
     )
-    return summary
 
 
 def run_training(cfg) -> Path:
@@ -58,6 +57,7 @@ def run_training(cfg) -> Path:
         make_run_context,
     )
     from rlx.trainers.build import build_trainer
+    from rlx.trainers.common import MetricsJsonlCallback
 
     check_trainer_numbers(cfg)
     check_dependencies(cfg)
@@ -79,15 +79,11 @@ def run_training(cfg) -> Path:
         if state.is_main_process:
             print(f"run dir: {run_dir}", flush=True)
         verifiable = cfg.task.name != "ultrafeedback" and cfg.eval.before_after
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        before = (
-            _greedy_accuracy(policy, built.tokenizer, task, cfg)
-            if verifiable and state.is_main_process
-            else None
-        )
+        before = _greedy_accuracy(trainer, built.tokenizer, task, cfg) if verifiable else None
         _train(trainer, resume, cfg)
         final_dir = run_dir / "final"
         _save_final(trainer, built.tokenizer, run_dir)
+        after = _greedy_accuracy(trainer, built.tokenizer, task, cfg) if verifiable else None
         if state.is_main_process:
             info = {
                 "recipe": cfg.recipe,
@@ -97,10 +93,16 @@ def run_training(cfg) -> Path:
                 "world_size": state.num_processes,
                 "global_step": trainer.state.global_step,
                 "resumed_from": str(resume) if resume else None,
+                "train_summary": next(
+                    (
+                        cb.summary
+                        for cb in trainer.callback_handler.callbacks
+                        if isinstance(cb, MetricsJsonlCallback)
+                    ),
+                    None,
+                ),
             }
             if verifiable:
-                policy = trainer.accelerator.unwrap_model(trainer.model)
-                after = _greedy_accuracy(policy, built.tokenizer, task, cfg)
                 result = {
                     "before": before,
                     "after": after,

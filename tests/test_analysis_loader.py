@@ -158,6 +158,16 @@ def test_truncated_metrics_line_is_rejected(runs, tmp_path):
         Run(run)
 
 
+def test_lenient_keeps_the_good_rows_of_a_torn_metrics_file(runs, tmp_path):
+    run = _copy(runs["dpo"], tmp_path / "run")
+    p = run / "metrics.jsonl"
+    n = len(p.read_text().splitlines())
+    p.write_text(p.read_text() + '{"step": 99, "loss": 0.')  # torn by a kill
+    with pytest.warns(RunLoadWarning, match=rf"dropped 1 line\(s\) .*line {n + 1}\); kept {n} rows"):
+        r = Run(run, strict=False)
+    assert len(r.metrics) == n and 99 not in set(r.metrics["step"])
+
+
 def test_a_step_logged_twice_is_rejected(runs, tmp_path):
     """Rows of one step under different keys (train + summary) merge; the same key twice is a replayed step."""
     run = _copy(runs["dpo"], tmp_path / "run")

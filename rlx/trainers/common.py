@@ -39,10 +39,15 @@ class InstrumentCallback(TrainerCallback):
 
 
 class MetricsJsonlCallback(TrainerCallback):
-    """Appends one JSON object per logging step to `<run_dir>/metrics.jsonl`: `step` plus every logged metric."""
+    """Appends one JSON object per logging step to `<run_dir>/metrics.jsonl`: `step` plus every logged metric.
+
+    HF's closing summary of a `train()` call (`train_runtime`, `train_loss`, ...) is not a step: it is kept in
+    `summary` (rlx/train.py writes it to run_info.json) so each step has one row.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.summary: dict[str, Any] | None = None
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
@@ -53,6 +58,9 @@ class MetricsJsonlCallback(TrainerCallback):
                 v = v.item()
             if isinstance(v, (int, float, str, bool)) or v is None:
                 row[k] = v
+        if "train_runtime" in row:
+            self.summary = row
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         ckpt.fault_point("after_log", state.global_step)
