@@ -83,7 +83,7 @@ def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
         top, mid = 0.6 * total + 0.05 * rng.standard_normal(), 0.3 * total
         base = {
             "step": s,
-            "target": "heldout_chosen" if algo == "dpo" else "probe_rollouts",
+            "target": "heldout_chosen",
             "variant": "param",
             "norm_target": 2.0,
             "R_T": 1.0,

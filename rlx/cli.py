@@ -1,7 +1,7 @@
-"""The `rlx` command: `rlx train|eval|report|summary|recipes|configs ...` (also `python -m rlx ...`).
+"""The `rlx` command: `rlx train|eval|report|summary|final-responses|recipes|configs ...` (also `python -m rlx ...`).
 
-Each command is the matching entry point (`rlx/train.py`, `rlx/evaluate.py`, `python -m analysis`) with the
-same arguments; `rlx COMMAND --help` says what they are.
+Each command is the matching entry point (`rlx/train.py`, `rlx/evaluate.py`, `python -m analysis`,
+`python -m rlx.alignment.final_responses`) with the same arguments; `rlx COMMAND --help` says what they are.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "evaluate a policy: rlx eval run_dir=DIR | model=PATH task=NAME output=DIR ...",
     "report": "one HTML report comparing runs: rlx report RUN_DIR [RUN_DIR ...] --out report.html",
     "summary": "a text summary of one run: rlx summary RUN_DIR",
+    "final-responses": "final model's greedy held-out responses (alignment D'): rlx final-responses RUN_DIR [n=256]",
     "recipes": "list the recipes, one line each",
     "configs": "list the accelerate configs shipped with rlx (for accelerate launch --config_file)",
 }
@@ -165,6 +166,10 @@ def _run(cmd: str, rest: list[str]) -> int:
         from analysis.__main__ import main as analysis_main
 
         return analysis_main([cmd, *rest])
+    elif cmd == "final-responses":
+        from rlx.alignment.final_responses import main as final_main
+
+        final_main(rest)  # handles --help itself
     elif cmd == "recipes":
         print(recipes_text())
     elif cmd == "configs":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,7 +29,54 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-@torch.no_grad()
+def _generate(
+    model,
+    tokenizer,
+    prompts: list[Any],
+    *,
+    max_new_tokens: int,
+    num_samples: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int | None,
+    progress: bool,
+    generate_fn,
+    desc: str = "generate",
+) -> Iterator[tuple[list[list[int]], torch.Tensor]]:
+    """Per batch: the prompts' token ids and the generated part (batch * num_samples, new) of each sequence."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = generate_fn or (
+        lambda m, input_ids, attention_mask, **kw: m.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **kw
+        )
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    ids = prompt_token_ids(tokenizer, prompts)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    try:
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, leave=False):
+            chunk = ids[start : start + batch_size]
+            input_ids, attention_mask = left_pad(chunk, tokenizer.pad_token_id)
+            with torch.no_grad():
+                seqs = gen(model, input_ids.to(device), attention_mask.to(device), **kwargs)
+            yield chunk, seqs[:, input_ids.shape[1] :].cpu()
+    finally:
+        model.train(was_training)
+
+
 def generate_texts(
     model,
     tokenizer,
@@ -49,31 +97,61 @@ def generate_texts(
     `generate_fn(model, input_ids, attention_mask, **gen_kwargs)` replaces `model.generate` (Activation Replay
     passes one that injects at prefill); decoding settings are identical either way.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = generate_fn or (
-        lambda m, input_ids, attention_mask, **kw: m.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **kw
-        )
-    )
-    if seed is not None:
-        torch.manual_seed(seed)
-    ids = prompt_token_ids(tokenizer, prompts)
     out: list[list[str]] = []
-    kwargs = dict(
+    for _, new in _generate(
+        model,
+        tokenizer,
+        prompts,
         max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
         do_sample=do_sample,
-        num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    for start in tqdm(range(0, len(ids), batch_size), desc="generate", disable=not progress, leave=False):
-        input_ids, attention_mask = left_pad(ids[start : start + batch_size], tokenizer.pad_token_id)
-        seqs = gen(model, input_ids.to(device), attention_mask.to(device), **kwargs)
-        texts = tokenizer.batch_decode(seqs[:, input_ids.shape[1] :], skip_special_tokens=True)
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        generate_fn=generate_fn,
+    ):
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         out += [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]
-    model.train(was_training)
     return out
+
+
+def until_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    """Generated ids up to and including the first EOS (what follows it is padding)."""
+    if eos_id is not None and eos_id in ids:
+        return ids[: ids.index(eos_id) + 1]
+    return ids
+
+
+def generate_greedy_ids(
+    model,
+    tokenizer,
+    prompts: list[Any],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "generate",
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids) of one greedy response per prompt; a response ends at its first EOS (kept)."""
+    prompt_ids: list[list[int]] = []
+    response_ids: list[list[int]] = []
+    for chunk, new in _generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        num_samples=1,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        batch_size=batch_size,
+        seed=None,
+        progress=progress,
+        generate_fn=None,
+        desc=desc,
+    ):
+        prompt_ids += chunk
+        response_ids += [until_eos(r, tokenizer.eos_token_id) for r in new.tolist()]
+    return prompt_ids, response_ids

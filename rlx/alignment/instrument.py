@@ -31,9 +31,12 @@ from rlx.alignment.rowgrad import RowCapture, row_alignment
 from rlx.alignment.sketch import CountSketch
 from rlx.alignment.target import (
     TargetBatch,
+    batch_from_final,
     batch_from_jsonl,
     batch_from_rollouts,
     batch_from_texts,
+    check_final_target,
+    check_responses_file,
     gather_batch,
     target_gradient,
     target_head_gradient,
@@ -49,12 +52,8 @@ ROW_ALGOS = ("grpo", "dpo", "sft")
 """Algorithms whose w_t has one sign per row (sequence-level advantage, chosen/rejected, SFT): fast path."""
 EXCLUDED_MODULES = ("rlx_critic", "v_head", "value_head")
 """Trainable modules outside the policy (their gradient does not move log pi): left out of the scope."""
-DEFAULT_TARGET = {
-    "dpo": "heldout_chosen",
-    "sft": "heldout_chosen",
-    "grpo": "probe_rollouts",
-    "ppo": "probe_rollouts",
-}
+DEFAULT_TARGET = "heldout_chosen"
+"""target=auto for every algorithm: every task has verified reference solutions (or chosen answers)."""
 
 
 def _dist():
@@ -115,11 +114,18 @@ class GradAlignment(Instrument):
                 f"diagnostics.grad_alignment.variant={cfg.variant!r}: expected auto, param or activation."
             )
         t = str(cfg.target)
-        if t not in ("auto", "heldout_chosen", "probe_rollouts") and not t.startswith("responses:"):
+        if t not in ("auto", "heldout_chosen", "probe_rollouts") and not t.startswith(
+            ("responses:", "final:")
+        ):
             raise UserError(
-                f"diagnostics.grad_alignment.target={t!r}: expected auto, heldout_chosen, probe_rollouts or "
-                "responses:<path to .jsonl>."
+                f"diagnostics.grad_alignment.target={t!r}: expected auto, heldout_chosen, final:<run dir>, "
+                "responses:<path to .jsonl> or probe_rollouts."
             )
+        # Files are checked now, before training starts, not at the first logged step.
+        if t.startswith("final:"):
+            check_final_target(t.split(":", 1)[1], run.cfg)
+        elif t.startswith("responses:"):
+            check_responses_file(t.split(":", 1)[1])
         self.variant = "activation" if cfg.variant == "activation" else "param"
         self.needs_hidden = self.variant == "activation"
         self.cur: _Step | None = None
@@ -218,12 +224,14 @@ class GradAlignment(Instrument):
 
     def _target_name(self) -> str:
         t = str(self.cfg.target)
-        return DEFAULT_TARGET.get(self.algo, "probe_rollouts") if t == "auto" else t
+        return DEFAULT_TARGET if t == "auto" else t
 
     def _build_target(self, ctx: LossContext) -> TargetBatch:
         name, tok, size = self._target_name(), self._tokenizer(ctx.trainer), int(self.cfg.target_size)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        if name.startswith("responses:"):
+        if name.startswith("final:"):
+            batch = batch_from_final(tok, name.split(":", 1)[1], size)
+        elif name.startswith("responses:"):
             batch = batch_from_jsonl(tok, name.split(":", 1)[1], size)
         elif name == "probe_rollouts":
             if "completion_ids" not in ctx.inputs or "prompt_ids" not in ctx.inputs:
@@ -796,7 +804,12 @@ class GradAlignment(Instrument):
             return
         summary = am.run_summary(self.series)
         summary.update(
-            {"target": self.target.name if self.target else None, "variant": self.variant, "algo": self.algo}
+            {
+                "target": self.target.name if self.target else None,
+                "target_option": str(self.cfg.target),
+                "variant": self.variant,
+                "algo": self.algo,
+            }
         )
         self.summary = summary
         self.run.writer.write_json(

@@ -1,11 +1,14 @@
 """The target set D' and its gradient g_T = grad R_T, R_T = token-mean NLL of D' (arXiv 2512.00778).
 
-Targets (docs/gradient_alignment.md, options):
-- `heldout_chosen` (default for DPO and SFT): held-out prompts with their verified reference completion.
-- `probe_rollouts` (default for GRPO and PPO): a fixed probe batch of the run's own rollouts (the first
-  completions the run trains on), frozen for the whole run and identical on every rank.
-- `responses:<path>`: a .jsonl of an earlier run's responses, rows {"prompt", "completion"} (text) or
+Targets (docs/gradient_alignment.md, "The target set D'"):
+- `heldout_chosen` (the default for every algorithm): held-out prompts with their verified reference
+  completion (or the chosen answer of a preference task).
+- `final:<run_dir>` (label `final_pilot`): the paper's D' in pilot form, the greedy responses of an earlier
+  run's final model on the held-out prompts, written by `python -m rlx.alignment.final_responses RUN_DIR`.
+- `responses:<path>`: any .jsonl of responses, rows {"prompt", "completion"} (text) or
   {"prompt_ids", "completion_ids"} (token ids).
+- `probe_rollouts` (an option, not the paper's D'): the first rollouts of the run's own first training
+  micro-batch, frozen for the whole run and identical on every rank.
 
 The probe pass never touches `.grad`, the optimizer, dropout state or the training RNG stream: it runs in
 eval mode (restored afterwards), saves and restores the RNG states, and uses `torch.autograd.grad`.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -101,30 +105,113 @@ def batch_from_rollouts(
     return batch_from_ids(prompts, responses, pad_id, name)
 
 
-def batch_from_jsonl(tokenizer: Any, path: str, size: int) -> TargetBatch:
-    """Responses of an earlier run: rows {"prompt", "completion"} or {"prompt_ids", "completion_ids"}."""
+def _responses_file_missing(path: str, option: str) -> UserError:
+    return UserError(
+        f"diagnostics.grad_alignment.target={option}: file {path} not found. Expected a .jsonl with rows "
+        '{"prompt": ..., "completion": ...} or {"prompt_ids": ..., "completion_ids": ...}; write one from an '
+        "earlier run or use target=auto."
+    )
+
+
+def check_responses_file(path: str) -> Path:
+    """The file of `target=responses:<path>`, which must exist."""
+    if not Path(path).is_file():
+        raise _responses_file_missing(path, f"responses:{path}")
+    return Path(path)
+
+
+def batch_from_jsonl(
+    tokenizer: Any, path: str, size: int, name: str | None = None, option: str | None = None
+) -> TargetBatch:
+    """Responses of an earlier run: the first `size` rows {"prompt", "completion"} or {"prompt_ids", "completion_ids"}.
+
+    Token ids are used as they are when present (the exact tokens a model produced); text rows are tokenized as
+    TRL does. `name` labels the target (default `responses:<file name>`); `option` is the setting named in errors.
+    """
     p = Path(path)
+    option = option or f"responses:{path}"
     if not p.exists():
-        raise UserError(
-            f"diagnostics.grad_alignment.target=responses:{path}: file not found. Expected a .jsonl with rows "
-            '{"prompt": ..., "completion": ...}; write one from an earlier run or use target=auto.'
-        )
+        raise _responses_file_missing(path, option)
     rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()][:size]
-    name = f"responses:{p.name}"
+    name = name or f"responses:{p.name}"
     if rows and "prompt_ids" in rows[0]:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return batch_from_ids([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad, name)
+        try:
+            return batch_from_ids(
+                [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad, name
+            )
+        except KeyError as e:
+            raise UserError(f"{path}: rows with prompt_ids also need completion_ids; missing {e}.") from None
     try:
         return batch_from_texts(
             tokenizer,
             [r["prompt"] for r in rows],
-            [r.get("completion", r.get("response")) for r in rows],
+            [r["completion"] if "completion" in r else r["response"] for r in rows],
             name,
         )
     except KeyError as e:
         raise UserError(
             f"{path}: rows need 'prompt' and 'completion' (or prompt_ids/completion_ids); missing {e}."
         ) from None
+
+
+FINAL_PILOT = "final_pilot"
+"""The label of `target=final:<run_dir>` in the table, the summary and the logs."""
+
+
+def check_final_target(run_dir: str, cfg: Any) -> Path:
+    """The final_responses.jsonl of `target=final:<run_dir>`, checked against this run's config `cfg`.
+
+    The pilot run must be finished, its responses written, and its task and base model the same as this run's
+    (D' is the pilot's responses to the task's held-out prompts, tokenized by the same tokenizer). A different
+    seed is allowed (several seeds can share one pilot) but is reported, since the paper's pilot form uses the
+    same config.
+    """
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from rlx.alignment.final_responses import responses_path
+
+    option = f"diagnostics.grad_alignment.target=final:{run_dir}"
+    d = Path(run_dir)
+    if not (d / "config.yaml").exists():
+        raise UserError(
+            f"{option}: {run_dir} has no config.yaml; expected the directory of a finished rlx run."
+        )
+    if not (d / "final").is_dir():
+        raise UserError(
+            f"{option}: {run_dir} has no final/ model (did training finish?); expected a finished rlx run."
+        )
+    f = responses_path(d)
+    if not f.is_file():
+        raise UserError(
+            f"{option}: {f} not found. Write the final model's responses first: "
+            f"python -m rlx.alignment.final_responses {run_dir}"
+        )
+    pilot = OmegaConf.load(d / "config.yaml")
+    for key in ("task.name", "model.name_or_path"):
+        mine, theirs = OmegaConf.select(cfg, key), OmegaConf.select(pilot, key)
+        if mine != theirs:
+            raise UserError(
+                f"{option}: that run has {key}={theirs}, this run {key}={mine}; D' must come from a run on "
+                "the same task and base model. Use a pilot run of this config."
+            )
+    seed = OmegaConf.select(pilot, "seed")
+    if seed != OmegaConf.select(cfg, "seed") and int(os.environ.get("RANK", 0)) == 0:
+        print(
+            f"warning: {option}: that run used seed={seed}, this run seed={cfg.seed}; the pilot form of D' "
+            "assumes the same config and seed.",
+            file=sys.stderr,
+        )
+    return f
+
+
+def batch_from_final(tokenizer: Any, run_dir: str, size: int) -> TargetBatch:
+    """D' = the first `size` final responses of the run in `run_dir` (its final_responses.jsonl), `final_pilot`."""
+    from rlx.alignment.final_responses import responses_path
+
+    return batch_from_jsonl(tokenizer, str(responses_path(run_dir)), size, FINAL_PILOT, f"final:{run_dir}")
 
 
 def gather_batch(batch: TargetBatch) -> TargetBatch:

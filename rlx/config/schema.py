@@ -196,12 +196,17 @@ class GradAlignmentConfig:
     every: int = 10
     """Log every N optimizer steps."""
     target: str = "auto"
-    """auto | heldout_chosen | probe_rollouts | responses:<path>. auto = held-out chosen (DPO, SFT) or a
-    fixed probe batch of the run's own rollouts (GRPO, PPO)."""
+    """The target set D': auto | heldout_chosen | final:<run_dir> | responses:<path> | probe_rollouts.
+    auto = heldout_chosen for every algorithm: held-out prompts with their verified reference solution (the
+    chosen answer for preference data). final:<run_dir> = the paper's D' in pilot form, the greedy responses of
+    that finished run's final model to the held-out prompts, written by `python -m rlx.alignment.final_responses
+    RUN_DIR` (labelled final_pilot; same task and base model required, same seed expected). responses:<path> =
+    any .jsonl of responses. probe_rollouts = the run's own first rollouts, frozen: an option, not the paper's
+    D' (it overlaps the batch being trained and its g_T is mostly sampling noise)."""
     target_size: int = 256
-    """Sequences in the target set D' (capped by the held-out split, or by the first rollout micro-batch for
-    probe_rollouts). Short answers need many sequences: with 32 arithmetic answers (~100 tokens) g_T is
-    dominated by sampling noise and even SFT looks RL-like."""
+    """Sequences in the target set D' (capped by the held-out split, the responses file, or the first rollout
+    micro-batch for probe_rollouts). Short answers need many sequences: with 32 arithmetic answers (~100
+    tokens) g_T is dominated by sampling noise and even SFT looks RL-like."""
     layer_groups: int = 2
     """Number of groups the decoder blocks are split into (plus embeddings and head)."""
     sketch_dim: int = 16384
