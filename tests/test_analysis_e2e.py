@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -108,17 +109,26 @@ def test_report_images_decode_and_sections_follow_recorded_data(report, real_run
 def test_report_renders_in_headless_chromium(report, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
-        pytest.skip("no chromium on PATH")
+        if os.environ.get(
+            "RLX_REQUIRE_BROWSER"
+        ):  # .ci/run installed it: a missing browser is a failure there
+            pytest.fail("RLX_REQUIRE_BROWSER is set but no chromium is on PATH")
+        pytest.skip("no chromium on PATH (.ci/run installs it from the Debian packages)")
     from PIL import Image
 
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    # 1) every <img> decoded by the browser: a load handler records complete && naturalWidth > 0
+    # 1) every <img> decoded by the browser (complete && naturalWidth > 0), every table and image laid out with
+    # a non-zero size, and no script or resource error reported to the page
     probe = tmp_path / "probe.html"
     js = (
-        "<script>window.addEventListener('load',()=>{const im=[...document.images];"
-        "document.body.setAttribute('data-images',im.filter(i=>i.complete&&i.naturalWidth>0).length+'/'+im.length)})</script>"
+        "<script>const errs=[];window.addEventListener('error',e=>errs.push(String(e.message||e.type)),true);"
+        "window.addEventListener('load',()=>{const im=[...document.images],tb=[...document.querySelectorAll('table')];"
+        "const shown=x=>x.offsetWidth>0&&x.offsetHeight>0;const b=document.body;"
+        "b.setAttribute('data-images',im.filter(i=>i.complete&&i.naturalWidth>0).length+'/'+im.length);"
+        "b.setAttribute('data-visible',[...im,...tb].filter(shown).length+'/'+(im.length+tb.length));"
+        "b.setAttribute('data-errors',errs.length+':'+errs.join('|'))})</script>"
     )
-    probe.write_text(report.read_text() + js)
+    probe.write_text(js + report.read_text())
     dom = subprocess.run(
         [*flags, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
         capture_output=True,
@@ -127,6 +137,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     ).stdout
     loaded, total = map(int, re.search(r'data-images="(\d+)/(\d+)"', dom).groups())
     assert loaded == total == len(re.findall(r"<img\b", report.read_text())) > 0
+    shown, elements = map(int, re.search(r'data-visible="(\d+)/(\d+)"', dom).groups())
+    assert shown == elements > total  # every figure and every table has a size on the page
+    assert re.search(r'data-errors="([^"]*)"', dom).group(1) == "0:"
     # 2) a screenshot: plots are drawn in colour, a blank or broken page would be (near) grey-scale
     shot = tmp_path / "shot.png"
     subprocess.run(
