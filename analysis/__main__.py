@@ -23,16 +23,51 @@ def main(argv: list[str] | None = None) -> int:
     summ = sub.add_parser("summary", help="print a text summary of one run")
     summ.add_argument("run_dir")
     summ.add_argument("--lenient", action="store_true", help="skip unreadable files with a warning")
+    pk = sub.add_parser("passk", help="pass@k curves of one run's in-training evaluation (eval.every)")
+    pk.add_argument("run_dir")
+    pk.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/passk.png)")
     args = p.parse_args(argv)
 
     from analysis.loader import Run
     from analysis.report import summary_text, write_report
 
+    if args.cmd == "passk":
+        return _passk(Run(args.run_dir), args.out)
     if args.cmd == "report":
         path = write_report(args.run_dirs, args.out, strict=not args.lenient)
         print(f"report written to {path.resolve()}")
     else:
         print(summary_text(Run(args.run_dir, strict=not args.lenient)))
+    return 0
+
+
+def _passk(run, out) -> int:
+    from pathlib import Path
+
+    from analysis import plots
+    from analysis.diagnostics.passk import crossing, passk_curves
+    from rlx.errors import UserError
+
+    curves = passk_curves(run)
+    if not len(curves):
+        raise UserError(
+            f"{run.path} has no sampled in-training evaluation (diagnostics/eval/). Train with eval.every=N and "
+            "eval.num_samples >= 2."
+        )
+    c = crossing(curves)
+    wide = curves.pivot(index="k", columns="step", values="pass_at_k")
+    print(f"pass@k on {int(curves['num_prompts'].iloc[0])} held-out prompts (columns: step)")
+    print(wide.to_string(float_format=lambda x: f"{x:.4f}"))
+    n = c["n"]
+    base_n, policy_n = c[f"base_pass@{n}"], c[f"policy_pass@{n}"]
+    print(
+        f"base (step {c['base_step']}) vs policy (step {c['policy_step']}): pass@1 {c['base_pass@1']:.4f} -> "
+        f"{c['policy_pass@1']:.4f}; pass@{n} {base_n:.4f} -> {policy_n:.4f}; "
+        + (f"the base catches up at k = {c['crossing_k']}" if c["crossing_k"] else "no crossing")
+    )
+    path = Path(out) if out else run.path / "passk.png"
+    plots.passk_curves(curves).savefig(path, dpi=110)
+    print(f"plot written to {path.resolve()}")
     return 0
 
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 STEP = "optimizer step"
 UNITS = {
@@ -363,3 +363,30 @@ def correctness_heatmap(df: pd.DataFrame, direction: str = "diff_means", value: 
     ax.set_yticks(range(len(mat.index)), [str(i) for i in mat.index])
     fig.colorbar(im, ax=ax, label="AUROC" if value == "auroc" else "cos to first step")
     return _finish(fig, ax, f"Correctness direction {value} ({direction})", STEP, "layer", legend=False)
+
+
+def passk_curves(curves: pd.DataFrame, title: str = "pass@k: base (step 0) vs trained policy") -> Figure:
+    """pass@k against k (log scale) for the first and last evaluated step of each run, crossing marked."""
+    from analysis.diagnostics.passk import crossing
+
+    fig, ax = _fig()
+    for run, g in _runs(curves):
+        steps = sorted(g["step"].unique())
+        prefix = f"{run}: " if run else ""
+        for step, style in ((steps[0], "--"), (steps[-1], "-")):
+            c = g[g["step"] == step]
+            ax.plot(c["k"], c["pass_at_k"], style, marker="o", ms=2.5, label=f"{prefix}step {step}")
+        k = crossing(g.drop(columns=["run"], errors="ignore")).get("crossing_k")
+        if k is not None:
+            ax.axvline(k, color="grey", lw=0.8, ls=":")
+            ax.annotate(f"cross k={k}", (k, 0.02), fontsize=7, color="grey")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("k (samples, log scale)")
+    ax.set_ylabel("unbiased pass@k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig

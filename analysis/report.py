@@ -1,6 +1,6 @@
 """One self-contained HTML report comparing runs (embedded base64 PNGs and tables).
 
-Sections: overview, training curves, gradient alignment, ReLaX, entropy dynamics, activation shift,
+Sections: overview, training curves, evaluation during training (pass@k), gradient alignment, ReLaX, entropy dynamics, activation shift,
 correctness direction. A section appears only when at least one run recorded its data; a diagnostic
 that fails on unexpected data is reported in "Analysis notes" (and raised with `strict=True`) instead of
 breaking the report.
@@ -21,7 +21,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from analysis import plots
-from analysis.diagnostics import activation_shift, correctness, entropy, grad_alignment, relax, training
+from analysis.diagnostics import (
+    activation_shift,
+    correctness,
+    entropy,
+    grad_alignment,
+    passk,
+    relax,
+    training,
+)
 from analysis.loader import Run, RunSet, load_runs
 
 MAX_TABLE_ROWS = 30
@@ -105,6 +113,28 @@ def training_section(runs: RunSet) -> Section | None:
     for metric in training.STANDARD:
         if (long["metric"] == metric).any():
             s.figure(plots.metric_curves(long, metric), metric)
+    return s
+
+
+def eval_section(runs: RunSet) -> Section | None:
+    curves = _per_run(runs, passk.passk_curves)
+    over = _per_run(runs, passk.eval_over_steps)
+    if not (curves or over):
+        return None
+    s = Section(
+        "Evaluation during training",
+        "Held-out greedy accuracy and unbiased pass@k at step 0 (the base policy), every eval.every steps and at "
+        "the end. The pass@k curve compares the base with the trained policy for every k up to the number of "
+        "samples per prompt; 'crossing k' is where the base catches up.",
+    )
+    if over:
+        long = plots.with_run(over)
+        for metric in sorted(long["metric"].unique()):
+            s.figure(plots.metric_curves(long, metric), metric)
+    if curves:
+        s.figure(plots.passk_curves(plots.with_run(curves)), "pass@k, base vs trained policy")
+        table = pd.DataFrame([{"run": label, **passk.crossing(df)} for label, df in curves.items()])
+        s.table(table, "Base vs trained policy")
     return s
 
 
@@ -267,6 +297,7 @@ def correctness_section(runs: RunSet) -> Section | None:
 SECTIONS: list[Callable[[RunSet], Section | None]] = [
     overview,
     training_section,
+    eval_section,
     grad_alignment_section,
     relax_section,
     entropy_section,

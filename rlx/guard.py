@@ -103,11 +103,11 @@ class DivergenceGuard(TrainerCallback):
         if not logs or k <= 0:
             return
         step = int(state.global_step)
-        checks = {
-            "entropy": "entropy" in logs
-            and _entropy_at_max(float(logs["entropy"]), self.vocab_size, self.cfg.entropy_fraction),
-            "rewards": _all_rewards_nan(logs),
-        }
+        checks = {}  # only the metrics this log row carries (an eval/* row says nothing about training)
+        if "entropy" in logs:
+            checks["entropy"] = _entropy_at_max(float(logs["entropy"]), self.vocab_size, self.cfg.entropy_fraction)
+        if any(k.startswith("rewards/") and k.endswith("/mean") for k in logs):
+            checks["rewards"] = _all_rewards_nan(logs)
         for name, hit in checks.items():
             self.streak[name] = self.streak[name] + 1 if hit else 0
         if self.streak["entropy"] >= k:

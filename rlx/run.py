@@ -239,6 +239,20 @@ def check_trainer_numbers(cfg: Any) -> None:
         v = t.get(key)
         if v is not None and int(v) < 1:
             raise UserError(f"trainer.{key}={v}: expected an integer >= 1.")
+    every = cfg.eval.get("every", 0)
+    if every is None or int(every) < 0:
+        raise UserError(f"eval.every={every}: expected 0 (off) or a number of optimizer steps >= 1.")
+    if int(every) > 0 and cfg.task.name == "ultrafeedback":
+        raise UserError(
+            "eval.every needs a verifiable task (held-out answers to score); ultrafeedback has none. Set eval.every=0."
+        )
+    strategy = str(t.get("eval_strategy", "no") or "no")
+    if strategy not in ("no", "NO") and cfg.algo != "dpo":
+        raise UserError(
+            f"trainer.eval_strategy={strategy}: HF's loss evaluation needs an eval dataset, which rlx passes only "
+            f"to DPO (held-out pairs), not to {cfg.algo}. Use eval.every=N for held-out accuracy and pass@k "
+            "during training."
+        )
     for key in ("save_steps", "logging_steps"):
         v = t.get(key)
         if v is not None and float(v) <= 0:

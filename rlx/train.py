@@ -75,6 +75,10 @@ def run_training(cfg) -> Path:
         _remove_if_empty(run_dir if made_by_build else None)  # HF's Trainer makes output_dir when it is built
         raise
     trainer, task = built.trainer, built.task
+    if cfg.eval.every > 0 and cfg.task.name != "ultrafeedback":
+        from rlx.eval_loop import EvalCallback
+
+        trainer.add_callback(EvalCallback(trainer, built.tokenizer, task, cfg, run))
     with claim_run_dir(cfg, run_dir, resume):
         if state.is_main_process:
             print(f"run dir: {run_dir}", flush=True)

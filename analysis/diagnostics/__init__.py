@@ -8,10 +8,19 @@
 | `entropy` | `entropy_dynamics`, `entropy_metrics` | diagnostics.activations / logged metrics |
 | `activation_shift` | `activation_shift`, `shift_matrix` | the Activation Replay analysis |
 | `correctness` | `correctness_direction`, `probe_accuracy` | diagnostics.activations |
+| `passk` | `passk_curves`, `crossing`, `eval_over_steps` | eval.every |
 
 Every function returns an empty table (with its columns) when the run did not record what it needs.
 """
 
-from analysis.diagnostics import activation_shift, correctness, entropy, grad_alignment, relax, training
+from analysis.diagnostics import (
+    activation_shift,
+    correctness,
+    entropy,
+    grad_alignment,
+    passk,
+    relax,
+    training,
+)
 
-__all__ = ["activation_shift", "correctness", "entropy", "grad_alignment", "relax", "training"]
+__all__ = ["activation_shift", "correctness", "entropy", "grad_alignment", "passk", "relax", "training"]

@@ -185,6 +185,10 @@ class EvalConfig:
     """Prompts per generate call."""
     before_after: bool = True
     """train.py: evaluate greedy accuracy before and after training and write it to eval_before_after.json."""
+    every: int = 0
+    """train.py: evaluate during training every N optimizer steps, at step 0 and at the end (0 = off): greedy
+    accuracy and pass@k with the settings above, on all ranks, logged as eval/* and saved per step to
+    diagnostics/eval/ (rlx/eval_loop.py). `python -m analysis passk RUN` plots the pass@k curves."""
 
 
 @dataclass
