@@ -77,7 +77,7 @@ def test_read_only_file_system(tmp_path, capsys, tiny_model_dir):
             "grad_alignment.every=0",
         ),
         ("eval.every=-1", "eval.every=-1: expected 0 (off)"),
-        ("trainer.eval_strategy=steps", "use eval.every=N"),
+        ("trainer.eval_strategy=steps", "Use eval.every=N"),
     ],
 )
 def test_config_errors_leave_no_run_dir(tmp_path, capsys, tiny_model_dir, override, match):
