@@ -73,29 +73,47 @@ def _sample_seed(seed: int, step: int, prompt_index: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + prompt_index) % (2**31 - 1)
 
 
-def evaluate_sharded(trainer: Any, tokenizer: Any, task: Any, ecfg: Any, *, step: int, seed: int) -> list[dict]:
-    """Every completion of one evaluation (all ranks' shares, gathered, on every rank). A collective."""
+def evaluate_sharded(
+    trainer: Any,
+    tokenizer: Any,
+    task: Any,
+    *,
+    num_prompts: int | None,
+    max_new_tokens: int | None,
+    batch_size: int,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    step: int = 0,
+    seed: int = 0,
+) -> list[dict]:
+    """Every completion of one evaluation (all ranks' shares, gathered, on every rank). A collective.
+
+    `num_samples=0`: greedy only. The policy is the one `trainer` trains, whatever wraps it.
+    """
     from accelerate.utils import gather_object
     from trl.models import unwrap_model_for_generation
 
     acc = trainer.accelerator
     ds = task.eval_dataset()
-    if ecfg.num_prompts is not None:
-        ds = ds.select(range(min(ecfg.num_prompts, len(ds))))
+    if num_prompts is not None:
+        ds = ds.select(range(min(num_prompts, len(ds))))
     prompts, answers = list(ds["prompt"]), list(ds["answer"])
     n, world, rank = len(prompts), acc.num_processes, acc.process_index
-    max_new = ecfg.max_new_tokens or getattr(trainer.args, "max_completion_length", None) or task.max_completion_length
+    max_new = (
+        max_new_tokens or getattr(trainer.args, "max_completion_length", None) or task.max_completion_length
+    )
     lockstep = acc.distributed_type.name == "FSDP"
 
     def gen(model, input_ids, attention_mask, **kw):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=lockstep, **kw)
 
-    bs = max(1, int(ecfg.batch_size))
+    bs = max(1, int(batch_size))
     batches = [list(range(b, min(b + bs, n))) for b in range(0, n, bs)]
     my_batches = batches[rank::world]
-    my_prompts = list(range(n))[rank::world] if ecfg.num_samples > 0 else []
+    my_prompts = list(range(n))[rank::world] if num_samples > 0 else []
     greedy_calls = math.ceil(len(batches) / world)
-    sample_calls = math.ceil(n / world) if ecfg.num_samples > 0 else 0
+    sample_calls = math.ceil(n / world) if num_samples > 0 else 0
     local: list[dict[str, Any]] = []
 
     def record(i: int, kind: str, j: int, text: str) -> None:
@@ -113,7 +131,10 @@ def evaluate_sharded(trainer: Any, tokenizer: Any, task: Any, ecfg: Any, *, step
         )
 
     bar = tqdm(
-        total=greedy_calls + sample_calls, desc=f"eval step {step}", disable=not acc.is_main_process, leave=False
+        total=greedy_calls + sample_calls,
+        desc=f"eval step {step}",
+        disable=not acc.is_main_process,
+        leave=False,
     )
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with (
@@ -124,7 +145,12 @@ def evaluate_sharded(trainer: Any, tokenizer: Any, task: Any, ecfg: Any, *, step
             real = c < len(my_batches)
             idx = my_batches[c] if real else batches[-1]
             texts = generate_texts(
-                model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new, batch_size=bs, generate_fn=gen
+                model,
+                tokenizer,
+                [prompts[i] for i in idx],
+                max_new_tokens=max_new,
+                batch_size=bs,
+                generate_fn=gen,
             )
             if real:
                 for i, t in zip(idx, texts):
@@ -138,10 +164,10 @@ def evaluate_sharded(trainer: Any, tokenizer: Any, task: Any, ecfg: Any, *, step
                 tokenizer,
                 [prompts[i]],
                 max_new_tokens=max_new,
-                num_samples=ecfg.num_samples,
+                num_samples=num_samples,
                 do_sample=True,
-                temperature=ecfg.temperature,
-                top_p=ecfg.top_p,
+                temperature=temperature,
+                top_p=top_p,
                 batch_size=1,
                 seed=_sample_seed(seed, step, i),
                 generate_fn=gen,
@@ -165,7 +191,20 @@ class EvalCallback(TrainerCallback):
 
     def _evaluate(self, args, state, control) -> None:
         step = int(state.global_step)
-        rows = evaluate_sharded(self.trainer, self.tokenizer, self.task, self.ecfg, step=step, seed=self.seed)
+        e = self.ecfg
+        rows = evaluate_sharded(
+            self.trainer,
+            self.tokenizer,
+            self.task,
+            num_prompts=e.num_prompts,
+            max_new_tokens=e.max_new_tokens,
+            batch_size=e.batch_size,
+            num_samples=e.num_samples,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            step=step,
+            seed=self.seed,
+        )
         summary = summarize(rows, list(self.ecfg.ks))
         self.last_step = step
         if self.trainer.accelerator.is_main_process and self.run.writer is not None:
@@ -179,7 +218,9 @@ class EvalCallback(TrainerCallback):
         # to every logger, without touching the trainer's own metric buffers (GRPO's `log` would flush them);
         # HF's handler clears control.should_log, which this step's own train row still needs
         should_log = control.should_log
-        self.trainer.callback_handler.on_log(args, state, control, {f"eval/{k}": v for k, v in summary.items()})
+        self.trainer.callback_handler.on_log(
+            args, state, control, {f"eval/{k}": v for k, v in summary.items()}
+        )
         control.should_log = should_log
 
     def on_train_begin(self, args, state, control, **kw):

@@ -97,45 +97,18 @@ def greedy_accuracy_all_ranks(
 ) -> dict[str, Any]:
     """Held-out greedy accuracy of the policy a trainer trains; a collective that every rank must call.
 
-    The prompts are split over the ranks (equal shares, the last prompt repeated to fill the last share, the
-    repeats dropped when the rewards are gathered back), each rank generates its share with the whole model:
-    under DeepSpeed ZeRO-3 the partitioned weights are gathered for the duration, as TRL does for rollouts
-    (`unwrap_model_for_generation`); under FSDP each forward gathers its shards, so `generate` runs in lockstep
-    (`synced_gpus`). Returns the `greedy_only` summary of `evaluate_policy` on every rank.
+    The held-out prompts are split over the ranks and each rank generates its share with the whole model (under
+    DeepSpeed ZeRO-3 the partitioned weights are gathered as TRL does for rollouts; under FSDP generation runs in
+    lockstep): `rlx.eval_loop.evaluate_sharded`, greedy only. The same summary on every rank.
     """
-    import math
+    from rlx.eval_loop import evaluate_sharded, summarize
 
-    from accelerate.utils import gather_object
-    from trl.models import unwrap_model_for_generation
-
-    acc = trainer.accelerator
-    ds = task.eval_dataset()
-    if num_prompts is not None:
-        ds = ds.select(range(min(num_prompts, len(ds))))
-    prompts, answers = list(ds["prompt"]), list(ds["answer"])
-    n, world, rank = len(prompts), acc.num_processes, acc.process_index
-    share = math.ceil(n / world) if n else 0
-    mine = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)] if n else []
-    lockstep = acc.distributed_type.name == "FSDP"
-
-    def generate(model, input_ids, attention_mask, **kw):
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=lockstep, **kw)
-
-    with unwrap_model_for_generation(trainer.model_wrapped, acc, gather_deepspeed3_params=True) as model:
-        greedy = generate_texts(
-            model,
-            tokenizer,
-            [prompts[i] for i in mine],
-            max_new_tokens=max_new_tokens or task.max_completion_length,
-            batch_size=batch_size,
-            progress=acc.is_main_process,
-            generate_fn=generate,
-        )
-    local = [(rank * share + j, task.score(g[0], answers[i])) for j, (i, g) in enumerate(zip(mine, greedy))]
-    gathered = gather_object(local) if world > 1 else local
-    rewards = [r for k, r in sorted(gathered) if k < n]
-    return {
-        "num_prompts": n,
-        "greedy_accuracy": sum(r >= 1.0 for r in rewards) / max(n, 1),
-        "greedy_mean_reward": sum(rewards) / max(n, 1),
-    }
+    rows = evaluate_sharded(
+        trainer,
+        tokenizer,
+        task,
+        num_prompts=num_prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    return {"num_prompts": len(rows), **summarize(rows, [])}
