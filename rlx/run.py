@@ -246,6 +246,12 @@ def check_trainer_numbers(cfg: Any) -> None:
         raise UserError(
             "eval.every needs a verifiable task (held-out answers to score); ultrafeedback has none. Set eval.every=0."
         )
+    ro = cfg.diagnostics.rollouts
+    if not 0.0 < float(ro.fraction) <= 1.0 or int(ro.every) < 1:
+        raise UserError(
+            f"diagnostics.rollouts: fraction={ro.fraction}, every={ro.every}: expected 0 < fraction <= 1 and "
+            "every >= 1 (diagnostics.rollouts.enabled=false turns the dumps off)."
+        )
     strategy = str(t.get("eval_strategy", "no") or "no")
     if strategy not in ("no", "NO") and cfg.algo != "dpo":
         raise UserError(

@@ -238,6 +238,19 @@ class ActivationsConfig:
 
 
 @dataclass
+class RolloutsConfig:
+    """GRPO/PPO rollout dumps: prompt, completion, rewards per function, advantage, log-prob summaries and a
+    sample id that ReLaX's per-trajectory rows carry too (rlx/instruments/rollouts.py)."""
+
+    enabled: bool = True
+    """Write diagnostics/rollouts/round_NNNNNN.rank{r}.parquet."""
+    fraction: float = 0.1
+    """Share of each round's completions kept (a hash of the sample id picks them); 1 keeps all."""
+    every: int = 1
+    """Keep every N-th generation round."""
+
+
+@dataclass
 class DiagnosticsConfig:
     """Instruments that only measure (they never change the loss)."""
 
@@ -245,6 +258,8 @@ class DiagnosticsConfig:
     """Gradient alignment."""
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     """Saved activations for offline probes."""
+    rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
+    """Rollout dumps (GRPO, PPO)."""
 
 
 @dataclass

@@ -399,10 +399,12 @@ class Relax(Instrument):
     def _record(self, step, ctx, dsd, spectrum, adv, a, lengths, masked, gids) -> None:
         gids = group_ids_of(ctx, dsd.shape[0]) if gids is None else gids
         n = dsd.shape[0]
+        sids = ctx.extras.get("sample_ids")
         cols = {
             "step": [step + 1] * n,
             "micro_step": [self.micro] * n,
             "index": list(range(n)),
+            "sample_id": sids.tolist() if sids is not None else [-1] * n,  # joins diagnostics/rollouts
             "group_id": gids.tolist(),
             "advantage": adv.tolist(),
             "a": a.tolist(),

@@ -93,26 +93,77 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
         return {
             **super()._rlx_trainer_state(),
             "micro_step": self._step,
+            "rollout_round": getattr(self, "_rlx_round", 0),
             "buffered_inputs": None if buf is None else [{k: to_cpu(v) for k, v in b.items()} for b in buf],
         }
 
     def _rlx_load_trainer_state(self, state):
         super()._rlx_load_trainer_state(state)
         self._step = int(state["micro_step"])
+        self._rlx_round = int(state.get("rollout_round", 0))
         buf = state["buffered_inputs"]
         dev = self.accelerator.device
         to_dev = lambda v: v.to(dev) if isinstance(v, torch.Tensor) else v  # noqa: E731
         self._buffered_inputs = None if buf is None else [{k: to_dev(v) for k, v in b.items()} for b in buf]
 
     def _generate_and_score_completions(self, inputs):
+        from rlx.instruments.rollouts import sample_ids
+
         batch = super()._generate_and_score_completions(inputs)
-        # Tag each completion with its prompt group before TRL shuffles and splits the generation batch.
-        n = batch["completion_ids"].size(0)
-        start = self.accelerator.process_index * n
-        batch["rlx_group_ids"] = (
-            torch.arange(start, start + n, device=batch["completion_ids"].device) // self.num_generations
-        )
+        # Tag each completion with its prompt group and a run-wide sample id before TRL shuffles and splits
+        # the generation batch.
+        n, rank = batch["completion_ids"].size(0), self.accelerator.process_index
+        dev = batch["completion_ids"].device
+        batch["rlx_group_ids"] = torch.arange(rank * n, rank * n + n, device=dev) // self.num_generations
+        round_ = getattr(self, "_rlx_round", 0)
+        batch["rlx_sample_ids"] = sample_ids(round_, rank, n, dev)
+        self._rlx_round = round_ + 1
+        self._rlx_pending_rollout = (round_, batch)  # dumped once subclasses have finished the batch
         return batch
+
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards = super()._calculate_rewards(*args, **kwargs)
+        self._rlx_rewards_per_func = rewards  # gathered over ranks: (world * n, num_reward_funcs)
+        return rewards
+
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        pending, self._rlx_pending_rollout = getattr(self, "_rlx_pending_rollout", None), None
+        if pending is not None:
+            self._rlx_dump_rollout(*pending)
+        return inputs
+
+    def _rlx_dump_rollout(self, round_: int, batch: dict) -> None:
+        from rlx.instruments import rollouts
+
+        run = getattr(self, "rlx_run", None)
+        cfg = None if run is None or run.cfg is None else run.cfg.diagnostics.rollouts
+        if cfg is None or not cfg.enabled or run.writer is None or round_ % cfg.every:
+            return
+        keep = rollouts.kept(batch["rlx_sample_ids"], cfg.fraction, self.args.seed)
+        n, rank = batch["completion_ids"].size(0), self.accelerator.process_index
+        gathered = getattr(self, "_rlx_rewards_per_func", None)
+        local = None if gathered is None else gathered[rank * n : rank * n + n]
+        rows = rollouts.rollout_rows(
+            batch,
+            self.processing_class,
+            local,
+            list(self.reward_func_names),
+            getattr(self, "reward_weights", None),
+            round_=round_,
+            step=int(self.state.global_step) + 1,
+            rank=rank,
+            keep=keep,
+        )
+        if rows:
+            run.writer.write_parquet(
+                f"rollouts/round_{round_:06d}.parquet",
+                rows,
+                schema_version=rollouts.SCHEMA_VERSION,
+                instrument="rollouts",
+                description="completions of one generation round with rewards, advantages and sample ids",
+                per_rank=True,
+            )
 
     def _loss_extras(self, inputs):
         return {
@@ -120,6 +171,7 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
             "old_logps": inputs.get("old_per_token_logps"),
             "ref_logps": inputs.get("ref_per_token_logps"),
             "group_ids": inputs.get("rlx_group_ids"),
+            "sample_ids": inputs.get("rlx_sample_ids"),
             "completion_len": inputs["completion_ids"].size(1),
         }
 
