@@ -42,8 +42,26 @@ def exit_on_user_error(fn: Callable) -> Callable:
             _close_progress_bars()
             print(f"stopped: {e}", file=sys.stderr)
             sys.exit(Diverged.exit_code)
+        except RuntimeError as e:  # torch.distributed's DistBackendError included
+            if _is_collective_timeout(e):
+                _close_progress_bars()
+                print(COLLECTIVE_TIMEOUT_HINT, file=sys.stderr, flush=True)
+            raise
 
     return wrapper
+
+
+COLLECTIVE_TIMEOUT_HINT = (
+    "error: a collective operation timed out after trainer.ddp_timeout seconds: another rank never joined it "
+    "(it failed, is stuck, or took a different code path; see its log). Raise trainer.ddp_timeout only if one "
+    "rank legitimately works alone that long."
+)
+
+
+def _is_collective_timeout(e: BaseException) -> bool:
+    """A gloo/NCCL collective that gave up waiting for a peer (torch's messages: 'Timed out waiting Nms ...')."""
+    text = str(e).lower()
+    return "timed out" in text or ("timeout" in text and ("collective" in text or "watchdog" in text))
 
 
 def _close_progress_bars() -> None:

@@ -26,6 +26,12 @@ def corrupt(solution: str, task, answer: str, rng: random.Random) -> str | None:
     return None
 
 
+def _on_this_rank(model, input_ids, attention_mask, **kwargs):
+    """`generate` with the whole model on this rank alone: once a ZeRO-3 trainer config exists HF would otherwise
+    run it in lockstep with the other ranks (`synced_gpus`), which here are not generating (rank 0 goes first)."""
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=False, **kwargs)
+
+
 def build_preference_pairs(
     model, tokenizer, task, pcfg, split: str = "train", seed: int = 0, progress: bool = True
 ) -> Dataset:
@@ -52,6 +58,7 @@ def build_preference_pairs(
             temperature=pcfg.temperature,
             seed=seed,
             progress=progress,
+            generate_fn=_on_this_rank,
         )
     else:
         samples = [[] for _ in prompts]
