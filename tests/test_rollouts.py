@@ -80,13 +80,17 @@ def test_rollout_rows_against_a_hand_made_batch():
 
 
 @pytest.mark.slow
-def test_grpo_rollouts_join_relax_rows(run_recipe):
+def test_grpo_rollouts_join_relax_and_alignment_rows(run_recipe):
     run = run_recipe(
         "grpo_relax_tiny",
         "trainer.max_steps=4",
         "trainer.per_device_train_batch_size=16",
         "trainer.steps_per_generation=2",
         "diagnostics.rollouts.fraction=1.0",
+        "diagnostics.grad_alignment.enabled=true",
+        "diagnostics.grad_alignment.every=2",
+        "diagnostics.grad_alignment.target_size=16",
+        "diagnostics.grad_alignment.save_token_weights=true",
         "eval.before_after=false",
     )
     files = sorted(glob.glob(str(run / "diagnostics" / "rollouts" / "*.parquet")))
@@ -107,3 +111,12 @@ def test_grpo_rollouts_join_relax_rows(run_recipe):
     assert (joined["group_id"] == joined["group_id_rollout"]).all()
     assert joined["advantage"].to_numpy() == pytest.approx(joined["advantage_rollout"].to_numpy(), abs=1e-6)
     assert ((joined["step"] - joined["step_rollout"]).isin([0, 1])).all()
+    # the alignment token shards: one sample id per row, each a completion of the dumped rollouts
+    from safetensors.torch import load_file
+
+    shards = sorted(glob.glob(str(run / "diagnostics" / "grad_alignment_tokens" / "*.safetensors")))
+    assert shards
+    for shard in shards:
+        t = load_file(shard)
+        assert t["sample_id"].shape[0] == t["w"].shape[0]
+        assert set(t["sample_id"].tolist()) <= set(roll["sample_id"])

@@ -71,6 +71,38 @@ def _gather_scores(score: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.tensor([v for x in lists for v in x], dtype=torch.float64), offset
 
 
+KL_FIT_TOLERANCE = 1e-3
+"""Relative residual of the per-sequence KL fit above which a micro-batch's loss is not of the modelled form."""
+KL_MODELLED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+"""TRL loss types whose per-token loss is c_i (clipped surrogate + beta KL_t) with c_i constant in a sequence."""
+
+
+def unmodelled_kl_terms(args: Any) -> list[str]:
+    """Why GRPO's loss (TRL 1.16 `_compute_loss`, these `args`) is not the form `kl_token_weights` splits; [] if it is.
+
+    The split models per-token loss c_i (-M_t rho_t A_t + beta KL_t) with token-level rho and the standard clip.
+    Settings that change that form: another loss type (CISPO, SAPO, VESPO weight the log-prob differently),
+    sequence-level importance weights (GSPO), two-sided clipping (`delta`), vLLM's importance-sampling ratio
+    (multiplies the surrogate but not the KL), the top-entropy mask and off-policy sequence masking (zero the
+    surrogate on some tokens, not the KL).
+    """
+    get = lambda k, d=None: getattr(args, k, d)  # noqa: E731
+    out = []
+    if get("loss_type", "dapo") not in KL_MODELLED_LOSSES:
+        out.append(f"loss_type={get('loss_type')}")
+    if get("importance_sampling_level", "token") != "token":
+        out.append(f"importance_sampling_level={get('importance_sampling_level')}")
+    if get("delta") is not None:
+        out.append(f"delta={get('delta')}")
+    if get("use_vllm", False) and get("vllm_importance_sampling_correction", False):
+        out.append("vLLM importance-sampling correction")
+    if float(get("top_entropy_quantile", 1.0) or 1.0) < 1.0:
+        out.append(f"top_entropy_quantile={get('top_entropy_quantile')}")
+    if get("off_policy_mask_threshold") is not None:
+        out.append(f"off_policy_mask_threshold={get('off_policy_mask_threshold')}")
+    return out
+
+
 def _is_zero(trainer: Any) -> bool:
     if not getattr(trainer, "is_deepspeed_enabled", False):
         return False
@@ -93,6 +125,10 @@ class _Step:
         self.scal: dict[str, float] = {}
         self.tok: list[dict[str, torch.Tensor]] = []
         self.micro = 0
+        self.kl_fit = 0  # micro-batches whose KL part was split off by the fit
+        self.kl_unmodelled = 0  # micro-batches with a KL term that was not split (see unmodelled_kl_terms)
+        self.kl_residual = 0.0  # largest relative residual of the KL fit
+        self.kl_reason = ""
 
 
 @register_instrument("grad_alignment")
@@ -165,6 +201,8 @@ class GradAlignment(Instrument):
                 [p.shape for p in self.params], int(self.cfg.sketch_dim), seed=int(self.run.cfg.seed)
             )
         self.algo = getattr(trainer, "rlx_algo", "") or self.run.cfg.algo
+        self.kl_unmodelled = unmodelled_kl_terms(trainer.args) if self.algo == "grpo" else []
+        self.kl_bias_correction = bool(getattr(trainer.args, "use_bias_correction_kl", False))
         if self.algo == "ppo":  # num_iterations = ppo_epochs, steps_per_generation = num_minibatches * GA
             args = trainer.args
             ga = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
@@ -299,11 +337,13 @@ class GradAlignment(Instrument):
         else:
             self._activation_micro(ctx, comps, terts)
         if self.cfg.save_token_weights:
+            sids = ctx.extras.get("sample_ids")  # GRPO/PPO: joins diagnostics/rollouts
             self.cur.tok.append(
                 {
                     "w": w.detach().cpu(),
                     "mask": mask.detach().cpu(),
                     "w_kl": (w_kl if w_kl is not None else torch.zeros_like(w)).cpu(),
+                    "sample_id": (sids if sids is not None else torch.full((w.shape[0],), -1)).long().cpu(),
                 }
             )
         return None
@@ -317,9 +357,13 @@ class GradAlignment(Instrument):
         # A KL *loss term* (GRPO beta > 0) is a third component; PPO folds its KL penalty into the reward (in A_t).
         beta = float(getattr(ctx.trainer, "beta", 0.0) or 0.0) if self.algo == "grpo" else 0.0
         if ref is not None and beta != 0.0 and ctx.extras.get("advantages") is not None:
+            if self.kl_unmodelled:  # not split: pos / neg keep the KL term's weight; rows say so (kl_split)
+                self.cur.kl_unmodelled += 1
+                self.cur.kl_reason = ", ".join(self.kl_unmodelled)
+                return w, mask, None
             C = ctx.completion_len
             w_kl = torch.zeros_like(w)
-            w_kl[:, -C:] = am.kl_token_weights(
+            w_kl[:, -C:], residual = am.kl_token_weights(
                 w[:, -C:],
                 mask[:, -C:],
                 ctx.completion_logps,
@@ -329,7 +373,16 @@ class GradAlignment(Instrument):
                 ctx.extras.get("old_logps"),
                 getattr(ctx.trainer, "epsilon_low", None),
                 getattr(ctx.trainer, "epsilon_high", None),
+                bias_correction=self.kl_bias_correction,
+                return_residual=True,
             )
+            self.cur.kl_residual = max(self.cur.kl_residual, residual)
+            if residual > KL_FIT_TOLERANCE:  # the loss is not the modelled form: leave the KL in pos / neg
+                w_kl.zero_()
+                self.cur.kl_unmodelled += 1
+                self.cur.kl_reason = f"KL fit residual {residual:.2g}"
+            else:
+                self.cur.kl_fit += 1
         return w, mask, w_kl
 
     def _pair_index(self, ctx: LossContext) -> torch.Tensor | None:
@@ -505,6 +558,7 @@ class GradAlignment(Instrument):
             cur.vec["neg"] = am.sub(cur.total, cur.vec["pos"])  # linear, so all-reduced sketches stay exact
         comp_names = [c for c in ("pos", "neg", "kl") if c in cur.vec]
         local = {f"n_{k}": v for k, v in cur.n_tokens.items()}
+        local.update(n_kl_fit=cur.kl_fit, n_kl_unmodelled=cur.kl_unmodelled, kl_residual=cur.kl_residual)
         if self.variant == "param":
             gT = cur.gT
             for c in comp_names:
@@ -568,11 +622,25 @@ class GradAlignment(Instrument):
             if self.variant == "param"
             else self._rows_activation(cur, rec)
         )
+        # kl_split: none (no KL loss term), fit (its part split off exactly), unmodelled (GRPO's loss is not the
+        # form the split assumes: the KL term's weight stays in pos / neg, no kl row is trusted)
+        kl_split = "unmodelled" if rec["n_kl_unmodelled"] else ("fit" if rec["n_kl_fit"] else "none")
+        reason = cur.kl_reason or ("on another rank" if kl_split == "unmodelled" else "")
+        if kl_split == "unmodelled" and self.run.is_main and not getattr(self, "_kl_warned", False):
+            self._kl_warned = True
+            print(
+                f"warning: grad_alignment: the KL term is not split from the policy-gradient part ({reason}); "
+                "its weight stays in pos/neg and the rows are marked kl_split=unmodelled "
+                "(docs/gradient_alignment.md)",
+                flush=True,
+            )
         for r in rows:
             own = r["component"] in ("pos", "neg", "kl") or (
                 self.variant == "activation" and r["component"] == "total"
             )
             r.setdefault("norm_source", norm_source if own else "exact")
+            r["kl_split"], r["kl_split_reason"] = kl_split, reason
+            r["kl_fit_residual"] = rec["kl_residual"] if kl_split != "none" else float("nan")
         self._emit(trainer, cur, rows, sk)
 
     def _rows_param(self, trainer: Any, cur: _Step, rec: dict, sk: dict) -> list[dict]:
@@ -748,6 +816,9 @@ class GradAlignment(Instrument):
         )
         if "drift" in total_row:
             metrics["drift"] = total_row["drift"]
+        if total_row.get("kl_split", "none") != "none":
+            metrics["kl_split_unmodelled"] = float(total_row["kl_split"] == "unmodelled")
+            metrics["kl_fit_residual"] = total_row["kl_fit_residual"]
         upd = next((r for r in rows if r["component"] == "update"), None)
         if upd is not None:
             metrics["realised"], metrics["delta_R"] = upd["G"], upd["delta_R"]
@@ -787,10 +858,13 @@ class GradAlignment(Instrument):
             pad = lambda x: torch.nn.functional.pad(x, (0, B - x.shape[1]))  # noqa: E731
             w.write_tensors(
                 f"grad_alignment_tokens/step_{cur.step:06d}.safetensors",
-                {k: torch.cat([pad(t[k]) for t in cur.tok]) for k in ("w", "w_kl", "mask")},
+                {
+                    **{k: torch.cat([pad(t[k]) for t in cur.tok]) for k in ("w", "w_kl", "mask")},
+                    "sample_id": torch.cat([t["sample_id"] for t in cur.tok]),
+                },
                 schema_version=SCHEMA_VERSION,
                 instrument=self.name,
-                description="per-token w_t (and KL part) of the logged step",
+                description="per-token w_t (and KL part) of the logged step; sample_id per row (GRPO/PPO)",
                 metadata={"step": str(cur.step)},
             )
 
