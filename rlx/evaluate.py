@@ -4,6 +4,7 @@
     python rlx/evaluate.py model=PATH task=arithmetic               # any HF-format model dir
     python rlx/evaluate.py run_dir=DIR output=DIR eval.num_samples=32 eval.ks=[1,8,32]
     python rlx/evaluate.py run_dir=DIR replay=learnable base_model=PATH   # with Activation Replay
+    python rlx/evaluate.py run_dir=DIR harness=relax eval.num_samples=64  # ReLaX's pass@k decoding (T 0.6, top-p 0.95)
 
 Writes eval.json (summary) and samples.jsonl (prompt, answer, greedy, completions, rewards) into the run
 dir, or into `output=DIR`. Any other key=value overrides the run's config (e.g. eval.temperature=0.7).
@@ -26,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from rlx.errors import UserError, exit_on_user_error
+
+# `harness=NAME`: decoding settings of a published evaluation, applied before the other overrides.
+# relax: the ReLaX authors' pass@k harness (temperature 0.6, top-p 0.95, up to 1024 samples per prompt,
+# unbiased estimator); lower eval.num_samples on CPU, the ks follow it (powers of 2 up to it).
+HARNESSES = {"relax": {"eval.temperature": 0.6, "eval.top_p": 0.95, "eval.num_samples": 1024}}
 
 SHORTHANDS = {
     "model": "model.name_or_path",
@@ -68,7 +74,15 @@ def resolve(argv: list[str]):
     run_dir, output, rest = None, None, []
     for a in argv:
         k, _, v = a.partition("=")
-        if k == "run_dir":
+        if k == "harness":
+            if v not in HARNESSES:
+                raise UserError(f"harness={v}: expected one of {', '.join(HARNESSES)}.")
+            preset = dict(HARNESSES[v])
+            given = {x.partition("=")[0]: x.partition("=")[2] for x in argv}
+            n = int(given.get("eval.num_samples", preset["eval.num_samples"]))
+            preset["eval.ks"] = "[" + ",".join(str(2**i) for i in range(n.bit_length()) if 2**i <= n) + "]"
+            rest = [f"{key}={val}" for key, val in preset.items() if key not in given] + rest
+        elif k == "run_dir":
             run_dir = Path(v)
         elif k == "output":
             output = Path(v)

@@ -47,7 +47,9 @@ def test_pass_at_k_table_against_hand_counts():
         for i, cs in pattern.items()
         for j, c in enumerate(cs)
     ]
-    rows += [{"prompt_index": i, "kind": "greedy", "sample": 0, "correct": i != 1, "reward": 0.5} for i in pattern]
+    rows += [
+        {"prompt_index": i, "kind": "greedy", "sample": 0, "correct": i != 1, "reward": 0.5} for i in pattern
+    ]
     table = pass_at_k_table(rows, [1, 2, 4, 8])
     assert set(table) == {"pass@1", "pass@2", "pass@4"}  # k > samples per prompt is not estimable
     assert table["pass@1"] == pytest.approx((1 / 4 + 0 + 1) / 3)
@@ -106,7 +108,12 @@ def test_grpo_eval_every_logs_saves_and_leaves_training_alone(run_recipe):
     plain = merged_rows(without)
     for step in range(1, 6):
         for key, value in plain[step].items():
-            if isinstance(value, float) and "time" not in key and "runtime" not in key and "per_second" not in key:
+            if (
+                isinstance(value, float)
+                and "time" not in key
+                and "runtime" not in key
+                and "per_second" not in key
+            ):
                 assert rows[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
 
 
@@ -148,7 +155,15 @@ def _launcher() -> list[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = str(REPO / "accelerate_configs" / "cpu_ddp.yaml")
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        config,
+        "--main_process_port",
+        str(port),
+    ]
 
 
 @pytest.mark.distributed
@@ -157,7 +172,13 @@ def test_two_processes_give_the_one_process_numbers(tmp_path, tiny_model_dir):
     """learning_rate=0 keeps the policy fixed, so every evaluation must match across world sizes exactly."""
     from tests.test_resume import train
 
-    args = [*SHORT, *EVAL, "trainer.learning_rate=0", "trainer.max_steps=2", "trainer.per_device_train_batch_size=8"]
+    args = [
+        *SHORT,
+        *EVAL,
+        "trainer.learning_rate=0",
+        "trainer.max_steps=2",
+        "trainer.per_device_train_batch_size=8",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train(one, args).returncode == 0
     p = train(two, args, launcher=_launcher())
@@ -172,3 +193,16 @@ def test_two_processes_give_the_one_process_numbers(tmp_path, tiny_model_dir):
         ta = pd.read_parquet(one / "diagnostics" / "eval" / f"step_{step:06d}.parquet")
         tb = pd.read_parquet(two / "diagnostics" / "eval" / f"step_{step:06d}.parquet")
         pd.testing.assert_frame_equal(ta, tb)
+
+
+def test_relax_harness_preset_and_overrides(tmp_path):
+    from rlx.errors import UserError
+    from rlx.evaluate import resolve
+
+    cfg, _, _ = resolve(["harness=relax", "eval.num_samples=64", f"output={tmp_path}"])
+    assert (cfg.eval.temperature, cfg.eval.top_p, cfg.eval.num_samples) == (0.6, 0.95, 64)
+    assert list(cfg.eval.ks) == [1, 2, 4, 8, 16, 32, 64]
+    cfg, _, _ = resolve(["harness=relax", "eval.top_p=1.0", f"output={tmp_path}"])  # explicit keys win
+    assert cfg.eval.top_p == 1.0 and cfg.eval.num_samples == 1024 and list(cfg.eval.ks)[-1] == 1024
+    with pytest.raises(UserError, match="harness=verl"):
+        resolve(["harness=verl", f"output={tmp_path}"])
