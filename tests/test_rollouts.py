@@ -120,3 +120,23 @@ def test_grpo_rollouts_join_relax_and_alignment_rows(run_recipe):
         t = load_file(shard)
         assert t["sample_id"].shape[0] == t["w"].shape[0]
         assert set(t["sample_id"].tolist()) <= set(roll["sample_id"])
+
+
+@pytest.mark.slow
+def test_dpo_preference_pairs_are_dumped_with_their_verification(run_recipe):
+    run = run_recipe(
+        "dpo_tiny",
+        "preference.num_pairs=24",
+        "trainer.max_steps=1",
+        "trainer.per_device_train_batch_size=8",
+        "eval.before_after=false",
+    )
+    pairs = pd.read_parquet(run / "diagnostics" / "rollouts" / "preference_pairs.parquet")
+    assert set(pairs["split"]) == {"train", "eval"} and (pairs["split"] == "train").sum() <= 24
+    for (
+        _,
+        r,
+    ) in pairs.iterrows():  # arithmetic prompts "a+b=": check each side independently of rlx's verifier
+        truth = str(eval(r["prompt"].rstrip("=")))  # noqa: S307 - generated digits and + / - only
+        assert r["chosen"].strip() == truth, r.to_dict()
+        assert r["rejected"].strip() != truth and r["chosen_source"] in ("policy", "reference")

@@ -150,6 +150,10 @@ def build_trainer(cfg, run: RunContext) -> Built:
         trainer = RLXDPOTrainer(
             model=policy, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds, **common
         )
+        if cfg.task.name != "ultrafeedback" and cfg.diagnostics.rollouts.enabled:  # pairs rlx sampled
+            from rlx.trainers.dpo import PreferencePairsDump
+
+            trainer.add_callback(PreferencePairsDump({"train": train_ds, "eval": eval_ds}, run))
     elif cfg.algo == "sft":
         args = make_trainer_config(cfg, run)
         train = task.train_dataset()

@@ -6,7 +6,10 @@ the chosen responses and rows B..2B-1 the rejected ones (extras["pair_index"]).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from transformers import TrainerCallback
 from trl import DPOTrainer
 
 from rlx.trainers.common import InstrumentedMixin, bind
@@ -22,3 +25,38 @@ class RLXDPOTrainer(InstrumentedMixin, DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs=False):
         return self._instrumented(bind(super()._compute_loss, model, inputs, return_outputs), model, inputs)
+
+
+class PreferencePairsDump(TrainerCallback):
+    """Writes the preference pairs rlx sampled and verified (`diagnostics/rollouts/preference_pairs.parquet`) when
+    a fresh run starts: prompt, chosen, rejected and where each came from, which is also its verification
+    (chosen: a policy sample verified correct, or the reference solution; rejected: a policy sample verified
+    wrong, or a corruption of the solution), for the train and held-out pairs."""
+
+    def __init__(self, pairs: dict[str, Any], run: Any):
+        self.pairs, self.run = pairs, run
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.global_step > 0 or not state.is_world_process_zero or self.run.writer is None:
+            return
+        rows = []
+        for split, ds in self.pairs.items():
+            for i, r in enumerate(ds):
+                rows.append(
+                    {
+                        "split": split,
+                        "pair_index": i,
+                        "prompt": str(r["prompt"]),
+                        "chosen": str(r["chosen"]),
+                        "rejected": str(r["rejected"]),
+                        "chosen_source": r.get("chosen_source"),
+                        "rejected_source": r.get("rejected_source"),
+                    }
+                )
+        self.run.writer.write_parquet(
+            "rollouts/preference_pairs.parquet",
+            rows,
+            schema_version=1,
+            instrument="rollouts",
+            description="the preference pairs rlx sampled from the policy and verified, train and held-out",
+        )
