@@ -97,9 +97,15 @@ def run(
     fast: bool = True,
     kl: bool = True,
     rollout_steps: int = 1,
+    targs: dict | None = None,
+    is_weights: bool = False,
     **over,
 ):
     """Train `steps` optimizer steps; returns (instrument, checks, model).
+
+    `targs` are extra trainer arguments (GRPOConfig names); the GRPO-like loss follows
+    `use_bias_correction_kl` (KL times rho), and `is_weights` multiplies its surrogate by fixed per-token
+    weights (as vLLM's importance-sampling correction does) without saying so in `targs`.
 
     checks[i] = (sum_t w_t <v, grad l_t>, <v, optimizer gradient>, head-only reference G) for a random v.
     """
@@ -131,6 +137,7 @@ def run(
             gradient_accumulation_steps=ga,
             steps_per_generation=ga,
             num_iterations=rollout_steps,
+            **(targs or {}),
         ),
         _metrics={"train": defaultdict(list)},
         rlx_algo=algo,
@@ -194,7 +201,15 @@ def run(
                     with torch.no_grad():
                         ref = lp.detach() + 0.1 * torch.cos(torch.arange(lp.numel()).float()).view_as(lp)
                     k3 = torch.exp(ref - lp) - (ref - lp) - 1
-                    per_tok = -torch.exp(lp - lp.detach()) * a[:, None] + trainer.beta * k3
+                    rho = torch.exp(lp - lp.detach())
+                    if getattr(trainer.args, "use_bias_correction_kl", False):
+                        k3 = k3 * rho
+                    surrogate = -rho * a[:, None]
+                    if is_weights:
+                        surrogate = surrogate * (
+                            1.0 + 0.5 * torch.sin(torch.arange(lp.numel()).float())
+                        ).view_as(lp)
+                    per_tok = surrogate + trainer.beta * k3
                     loss = (per_tok * mk).sum() / mk.sum()
                     extras = {
                         "advantages": a,

@@ -117,6 +117,38 @@ def test_grpo_kl_component_and_activation_variant(tmp_path):
         )
 
 
+def test_grpo_kl_split_fit_with_trl_bias_correction(tmp_path):
+    """TRL's default KL (times rho) is split exactly: rows say kl_split=fit with a round-off residual."""
+    inst, _, _ = harness.run(tmp_path, "grpo", steps=2, ga=2, targs={"use_bias_correction_kl": True})
+    df = table(tmp_path)
+    assert set(df.kl_split) == {"fit"} and (df.kl_fit_residual < 1e-5).all()
+    for s in (1, 2):
+        assert rel(G(df, s, "pos") + G(df, s, "neg") + G(df, s, "kl"), G(df, s, "total")) < 1e-5
+    assert abs(G(df, 2, "kl")) > 0  # the policy moved away from the reference at step 2
+    assert inst._trainer._metrics["train"]["grad_align/kl_split_unmodelled"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "targs, is_weights, reason",
+    [
+        ({"top_entropy_quantile": 0.2}, False, "top_entropy_quantile=0.2"),
+        ({"use_vllm": True, "vllm_importance_sampling_correction": True}, False, "vLLM importance-sampling"),
+        ({}, True, "KL fit residual"),  # nothing in the config says so: caught by the fit residual
+    ],
+)
+def test_grpo_kl_split_unmodelled_is_marked_not_folded(tmp_path, capsys, targs, is_weights, reason):
+    inst, checks, _ = harness.run(tmp_path, "grpo", steps=2, ga=1, targs=targs, is_weights=is_weights)
+    df = table(tmp_path)
+    assert set(df.kl_split) == {"unmodelled"}
+    assert all(reason in r for r in df.kl_split_reason)
+    for s in (1, 2):
+        kl = G(df, s, "kl") if "kl" in set(df[df.step == s].component) else 0.0
+        assert abs(kl) <= 1e-6 * abs(G(df, s, "total")), "a misfit was folded into kl"
+        assert rel(G(df, s, "pos") + G(df, s, "neg") + kl, G(df, s, "total")) < 1e-5
+    assert inst._trainer._metrics["train"]["grad_align/kl_split_unmodelled"] == [1.0, 1.0]
+    assert "warning: grad_alignment: the KL term is not split" in capsys.readouterr().out
+
+
 def test_probe_pass_does_not_change_training(tmp_path):
     """Dropout on: the probe pass must not consume the training RNG, touch .grad or leave eval mode on."""
     _, _, m_on = harness.run(tmp_path / "on", "dpo", steps=3, ga=2, dropout=0.2)

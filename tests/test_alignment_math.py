@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,6 +155,84 @@ def test_kl_weights_float64_with_clipping():
     w_kl = kl_token_weights(w, mask, lp.detach(), ref, adv, beta, old_logps=old, eps_low=eps, eps_high=eps)
     expected = beta * (1 - torch.exp(ref - lp.detach())) * mask / mask.sum() / 2.0
     assert torch.allclose(w_kl.double(), expected, rtol=1e-5, atol=1e-12)
+
+
+def _trl_like_w(bias_correction: bool, is_weights: bool = False):
+    """w = dL/dl of TRL 1.16's clipped loss with k3 KL (x rho with bias correction), float64, off-policy rows."""
+    g = torch.Generator().manual_seed(4)
+    B, C = 4, 6
+    lp = (torch.randn(B, C, generator=g, dtype=torch.float64) - 2).requires_grad_()
+    old = lp.detach() + 0.1 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    ref = lp.detach() + 0.3 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, C, dtype=torch.float64)
+    mask[1, -3:] = 0
+    beta, eps = 0.05, 0.2
+    ratio = torch.exp(lp - old)
+    surr = -torch.min(ratio * adv[:, None], ratio.clamp(1 - eps, 1 + eps) * adv[:, None])
+    if is_weights:  # vLLM's importance-sampling correction: a fixed per-token factor on the surrogate only
+        surr = surr * (1.0 + 0.5 * torch.rand(B, C, generator=g, dtype=torch.float64))
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    if bias_correction:
+        kl = kl * ratio
+    loss = ((surr + beta * kl) * mask).sum() / mask.sum()  # dapo/bnpo-like
+    (w,) = torch.autograd.grad(loss, lp)
+    return w, mask, lp.detach(), ref, adv, beta, old, eps
+
+
+def test_kl_weights_with_trl_bias_correction():
+    """TRL's default use_bias_correction_kl: K_t = rho_t k3_t, so dK/dl = rho (q + k3); the residual says which."""
+    from rlx.alignment.instrument import KL_FIT_TOLERANCE
+
+    w, mask, lp, ref, adv, beta, old, eps = _trl_like_w(bias_correction=True)
+    kw = dict(old_logps=old, eps_low=eps, eps_high=eps, return_residual=True)
+    w_kl, res = kl_token_weights(w, mask, lp, ref, adv, beta, bias_correction=True, **kw)
+    rho, k3 = torch.exp(lp - old), torch.exp(ref - lp) - (ref - lp) - 1
+    expected = beta * rho * (1 - torch.exp(ref - lp) + k3) * mask / mask.sum()
+    assert torch.allclose(w_kl.double(), expected, rtol=1e-5, atol=1e-12)
+    assert res < 1e-6
+    # modelled without the correction, the same loss leaves a residual far above round-off
+    _, res_plain = kl_token_weights(w, mask, lp, ref, adv, beta, bias_correction=False, **kw)
+    assert res_plain > max(KL_FIT_TOLERANCE, 1000 * res)
+    # and a surrogate reweighted per token (vLLM IS correction) is not of the modelled form either way
+    w2, *_ = _trl_like_w(bias_correction=True, is_weights=True)
+    _, res_is = kl_token_weights(w2, mask, lp, ref, adv, beta, bias_correction=True, **kw)
+    assert res_is > max(KL_FIT_TOLERANCE, 1000 * res)
+
+
+def test_unmodelled_kl_terms_names_trl_settings():
+    from trl import GRPOConfig
+
+    from rlx.alignment.instrument import unmodelled_kl_terms
+
+    base = dict(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to=[])
+    assert unmodelled_kl_terms(GRPOConfig(**base)) == []
+    assert unmodelled_kl_terms(GRPOConfig(**base, loss_type="grpo")) == []
+    odd = GRPOConfig(**base, loss_type="cispo", top_entropy_quantile=0.2, off_policy_mask_threshold=0.5)
+    assert unmodelled_kl_terms(odd) == [
+        "loss_type=cispo",
+        "top_entropy_quantile=0.2",
+        "off_policy_mask_threshold=0.5",
+    ]
+    # every setting it reads is a GRPOConfig field of this TRL (a rename would silently disable a check)
+    for name in (
+        "loss_type",
+        "importance_sampling_level",
+        "delta",
+        "use_vllm",
+        "vllm_importance_sampling_correction",
+        "top_entropy_quantile",
+        "off_policy_mask_threshold",
+        "use_bias_correction_kl",
+    ):
+        assert name in GRPOConfig.__dataclass_fields__, name
+    ns = SimpleNamespace(
+        use_vllm=True, vllm_importance_sampling_correction=True, importance_sampling_level="sequence"
+    )
+    assert unmodelled_kl_terms(ns) == [
+        "importance_sampling_level=sequence",
+        "vLLM importance-sampling correction",
+    ]
 
 
 def test_target_gradient_is_isolated_and_exact(setup):

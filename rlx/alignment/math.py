@@ -40,15 +40,22 @@ def kl_token_weights(
     old_logps: torch.Tensor | None = None,
     eps_low: float | None = None,
     eps_high: float | None = None,
-) -> torch.Tensor:
+    bias_correction: bool = False,
+    return_residual: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, float]:
     """The part of w_t that comes from a k3 KL term beta * KL_t in a clipped policy-gradient loss.
 
-    Per token the loss is c_i (p_t + beta k3_t) with p_t = -M_t rho_t A_t (the PPO-clip surrogate, rho_t =
-    exp(l_t - old_t), M_t the not-clipped mask) and k3_t = exp(r_t - l_t) - (r_t - l_t) - 1, so
-    w_t = c_i (p'_t + beta q_t) with p'_t = -M_t rho_t A_t and q_t = 1 - exp(r_t - l_t). The normaliser c_i
-    (loss type, grad accumulation, world size) is constant within a sequence for every TRL loss type; it is
-    recovered by least squares per sequence, c_i = sum w u / sum u^2 with u = p' + beta q, which is exact when
-    the model holds. Returns w_kl = c_i beta q_t, (B, C); w - w_kl is the policy-gradient part.
+    Per token the loss is c_i (p_t + beta K_t) with p_t = -M_t rho_t A_t (the PPO-clip surrogate, rho_t =
+    exp(l_t - old_t), M_t the not-clipped mask) and k3_t = exp(r_t - l_t) - (r_t - l_t) - 1. Without bias
+    correction K_t = k3_t; with it (TRL's `use_bias_correction_kl`, its default) K_t = rho_t k3_t, the
+    importance-weighted KL whose gradient is the unbiased reverse-KL gradient. So w_t = c_i (p'_t + beta q_t)
+    with p'_t = -M_t rho_t A_t and q_t = dK_t/dl_t = 1 - exp(r_t - l_t), or rho_t (1 - exp(r_t - l_t) + k3_t)
+    with bias correction. The normaliser c_i (loss type, grad accumulation, world size) is constant within a
+    sequence for the TRL loss types this models; it is recovered by least squares per sequence,
+    c_i = sum w u / sum u^2 with u = p' + beta q, which is exact when the model holds. Returns w_kl = c_i beta q_t,
+    (B, C); w - w_kl is the policy-gradient part. With `return_residual`, also ||w - c u|| / ||w|| over the
+    masked tokens: round-off (~1e-7) when the loss is of this form, large when it is not (another loss type,
+    an importance-sampling or entropy mask, ...), which the caller must then not split.
 
     Shapes: w, mask, logps, ref_logps, old_logps (B, C); advantages (B,) or (B, C).
     """
@@ -66,9 +73,17 @@ def kl_token_weights(
         not_clipped = ((adv >= 0) & (rho <= 1 + eps_high)) | ((adv < 0) & (rho >= 1 - eps_low))
         not_clipped = not_clipped.double()
     q = 1.0 - torch.exp(ref - logps)
+    if bias_correction:
+        k3 = torch.exp(ref - logps) - (ref - logps) - 1.0
+        q = rho * (q + k3)
     u = (-not_clipped * rho * adv + beta * q) * mask
     c = (w * u * mask).sum(-1) / (u * u).sum(-1).clamp_min(1e-300)
-    return (c[:, None] * beta * q * mask).to(torch.float32)
+    w_kl = (c[:, None] * beta * q * mask).to(torch.float32)
+    if not return_residual:
+        return w_kl
+    scale = float((w * mask).norm())
+    residual = float(((w - c[:, None] * u) * mask).norm()) / scale if scale > 0 else 0.0
+    return w_kl, residual
 
 
 def component_weights(
