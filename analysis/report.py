@@ -1,6 +1,6 @@
 """One self-contained HTML report comparing runs (embedded base64 PNGs and tables).
 
-Sections: overview, training curves, evaluation during training (pass@k), gradient alignment, ReLaX, entropy dynamics, activation shift,
+Sections: overview, training curves, evaluation during training (pass@k), rollouts, gradient alignment, ReLaX, entropy dynamics, activation shift,
 correctness direction. A section appears only when at least one run recorded its data; a diagnostic
 that fails on unexpected data is reported in "Analysis notes" (and raised with `strict=True`) instead of
 breaking the report.
@@ -28,6 +28,7 @@ from analysis.diagnostics import (
     grad_alignment,
     passk,
     relax,
+    rollouts,
     training,
 )
 from analysis.loader import Run, RunSet, load_runs
@@ -135,6 +136,27 @@ def eval_section(runs: RunSet) -> Section | None:
         s.figure(plots.passk_curves(plots.with_run(curves)), "pass@k, base vs trained policy")
         table = pd.DataFrame([{"run": label, **passk.crossing(df)} for label, df in curves.items()])
         s.table(table, "Base vs trained policy")
+    return s
+
+
+def rollouts_section(runs: RunSet, max_rounds: int = 4) -> Section | None:
+    samples = {r.label: df for r in runs for df in [rollouts.rollout_samples(r)] if df is not None}
+    pairs = {r.label: df for r in runs for df in [rollouts.preference_pairs(r)] if df is not None}
+    if not (samples or pairs):
+        return None
+    s = Section(
+        "Rollouts",
+        "What the policy generated (diagnostics.rollouts keeps a fraction of every round): for the first and last "
+        "dumped rounds, the prompt group with the highest and the lowest mean reward, with rewards and advantages.",
+    )
+    for label, df in samples.items():
+        rounds = sorted(df["round"].unique())
+        picked = sorted(set(rounds[: max_rounds // 2] + rounds[-(max_rounds - max_rounds // 2) :]))
+        s.table(rollouts.best_worst_groups(df, picked), f"{label}: best and worst groups", max_rows=120)
+    for label, df in pairs.items():
+        counts = df.groupby(["split", "chosen_source", "rejected_source"]).size().reset_index(name="pairs")
+        s.table(counts, f"{label}: preference pairs by source (verification)")
+        s.table(df.head(10), f"{label}: first preference pairs")
     return s
 
 
@@ -298,6 +320,7 @@ SECTIONS: list[Callable[[RunSet], Section | None]] = [
     overview,
     training_section,
     eval_section,
+    rollouts_section,
     grad_alignment_section,
     relax_section,
     entropy_section,

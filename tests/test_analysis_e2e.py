@@ -92,6 +92,7 @@ def test_report_images_decode_and_sections_follow_recorded_data(report, real_run
     sections = re.findall(r"<h2>([^<]+)</h2>", html)
     assert sections[:2] == ["Runs", "Training curves"]
     expected = [
+        "Rollouts",  # on by default for GRPO (and the DPO pairs)
         "Gradient alignment",
         "ReLaX: latent dynamics",
         "Entropy dynamics",

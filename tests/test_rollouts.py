@@ -140,3 +140,26 @@ def test_dpo_preference_pairs_are_dumped_with_their_verification(run_recipe):
         truth = str(eval(r["prompt"].rstrip("=")))  # noqa: S307 - generated digits and + / - only
         assert r["chosen"].strip() == truth, r.to_dict()
         assert r["rejected"].strip() != truth and r["chosen_source"] in ("policy", "reference")
+
+
+def test_best_and_worst_groups_per_round():
+    from analysis.diagnostics.rollouts import best_worst_groups
+
+    df = pd.DataFrame(
+        {
+            "round": [0] * 6 + [1] * 2,
+            "step": [1] * 6 + [2] * 2,
+            "group_id": [0, 0, 1, 1, 2, 2, 5, 5],
+            "prompt": list("aabbccdd"),
+            "completion": list("xyzwvuts"),
+            "reward": [0.5, 0.5, 1.0, 0.0, 1.0, 1.0, 0.2, 0.4],
+            "advantage": [0.0] * 8,
+        }
+    )
+    out = best_worst_groups(df)
+    r0 = out[out["round"] == 0]
+    assert list(r0[r0.group == "best"].group_id) == [2, 2] and set(r0[r0.group == "worst"].group_id) == {
+        0
+    }  # ties: the first
+    assert list(out[out["round"] == 1].group) == ["best", "best"]  # one group: shown once
+    assert best_worst_groups(df, rounds=[1])["round"].unique().tolist() == [1]

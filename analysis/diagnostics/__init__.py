@@ -8,6 +8,7 @@
 | `entropy` | `entropy_dynamics`, `entropy_metrics` | diagnostics.activations / logged metrics |
 | `activation_shift` | `activation_shift`, `shift_matrix` | the Activation Replay analysis |
 | `correctness` | `correctness_direction`, `probe_accuracy` | diagnostics.activations |
+| `rollouts` | `rollout_samples`, `best_worst_groups`, `preference_pairs` | diagnostics.rollouts |
 | `passk` | `passk_curves`, `crossing`, `eval_over_steps` | eval.every |
 
 Every function returns an empty table (with its columns) when the run did not record what it needs.
@@ -20,7 +21,17 @@ from analysis.diagnostics import (
     grad_alignment,
     passk,
     relax,
+    rollouts,
     training,
 )
 
-__all__ = ["activation_shift", "correctness", "entropy", "grad_alignment", "passk", "relax", "training"]
+__all__ = [
+    "activation_shift",
+    "correctness",
+    "entropy",
+    "grad_alignment",
+    "passk",
+    "relax",
+    "rollouts",
+    "training",
+]
