@@ -111,7 +111,7 @@ class LossContext:
         """w_t = dL/dl_t, (B, S-1), by one autograd call on the real loss (graph kept for backward).
 
         This reproduces every TRL loss type, normaliser and gradient-accumulation scaling without
-        re-deriving them (arXiv 2512.00778 as restated in research/gradient_alignment.md).
+        re-deriving them: grad L = sum_t w_t grad l_t by the chain rule (docs/gradient_alignment.md).
         """
         if self._weights is None:
             (w,) = torch.autograd.grad(self.loss, self.token_logps, retain_graph=True, allow_unused=True)
