@@ -224,6 +224,11 @@ def check_dependencies(cfg: Any) -> None:
         raise UserError(
             "this launch uses DeepSpeed but the deepspeed package is not installed: pip install deepspeed."
         )
+    if cfg.trainer.get("use_vllm", False) and importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "trainer.use_vllm=true but vLLM is not installed: pip install 'rlx[vllm]' (GPU nodes), "
+            "or set trainer.use_vllm=false to generate with HF generate."
+        )
 
 
 def check_trainer_numbers(cfg: Any) -> None:

@@ -298,6 +298,7 @@ def test_ppo_qwen3_gsm8k_recipe_loads_and_steps(tmp_path):
             "trainer.bf16=false", "trainer.gradient_checkpointing=false", "trainer.max_completion_length=8",
             "trainer.max_steps=1", "trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=1",
             "trainer.num_generations=2", "trainer.save_strategy='no'", "trainer.warmup_steps=0",
+            "trainer.use_vllm=false",
         ]
     )  # fmt: skip
     cfg = (run_dir / "config.yaml").read_text()
@@ -375,6 +376,37 @@ def test_separate_clipping_ignores_the_critic_norm(tiny_random_model_dir, tmp_pa
     # joint: the policy step is scaled by max_grad_norm / ||(g_pi, g_V)|| ~ 1e-3 instead of min(1, 1/||g_pi||)
     assert norm["separate"] == pytest.approx(0.1 * min(policy_scale, 1.0), rel=1e-5)
     assert norm["joint"] == pytest.approx(0.1 * policy_scale / math.hypot(policy_scale, 1e3), rel=1e-4)
+
+
+def test_vllm_importance_sampling_ratio_reweights_the_policy_loss(tiny_random_model_dir, tmp_path):
+    """Rollouts from vLLM carry TRL's `importance_sampling_ratio`: PPO's per-token policy loss is multiplied by it."""
+    tr = _bare_ppo_trainer(tiny_random_model_dir, tmp_path, vf_coef=0.0)
+    g = torch.Generator().manual_seed(0)
+    B, P, C = 4, 3, 5
+    inputs = {
+        "prompt_ids": torch.randint(3, 20, (B, P), generator=g),
+        "prompt_mask": torch.ones(B, P, dtype=torch.long),
+        "completion_ids": torch.randint(3, 20, (B, C), generator=g),
+        "completion_mask": torch.ones(B, C, dtype=torch.long),
+        "ppo_mask": torch.ones(B, C),
+        "advantages": torch.randn(B, C, generator=g),
+        "old_values": torch.zeros(B, C),
+        "returns": torch.zeros(B, C),
+    }
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        inputs["old_per_token_logps"], _, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, att, C)
+    plain = tr._ppo_loss(tr.model, inputs).item()
+    ratio = torch.rand(B, C, generator=g) + 0.5
+    weighted = tr._ppo_loss(tr.model, {**inputs, "importance_sampling_ratio": ratio}).item()
+    # on-policy (rho = 1, nothing clipped): per-token loss -A_t, so the weighted loss is mean(-A_t * ratio_t)
+    assert plain == pytest.approx(float(-inputs["advantages"].mean()), rel=1e-5)
+    assert weighted == pytest.approx(float((-inputs["advantages"] * ratio).mean()), rel=1e-5)
+    seq = torch.full((B, 1), 0.25)  # sequence-level modes give one ratio per row
+    assert tr._ppo_loss(tr.model, {**inputs, "importance_sampling_ratio": seq}).item() == pytest.approx(
+        0.25 * plain, rel=1e-5
+    )
 
 
 def test_grad_clip_option_is_validated():

@@ -90,6 +90,7 @@ def test_grpo_qwen3_gsm8k_loads_local_model_and_data(run_recipe, local_qwen3, gs
     run = run_recipe(
         "grpo_qwen3_gsm8k",
         *CPU,
+        "trainer.use_vllm=false",  # the GPU recipe generates with vLLM; HF generate here
         f"model.name_or_path={local_qwen3}",
         f"task.dataset={gsm8k_files / 'train.jsonl'}",
         f"task.eval_dataset={gsm8k_files / 'test.jsonl'}",

@@ -89,6 +89,27 @@ def test_config_errors_leave_no_run_dir(tmp_path, capsys, tiny_model_dir, overri
     assert not out.exists()
 
 
+@pytest.mark.parametrize("recipe", ["grpo_qwen3_gsm8k", "ppo_qwen3_gsm8k", "relax_qwen3_4b"])
+def test_vllm_recipe_without_vllm_exits_2_in_one_line_before_the_run_dir(tmp_path, capsys, recipe):
+    """The real-model recipes generate with vLLM; without it installed: one line, exit 2, no run dir, no download."""
+    import importlib.util
+
+    from rlx.train import main
+
+    pytest.importorskip("tensorboard")
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main([f"recipe={recipe}", f"output_dir={out}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: trainer.use_vllm=true but vLLM is not installed")
+    assert "pip install 'rlx[vllm]'" in err[0] and "set trainer.use_vllm=false" in err[0]
+    assert not out.exists()
+
+
 def test_config_error_in_a_dir_the_user_made_changes_nothing(tmp_path, capsys, tiny_model_dir):
     out = tmp_path / "mine"
     out.mkdir()

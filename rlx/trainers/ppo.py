@@ -262,7 +262,12 @@ class RLXPPOTrainer(RLXGRPOTrainer):
         vf, vf_clipped = clipped_value_loss(
             values, inputs["old_values"], inputs["returns"], args.cliprange_value
         )
-        pg_loss = masked_mean(pg.loss, mask)
+        pg_tok = pg.loss
+        if "importance_sampling_ratio" in inputs:
+            # vLLM rollouts: TRL's correction for vLLM's sampling probabilities differing from the trainer's
+            # (token (B, C) or sequence (B, 1) ratios, truncated or masked per vllm_importance_sampling_mode)
+            pg_tok = pg_tok * inputs["importance_sampling_ratio"]
+        pg_loss = masked_mean(pg_tok, mask)
         vf_loss = masked_mean(vf, mask)
         loss = pg_loss + args.vf_coef * vf_loss
         if mode == "train":
