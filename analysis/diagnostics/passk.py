@@ -38,7 +38,14 @@ def passk_curves(run: Run) -> pd.DataFrame:
         n = int(per_prompt["size"].min())
         for k in range(1, n + 1):
             value = sum(pass_at_k(int(s), int(c), k) for s, c in zip(per_prompt["size"], per_prompt["sum"]))
-            rows.append({"step": int(step), "k": k, "pass_at_k": value / len(per_prompt), "num_prompts": len(per_prompt)})
+            rows.append(
+                {
+                    "step": int(step),
+                    "k": k,
+                    "pass_at_k": value / len(per_prompt),
+                    "num_prompts": len(per_prompt),
+                }
+            )
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
