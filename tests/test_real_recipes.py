@@ -108,6 +108,38 @@ def test_grpo_qwen3_gsm8k_loads_local_model_and_data(run_recipe, local_qwen3, gs
 
 
 @pytest.mark.slow
+def test_grpo_qwen3_4b_lora_recipe_trains_adapters_on_every_projection(run_recipe, local_qwen3, gsm8k_files):
+    """The 4B LoRA recipe as written (rank 64 on attention and MLP projections), on the tiny local Qwen3."""
+    from safetensors.torch import load_file
+
+    run = run_recipe(
+        "grpo_qwen3_4b_lora",
+        *CPU,
+        "trainer.use_vllm=false",
+        f"model.name_or_path={local_qwen3}",
+        f"task.dataset={gsm8k_files / 'train.jsonl'}",
+        f"task.eval_dataset={gsm8k_files / 'test.jsonl'}",
+        "task.max_eval_samples=4",
+        "eval.max_new_tokens=8",
+        "trainer.per_device_train_batch_size=4",
+        "trainer.num_generations=4",
+        "trainer.steps_per_generation=1",
+        "trainer.max_completion_length=8",
+    )
+    assert len([r for r in read_metrics(run) if "reward" in r]) == 2
+    adapter = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 64 and adapter["lora_alpha"] == 128
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == projections
+    weights = load_file(str(run / "final" / "adapter_model.safetensors"))
+    # one A and one B per projection per layer (2 layers), nothing else: the base weights are not saved
+    assert len(weights) == 2 * len(projections) * 2 and all(".lora_" in k for k in weights)
+    assert not (run / "final" / "model.safetensors").exists()
+    cfg = (run / "config.yaml").read_text()
+    assert "learning_rate: 1.0e-05" in cfg and "name_or_path: " + str(local_qwen3) in cfg
+
+
+@pytest.mark.slow
 def test_dpo_qwen3_ultrafeedback_loads_local_model_and_parquet(run_recipe, local_qwen3, ultrafeedback_file):
     run = run_recipe(
         "dpo_qwen3_ultrafeedback",
