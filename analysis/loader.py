@@ -465,3 +465,38 @@ class RunSet(Sequence):
 def load_runs(paths: Iterable[str | Path], strict: bool = True) -> RunSet:
     """Load several run directories for comparison."""
     return RunSet(Run(p, strict=strict) for p in paths)
+
+
+def find_run(recipes: Iterable[str], env: str = "RLX_RUN_DIR") -> Path:
+    """The run a notebook analyses: `$RLX_RUN_DIR`, else the newest run of `recipes` under `runs/` of the working
+    directory or of the repository (so a notebook finds it from the repo root and from its own folder)."""
+    import os
+
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    roots = [Path.cwd() / "runs", Path(__file__).resolve().parents[1] / "runs"]
+    candidates = sorted(
+        {p for root in roots for r in recipes for p in (root / r).glob("*") if (p / "config.yaml").exists()},
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not candidates:
+        raise RunLoadError(
+            f"no run of {', '.join(recipes)} under {' or '.join(str(r) for r in dict.fromkeys(roots))}: train one "
+            f"(see the notebook's first cell) or set {env}=RUN_DIR."
+        )
+    return candidates[-1]
+
+
+def notebook_output_dir(name: str, run_dir: str | Path) -> Path:
+    """Where a notebook writes what it computes: `$RLX_NB_OUT/<run>` or `analysis/notebooks/_outputs/<name>/<run>`,
+    never the training run's directory."""
+    import os
+
+    root = (
+        Path(os.environ["RLX_NB_OUT"])
+        if os.environ.get("RLX_NB_OUT")
+        else Path(__file__).parent / "notebooks" / "_outputs" / name
+    )
+    out = root / Path(run_dir).name
+    out.mkdir(parents=True, exist_ok=True)
+    return out

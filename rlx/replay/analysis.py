@@ -50,7 +50,7 @@ class KLAnalysisConfig:
     run_dir: str | None = None
     """A training run: models, prompts (its task's held-out split) and output location default from it."""
     out: str | None = None
-    """Directory to write diagnostics/ under when no run_dir is given (default runs/replay_kl/<base>_vs_<rl>)."""
+    """Directory to write diagnostics/ under (default: the run_dir, or runs/replay_kl/<base>_vs_<rl> without one)."""
     task: dict[str, Any] = field(default_factory=dict)
     """Task overrides (`task.name=countdown`); prompts are its held-out split. Default: the run's task."""
     prompts: str | None = None
@@ -126,10 +126,12 @@ def _resolve(cfg: KLAnalysisConfig) -> tuple[str, str, Any, Path]:
 
         task_cfg = run_cfg.task if run_cfg is not None else OmegaConf.structured(TaskConfig)
         task_cfg = OmegaConf.merge(task_cfg, cfg.task)
-    if cfg.run_dir:
+    if cfg.out:
+        out = Path(cfg.out)
+    elif cfg.run_dir:
         out = Path(cfg.run_dir)
     else:
-        out = Path(cfg.out or Path("runs", "replay_kl", f"{Path(cfg.base).name}_vs_{Path(cfg.rl).name}"))
+        out = Path("runs", "replay_kl", f"{Path(cfg.base).name}_vs_{Path(cfg.rl).name}")
     return cfg.base, cfg.rl, task_cfg, out
 
 
@@ -290,7 +292,7 @@ def run_analysis(cfg: KLAnalysisConfig, loaded: tuple[Any, Any, Any] | None = No
     else:
         base, rl, tok = loaded
         base_path, rl_path, task_cfg = cfg.base or "base", cfg.rl or "rl", None
-        out_dir = Path(cfg.run_dir or cfg.out or ".")
+        out_dir = Path(cfg.out or cfg.run_dir or ".")
     prompts = _load_prompts(cfg, task_cfg)
     if not prompts:
         raise UserError("no prompts to analyse; check prompts= or the task's held-out split.")
