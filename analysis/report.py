@@ -117,6 +117,12 @@ def training_section(runs: RunSet) -> Section | None:
     return s
 
 
+def _metric_figures(s: Section, long: pd.DataFrame) -> None:
+    """One curve figure per metric of a long (run, step, metric, value) table, in name order."""
+    for metric in sorted(long["metric"].unique()):
+        s.figure(plots.metric_curves(long, metric), metric)
+
+
 def eval_section(runs: RunSet) -> Section | None:
     curves = _per_run(runs, passk.passk_curves)
     over = _per_run(runs, passk.eval_over_steps)
@@ -129,9 +135,7 @@ def eval_section(runs: RunSet) -> Section | None:
         "samples per prompt; 'crossing k' is where the base catches up.",
     )
     if over:
-        long = plots.with_run(over)
-        for metric in sorted(long["metric"].unique()):
-            s.figure(plots.metric_curves(long, metric), metric)
+        _metric_figures(s, plots.with_run(over))
     if curves:
         s.figure(plots.passk_curves(plots.with_run(curves)), "pass@k, base vs trained policy")
         table = pd.DataFrame([{"run": label, **passk.crossing(df)} for label, df in curves.items()])
@@ -250,9 +254,7 @@ def entropy_section(runs: RunSet) -> Section | None:
         "Cov(log pi, A) is the token-level covariance of Cui et al. (arXiv 2505.22617) with group advantages.",
     )
     if logged:
-        long = plots.with_run(logged)
-        for metric in sorted(long["metric"].unique()):
-            s.figure(plots.metric_curves(long, metric), metric)
+        _metric_figures(s, plots.with_run(logged))
     if dyn:
         df = plots.with_run(dyn)
         s.figure(plots.entropy_quantiles(df), "entropy quantiles")
