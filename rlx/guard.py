@@ -71,9 +71,15 @@ class DivergenceGuard(TrainerCallback):
         if not self.cfg.nonfinite or getattr(trainer, "is_deepspeed_enabled", False):
             return  # under DeepSpeed the engine has already stepped here; collapse checks still apply
         total = torch.zeros((), dtype=torch.float64)
+        sharded = False
         for p in trainer.model.parameters():
             if p.grad is not None:
-                total += p.grad.detach().float().pow(2).sum().double().cpu()
+                g = p.grad.detach()
+                if hasattr(g, "to_local"):  # FSDP2: a DTensor, of which this rank holds one shard
+                    g, sharded = g.to_local(), True
+                total += g.float().pow(2).sum().double().cpu()
+        if sharded:  # every rank must reach the same verdict (a collective the others would wait on)
+            total = _sum_over_ranks(total)
         if not torch.isfinite(total):
             step = int(trainer.state.global_step) + 1
             raise Diverged(
@@ -85,11 +91,14 @@ class DivergenceGuard(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kw):
         if not self.cfg.nonfinite or model is None:
             return
-        # under ZeRO-3 each rank checks its own partition (ds_tensor); elsewhere the full parameter
+        # under ZeRO-3 each rank checks its own partition (ds_tensor), under FSDP2 its shard; else the full parameter
         bad = next(
-            (n for n, p in model.named_parameters() if not torch.isfinite(getattr(p, "ds_tensor", p)).all()),
+            (n for n, p in model.named_parameters() if not torch.isfinite(_local(p)).all()),
             None,
         )
+        if any(hasattr(p, "to_local") for p in model.parameters()):  # FSDP2: the same verdict on every rank
+            flags = _sum_over_ranks(torch.tensor(float(bad is not None), dtype=torch.float64))
+            bad = bad or ("a parameter sharded on another rank" if flags > 0 else None)
         if bad is not None:
             raise Diverged(
                 f"diverged at step {state.global_step}: the update made the weights non-finite ({bad}). "
@@ -105,7 +114,9 @@ class DivergenceGuard(TrainerCallback):
         step = int(state.global_step)
         checks = {}  # only the metrics this log row carries (an eval/* row says nothing about training)
         if "entropy" in logs:
-            checks["entropy"] = _entropy_at_max(float(logs["entropy"]), self.vocab_size, self.cfg.entropy_fraction)
+            checks["entropy"] = _entropy_at_max(
+                float(logs["entropy"]), self.vocab_size, self.cfg.entropy_fraction
+            )
         if any(k.startswith("rewards/") and k.endswith("/mean") for k in logs):
             checks["rewards"] = _all_rewards_nan(logs)
         for name, hit in checks.items():
@@ -123,3 +134,21 @@ class DivergenceGuard(TrainerCallback):
                 "(rewards/*/mean). Check the reward functions and the completions they receive.",
                 step,
             )
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The values this rank holds: ZeRO-3's partition, FSDP2's shard (DTensor), or the whole parameter."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    on_gpu = dist.get_backend() == "nccl"
+    y = x.to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(y)
+    return y.cpu()

@@ -149,6 +149,14 @@ def test_grpo_kl_split_unmodelled_is_marked_not_folded(tmp_path, capsys, targs, 
     assert "warning: grad_alignment: the KL term is not split" in capsys.readouterr().out
 
 
+def test_fsdp_launch_is_refused_with_a_message(tmp_path, monkeypatch):
+    from rlx.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    with pytest.raises(UserError, match="does not run under FSDP.*DDP or DeepSpeed"):
+        harness.run(tmp_path, "grpo", steps=1)
+
+
 def test_probe_pass_does_not_change_training(tmp_path):
     """Dropout on: the probe pass must not consume the training RNG, touch .grad or leave eval mode on."""
     _, _, m_on = harness.run(tmp_path / "on", "dpo", steps=3, ga=2, dropout=0.2)

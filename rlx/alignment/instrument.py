@@ -21,6 +21,7 @@ D', i.e. moves the model toward the target. See docs/gradient_alignment.md.
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from typing import Any
 
@@ -162,6 +163,12 @@ class GradAlignment(Instrument):
             check_final_target(t.split(":", 1)[1], run.cfg)
         elif t.startswith("responses:"):
             check_responses_file(t.split(":", 1)[1])
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise UserError(
+                "diagnostics.grad_alignment does not run under FSDP: it needs whole parameter gradients (or, in its "
+                "activation variant, the whole LM head), which FSDP keeps sharded. Launch with DDP or DeepSpeed "
+                "ZeRO (accelerate_configs/multi_gpu.yaml, zero3.yaml), or set diagnostics.grad_alignment.enabled=false."
+            )
         self.variant = "activation" if cfg.variant == "activation" else "param"
         self.needs_hidden = self.variant == "activation"
         self.cur: _Step | None = None

@@ -3,10 +3,12 @@
 Test-only entry for the ZeRO recipe matrix: a 2-process DeepSpeed launch costs 10-15 s before the first step
 (imports, process group, DeepSpeed's init), so runs share one launch. Each RUN_ARGS is what `rlx train` takes
 (`recipe=... output_dir=... key=value`); a run that fails stops the launch (the other rank would wait on it).
+With RLX_TEST_FSDP_ON_CPU=1, accelerate's FSDP config is honoured on CPU (tests/distributed/_fsdp_on_cpu.py).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +18,10 @@ if __name__ == "__main__":
     from rlx._entry import prepare_process
 
     prepare_process(__file__)
+    if os.environ.get("RLX_TEST_FSDP_ON_CPU") == "1":  # tests/distributed/_fsdp_on_cpu.py
+        from tests.distributed._fsdp_on_cpu import install
+
+        install()
 
 
 def split_runs(argv: list[str]) -> list[list[str]]:
