@@ -1,4 +1,9 @@
-"""Process set-up shared by the entry scripts (offline hub, no telemetry, script dir off sys.path)."""
+"""Process set-up shared by the entry scripts (no telemetry, script dir off sys.path).
+
+Hub access is left to the user's environment (HF conventions): rlx never sets HF_HUB_OFFLINE. It only turns off
+TRL's and the hub's telemetry ping unless HF_HUB_DISABLE_TELEMETRY is already set, so that a run on the embedded
+model opens no connection at all.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from pathlib import Path
 
 def prepare_process(script: str) -> None:
     for k, v in {
-        "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TRL_EXPERIMENTAL_SILENCE": "1",
         "TOKENIZERS_PARALLELISM": "false",

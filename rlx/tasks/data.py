@@ -12,13 +12,19 @@ from rlx.errors import UserError
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_split(spec: str, split: str, config: str | None = None, limit: int | None = None) -> Dataset:
-    """One split of `spec`.
+def load_split(
+    spec: str,
+    split: str,
+    config: str | None = None,
+    limit: int | None = None,
+    key: str = "task.dataset (task.eval_dataset for the held-out split)",
+) -> Dataset:
+    """One split of `spec` (the value of config `key`, named in errors).
 
     - `path/to/file.jsonl|.json|.parquet|.csv`: the file is the split (`split` is ignored);
     - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`: `split` is selected;
-    - a directory of data files or a hub id: `load_dataset(spec, config, split=split)` (hub ids need network
-      or a populated HF cache; rlx sets HF_HUB_OFFLINE=1 unless you unset it).
+    - a directory of data files or a hub id: `load_dataset(spec, config, split=split)` (hub ids need network,
+      or a populated HF cache under HF_HUB_OFFLINE=1; rlx sets neither).
     """
     path = Path(spec)
     try:
@@ -47,10 +53,12 @@ def load_split(spec: str, split: str, config: str | None = None, limit: int | No
     except UserError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError, StopIteration) as e:
+        from rlx.models import hub_hint
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(
-            f"cannot load dataset '{spec}' (config={config}, split={split}): {e}. "
-            "Give a local .jsonl/.parquet file or directory, or a hub id with network access "
-            "(unset HF_HUB_OFFLINE)."
+            f"cannot load dataset '{spec}' (config={config}, split={split}): {first}. "
+            f"{hub_hint(spec, key, kind='dataset')}"
         ) from None
     if len(ds) == 0:
         raise UserError(f"dataset '{spec}' (split={split}) has no rows; expected at least one example.")
