@@ -97,3 +97,36 @@ def test_generate_fn_prepares_per_batch_and_records_stats(pair_dirs):
     assert 0 < s["replay_selected_fraction"] <= 1 and s["replay_loss_first"] > 0
     cfg.replay.mode = "off"
     assert make_generate_fn(model, tok, cfg) is None
+
+
+@pytest.mark.parametrize("lr, rises", [(1e8, True), (1e-4, False)])
+def test_a_rising_replay_loss_prints_one_warning(pair_dirs, capsys, lr, rises):
+    """An lr too large for the embedding scale overshoots: the per-prompt loss rises, and the user is told once."""
+    from rlx.config.loader import load_config
+    from rlx.generation import generate_texts
+    from rlx.models import load_causal_lm, load_tokenizer_for
+    from rlx.replay import make_generate_fn
+
+    base, rl = pair_dirs
+    cfg = load_config(
+        [
+            f"model.name_or_path={rl}",
+            "replay.mode=learnable",
+            f"replay.base_model={base}",
+            "replay.steps=4",
+            f"replay.lr={lr}",
+        ]
+    )
+    tok, model = load_tokenizer_for(str(rl)), load_causal_lm(str(rl), cfg)
+    fn = make_generate_fn(model, tok, cfg)
+    prompts = ["12+3=", "7-45=", "1+1=", "30+4="]
+    generate_texts(model, tok, prompts, max_new_tokens=3, batch_size=2, generate_fn=fn)
+    err = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: Activation Replay")
+    ]
+    if rises:
+        assert fn.stats.loss_rose > 0 and fn.stats.summary()["replay_loss_rose_prompts"] == fn.stats.loss_rose
+        assert len(err) == 1, err  # once per evaluation, however many batches rise
+        assert f"replay.lr={lr}" in err[0] and "the replay loss rose during preparation" in err[0]
+    else:
+        assert fn.stats.loss_rose == 0 and err == []

@@ -16,6 +16,7 @@ See docs/activation_replay.md.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,6 +204,10 @@ class ReplayStats:
     selected: float = 0.0
     """Sum over prompts of the selected (learnable) or replaced (direct) fraction of eligible positions."""
     injections: list[int] = field(default_factory=list)
+    loss_rose: int = 0
+    """learnable: prompts whose replay loss rose at some step of the preparation (a step size too large)."""
+    lr: float | None = None
+    """learnable: replay.lr, named in the warning."""
 
     def add(self, log: InjectionLog) -> None:
         st = log.state
@@ -216,10 +221,38 @@ class ReplayStats:
             if len(st.losses):
                 self.loss_first += float(st.losses[0].sum())
                 self.loss_last += float(st.losses[-1].sum())
+            self._check_rise(st.losses)
         else:
             counts = st.masks.float().sum(-1).mean(0)
         self.prompts += int(st.eligible.shape[0])
         self.selected += float((counts / n_elig).sum())
+
+    def _check_rise(self, losses: torch.Tensor) -> None:
+        """Count prompts whose loss rose from one step to the next; print one warning line the first time.
+
+        Gradient descent on the offsets with a fitting step lowers the loss at every step; a rise means the step
+        overshoots (replay.lr too large for the model's embedding scale: the paper's 10 assumes ~10^3 visual
+        tokens of large norm), and the offsets then move the activations far from anything either model makes.
+        """
+        if losses.shape[0] < 2:
+            return
+        prev, nxt = losses[:-1].double(), losses[1:].double()
+        rose = nxt > prev * (1 + 1e-6) + 1e-12  # (steps - 1, B), round-off tolerated
+        rows = rose.any(0)
+        if not bool(rows.any()):
+            return
+        if self.loss_rose == 0:
+            b = int(rows.nonzero()[0])
+            t = int(rose[:, b].nonzero()[0])
+            print(
+                f"warning: Activation Replay: the replay loss rose during preparation (a prompt's loss went "
+                f"{float(prev[t, b]):.4g} -> {float(nxt[t, b]):.4g} at step {t + 1}): replay.lr={self.lr} is "
+                "too large a step for this model's activations; lower it (the embedded pair needs 0.01 or "
+                "less, docs/activation_replay.md).",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.loss_rose += int(rows.sum())
 
     def summary(self) -> dict[str, float]:
         n = max(self.prompts, 1)
@@ -227,6 +260,7 @@ class ReplayStats:
             "replay_prompts": self.prompts,
             "replay_loss_first": self.loss_first / n,
             "replay_loss_last": self.loss_last / n,
+            "replay_loss_rose_prompts": self.loss_rose,
             "replay_selected_fraction": self.selected / n,
             "replay_prefills_injected": sum(1 for x in self.injections if x),
         }
@@ -259,7 +293,7 @@ def make_generate_fn(model: nn.Module, tokenizer: Any, cfg: Any) -> Callable[...
         raise UserError(f"replay={cfg.replay.mode!r}: expected one of {', '.join(MODES)}.")
     path = default_base_model(cfg)
     base = load_base_model(path, like=model)
-    stats = ReplayStats()
+    stats = ReplayStats(lr=float(cfg.replay.lr) if cfg.replay.mode == "learnable" else None)
 
     def generate_fn(m: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> Any:
         with activation_replay(m, base, input_ids, attention_mask, cfg.replay, tokenizer) as log:

@@ -29,7 +29,7 @@ def default_trainer_args(cfg, run: RunContext) -> dict[str, Any]:
         "bf16": False,
         "fp16": False,
         "use_cpu": not on_gpu,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,  # transformers 5.23 name (the old one warns on every run)
         "logging_steps": 1,
         # Checkpoints every 100 steps and at the end (two kept): what `trainer.resume_from_checkpoint` resumes.
         "save_strategy": "steps",
