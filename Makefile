@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench mutants clean
 
 setup: $(STAMP)
 
@@ -41,5 +41,15 @@ lint: $(STAMP)
 bench: $(STAMP)  ## benchmarks run with OMP_NUM_THREADS=1 unless set
 	$(PY) -m benchmarks.run all
 
+# Mutation testing of the math (docs/testing.md); not part of `make test`, and long (hours for everything on 2
+# cores). MUTANTS narrows it by mutant name, e.g. make mutants MUTANTS='rlx.alignment.math.*'; results persist
+# in mutants/ and only changed code is re-checked. One OpenMP thread per worker: mutmut forks workers from a
+# process that has imported torch, and a forked OpenMP thread pool can hang.
+MUTANTS ?=
+MUTANT_JOBS ?= 2
+mutants: $(STAMP)
+	-OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTANT_JOBS) $(MUTANTS)
+	$(PY) scripts/mutation_score.py
+
 clean:
-	rm -rf runs .rlx_cache
+	rm -rf runs .rlx_cache mutants
