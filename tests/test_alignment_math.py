@@ -346,3 +346,166 @@ def test_all_zero_advantage_batch_is_all_kl(setup):
     c2 = component_weights(w2, mask, kl_token_weights(w2, mask, lp2.detach(), ref, adv2, beta))
     assert (c2["pos"][5] != 0).sum() == mask[5].sum() and (c2["pos"][:5] == 0).all()
     assert (c2["neg"] == 0).all()
+
+
+# ---- edge cases and options (each pins a line a mutation test showed unchecked; docs/testing.md) ----------
+
+
+def test_cosine_small_norms_and_zero():
+    assert math.isclose(cosine(0.1, 0.04, 1.0), 0.5)  # |a| = 0.2: norms below 1 are not floored
+    assert math.isclose(cosine(-0.01, 0.01, 0.04), -0.5)
+    assert math.isnan(cosine(1.0, 0.0, 4.0)) and math.isnan(cosine(1.0, -1e-30, 4.0))
+
+
+def test_head_grad_with_temperature_and_bias_matches_autograd_float64():
+    """grad_W sum_t c_t log softmax((W h_t + b) / T)[y_t], against autograd in float64."""
+    g = torch.Generator().manual_seed(11)
+    N, d, Vh, T = 7, 5, 9, 0.7
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    W = torch.randn(Vh, d, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(Vh, generator=g, dtype=torch.float64)
+    y = torch.randint(0, Vh, (N,), generator=g)
+    coef = torch.randn(N, generator=g, dtype=torch.float64)
+    logp = torch.log_softmax((h @ W.T + b) / T, -1)[torch.arange(N), y]
+    (ref,) = torch.autograd.grad((coef * logp).sum(), W)
+    got = head_grad_from_activations(h, W.detach(), y, coef, temperature=T, bias=b)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    no_bias = torch.log_softmax(h @ W.T / T, -1)[torch.arange(N), y]
+    (ref_nb,) = torch.autograd.grad((coef * no_bias).sum(), W)
+    got_nb = head_grad_from_activations(h, W.detach(), y, coef, temperature=T)
+    torch.testing.assert_close(got_nb.double(), ref_nb, rtol=1e-5, atol=1e-6)
+
+
+def _clip_case(adv_value: float, rho_value: float, eps: float = 0.2):
+    """One-token rows: w of the clipped surrogate with k3 KL, in float64, and kl_token_weights' split of it."""
+    lp = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    old = lp.detach() - math.log(rho_value)
+    ref = lp.detach() - 0.3
+    adv = torch.tensor([adv_value], dtype=torch.float64)
+    beta = 0.1
+    rho = torch.exp(lp - old)
+    surr = -torch.min(rho * adv, rho.clamp(1 - eps, 1 + eps) * adv)
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    (w,) = torch.autograd.grad((surr + beta * kl).sum(), lp)
+    mask = torch.ones_like(w)
+    w_kl = kl_token_weights(w, mask, lp.detach(), ref, adv, beta, old_logps=old, eps_low=eps, eps_high=eps)
+    return w_kl.double(), beta * (1 - torch.exp(ref - lp.detach()))
+
+
+@pytest.mark.parametrize(
+    "adv,rho",
+    [(0.5, 1.5), (-0.5, 0.5), (0.5, 0.5), (-0.5, 1.5), (2.0, 1.5), (-2.0, 0.5)],
+)
+def test_kl_weights_clip_mask_for_each_sign_and_side(adv, rho):
+    """Clipped tokens (A > 0, rho > 1 + eps; A < 0, rho < 1 - eps) carry only the KL part, |A| < 1 included."""
+    w_kl, expected = _clip_case(adv, rho)
+    torch.testing.assert_close(w_kl, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_kl_weights_clip_mask_needs_old_logps_and_both_eps():
+    """The not-clipped mask applies only with old_logps and both eps; any one alone leaves every token unclipped."""
+    B, C = 2, 3
+    g = torch.Generator().manual_seed(5)
+    lp = torch.randn(B, C, generator=g, dtype=torch.float64) - 2
+    ref = lp + 0.2
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(B, C, dtype=torch.float64)
+    beta = 0.1
+    q = 1 - torch.exp(ref - lp)
+    w = (-adv[:, None] + beta * q) / 6  # on-policy: rho = 1, nothing clipped
+    base = kl_token_weights(w, mask, lp, ref, adv, beta)
+    torch.testing.assert_close(base.double(), beta * q / 6, rtol=1e-6, atol=1e-12)
+    for kw in (dict(eps_high=0.2), dict(eps_low=0.2), dict(old_logps=lp.clone())):
+        torch.testing.assert_close(kl_token_weights(w, mask, lp, ref, adv, beta, **kw), base)
+
+
+def test_kl_weights_residual_of_an_all_zero_w_is_zero():
+    z = torch.zeros(2, 3, dtype=torch.float64)
+    lp = torch.full((2, 3), -1.0, dtype=torch.float64)
+    w_kl, res = kl_token_weights(
+        z, torch.ones_like(z), lp, lp + 0.1, torch.zeros(2), 0.1, return_residual=True
+    )
+    assert res == 0.0 and float(w_kl.abs().sum()) == 0.0
+
+
+def test_layer_groups_k_edges_other_and_other_architectures():
+    names = [
+        "gpt_neox.embed_in.weight",  # 0 Pythia
+        "gpt_neox.layers.0.attention.dense.weight",  # 1
+        "gpt_neox.layers.1.mlp.dense_h_to_4h.weight",  # 2
+        "gpt_neox.layers.5.mlp.dense_4h_to_h.weight",  # 3: index >= num_layers -> last group
+        "gpt_neox.final_layer_norm.weight",  # 4
+        "embed_out.weight",  # 5
+        "transformer.wte.weight",  # 6 GPT-2
+        "transformer.h.1.attn.c_attn.weight",  # 7
+        "transformer.ln_f.weight",  # 8
+        "v_head.summary.weight",  # 9 neither
+    ]
+    g = layer_groups(names, num_layers=2, k=2)
+    assert g == {
+        "all": list(range(10)),
+        "embed": [0, 6],
+        "blocks_0-0": [1],
+        "blocks_1-1": [2, 3, 7],
+        "head": [4, 5, 8],
+        "other": [9],
+    }
+    assert layer_groups(names, num_layers=2, k=0) == {"all": list(range(10))}
+    one = layer_groups(names, num_layers=2, k=1)
+    assert one["blocks_0-1"] == [1, 2, 3, 7] and "blocks_0-0" not in one
+    # k is capped at the number of blocks
+    single = layer_groups(["model.layers.0.mlp.up_proj.weight"], num_layers=1, k=2)
+    assert single == {"all": [0], "embed": [], "blocks_0-0": [0], "head": []}
+    three = layer_groups([f"model.layers.{i}.w" for i in range(7)], num_layers=7, k=3)
+    assert [three[f"blocks_{a}-{b}"] for a, b in ((0, 1), (2, 4), (5, 6))] == [[0, 1], [2, 3, 4], [5, 6]]
+
+
+def test_run_summary_keys_boundaries_and_edge_series():
+    keys = {"n_logged", "n_nonfinite", "frac_positive", "sign_flip_rate", "cv", "mean", "std", "regime"}
+    empty = run_summary([float("nan"), float("inf")])
+    assert set(empty) == keys and empty["regime"] == "RL-like" and empty["n_logged"] == 2
+    assert all(math.isnan(empty[k]) for k in ("frac_positive", "sign_flip_rate", "cv", "mean", "std"))
+    assert empty["n_nonfinite"] == 2
+    one = run_summary([2.0])  # a single logged step: defined, no flips
+    assert set(one) == keys
+    assert (one["frac_positive"], one["sign_flip_rate"], one["cv"], one["mean"], one["std"]) == (
+        1.0,
+        0.0,
+        0.0,
+        2.0,
+        0.0,
+    )
+    assert one["regime"] == "supervised-like"
+    # zero is not positive, neither for the fraction nor for sign flips
+    z = run_summary([0.0, 1.0, 0.0])
+    assert z["frac_positive"] == 1 / 3 and z["sign_flip_rate"] == 1.0
+    assert run_summary([1.0, 0.0])["sign_flip_rate"] == 1.0  # n = 2: one pair, divided by 1
+    assert run_summary([1.0, -1.0])["cv"] == math.inf  # mean 0
+    assert run_summary([1.0, 1.0])["cv"] == 0.0  # mean 1 is an ordinary mean
+    # frac exactly 0.9 with CV < 1 is supervised-like; CV exactly 1 is not (cv < 1 is required)
+    edge = run_summary([1.0] * 9 + [-0.1])
+    assert edge["frac_positive"] == 0.9 and edge["cv"] < 1 and edge["regime"] == "supervised-like"
+    assert run_summary([2.0, 0.0], min_positive=0.5)["cv"] == 1.0
+    assert run_summary([2.0, 0.0], min_positive=0.5)["regime"] == "RL-like"
+    # the default CV bound is 1: CV 1.5 with every step positive is RL-like
+    s = run_summary([0.5, 0.5, 0.5, 4.5])  # mean 1.5, std sqrt(3) -> cv 1.155
+    assert s["frac_positive"] == 1.0 and 1 < s["cv"] < 2 and s["regime"] == "RL-like"
+
+
+def test_sq_norm_and_dot_over_an_index():
+    a = [torch.tensor([3.0]), torch.tensor([1.0, 2.0])]
+    b = [torch.tensor([2.0]), torch.tensor([5.0, -1.0])]
+    assert float(sq_norm(a)) == 14.0 and float(sq_norm(a, [0])) == 9.0 and float(sq_norm(a, [1])) == 5.0
+    assert float(dot(a, b)) == 9.0 and float(dot(a, b, [1])) == 3.0
+
+
+def test_weighted_grad_unused_params_and_dtypes():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    used = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    unused = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    lp = used * x  # d lp_t / d used_t = x_t
+    w32 = torch.tensor([2.0, 3.0], dtype=torch.float32)  # weights in another dtype than the log-probs
+    g_used, g_unused = weighted_grad(lp, [used, unused], w32)
+    assert g_used.dtype == torch.float32 and g_unused.dtype == torch.float32
+    torch.testing.assert_close(g_used, torch.tensor([2.0, 6.0]))
+    torch.testing.assert_close(g_unused, torch.zeros(3))

@@ -204,3 +204,108 @@ def test_adaptive_kl_controller_by_hand():
     assert c.value == pytest.approx(0.102)
     c.update(current_kl=0.9, n_steps=10)  # error -0.1 -> * 0.99
     assert c.value == pytest.approx(0.10098)
+
+
+# ---- edge cases and defaults (each pins a line a mutation test showed unchecked; docs/testing.md) ----------
+
+
+def test_masked_reductions_per_row_and_bessel_edges():
+    from rlx.algorithms.ppo import masked_sum, masked_var
+
+    x = t([[1.0, 2.0, 7.0], [3.0, 5.0, 5.0], [4.0, 4.0, 4.0]])
+    m = t([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    torch.testing.assert_close(masked_sum(x, m, 1), t([3.0, 3.0, 0.0]))
+    torch.testing.assert_close(masked_sum(x, m), t(6.0))
+    # per-row means: a one-token row divides by 1, an empty row by max(0, 1) = 1 (never by zero)
+    torch.testing.assert_close(masked_mean(x, m, 1), t([1.5, 3.0, 0.0]))
+    # three masked entries 1, 2, 3: mean 2, sum of squares 2 -> unbiased 1, biased 2/3
+    torch.testing.assert_close(masked_var(x, m), t(1.0))
+    torch.testing.assert_close(masked_var(x, m, unbiased=False), t(2.0 / 3))
+    two = t([[1.0, 3.0]])  # N = 2: unbiased divides by 1
+    torch.testing.assert_close(masked_var(two, torch.ones_like(two)), t(2.0))
+    one = t([[5.0, 9.0]])  # N = 1: no Bessel correction, variance 0 (not 0/0)
+    torch.testing.assert_close(masked_var(one, t([[1, 0]])), t(0.0))
+
+
+def test_masked_whiten_eps_and_given_moments():
+    x, m = t([[1.0, 2.0, 3.0, 4.0]]), t([[1, 1, 1, 1]])
+    # eps enters as sqrt(var + eps): var = 5/3, eps = 1 -> divide by sqrt(8/3)
+    torch.testing.assert_close(masked_whiten(x, m, eps=1.0), (x - 2.5) / math.sqrt(8 / 3))
+    # moments from elsewhere (e.g. reduced over ranks) replace the local ones
+    out = masked_whiten(x, m, eps=0.0, moments=(t(1.0), t(4.0)))
+    torch.testing.assert_close(out, (x - 1.0) / 2.0)
+
+
+def test_gae_accepts_a_bool_mask():
+    r, v = t([[0.3, 0.5, 1.0]]), t([[0.1, 0.2, 0.4]])
+    adv_f, ret_f = gae(r, v, t([[1, 1, 0]]), 0.99, 0.95)
+    adv_b, ret_b = gae(r, v, torch.tensor([[True, True, False]]), 0.99, 0.95)
+    torch.testing.assert_close(adv_b, adv_f)
+    torch.testing.assert_close(ret_b, ret_f)
+
+
+def test_kl_estimate_default_is_k1():
+    lp, ref = t([math.log(0.5), math.log(0.1)]), t([math.log(0.25), math.log(0.3)])
+    torch.testing.assert_close(kl_estimate(lp, ref), lp - ref)
+
+
+def test_token_level_rewards_one_token_rows_and_more_rows_than_columns():
+    # B = 4 > C = 2; a one-token row still receives its score at its only token
+    kl = t([[0.2, 0.4], [0.6, 9.0], [1.0, 1.0], [0.0, 0.0]])
+    mask = t([[1, 1], [1, 0], [0, 0], [0, 1]])
+    r = token_level_rewards(t([1.0, 2.0, 3.0, 4.0]), kl, mask, beta=0.5)
+    torch.testing.assert_close(r, t([[-0.1, 0.8], [1.7, 0.0], [0.0, 0.0], [0.0, 4.0]]))
+
+
+def test_clipped_policy_loss_reads_old_logps_and_defaults():
+    logps, old = t([[math.log(0.22), math.log(0.2)]]), t([[math.log(0.2), math.log(0.4)]])
+    adv = t([[1.0, -1.0]])
+    out = clipped_policy_loss(logps, old, adv)  # default epsilon 0.2
+    torch.testing.assert_close(out.ratio, t([[1.1, 0.5]]))  # pi / pi_old
+    # A=1, rho=1.1 inside the range: -1.1; A=-1, rho=0.5: max(0.5, 0.8) = 0.8 (clipped at 1 - 0.2)
+    torch.testing.assert_close(out.loss, t([[-1.1, 0.8]]))
+    torch.testing.assert_close(out.clipped, t([[0.0, 1.0]]))
+    assert out.dual_clipped.dtype == torch.float64 and out.dual_clipped.sum() == 0
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        clipped_policy_loss(logps, old, adv, dual_clip=1.0)
+
+
+def test_dual_clip_only_for_negative_advantages():
+    # A = 0.5 > 0 is never dual-clipped, even where its loss is above -c*A
+    rho, adv = t([[0.5, 3.0]]), t([[0.5, -1.0]])
+    out = clipped_policy_loss(torch.log(rho), torch.zeros_like(rho), adv, epsilon=0.2, dual_clip=2.0)
+    # A=0.5, rho=0.5: max(-0.25, -0.4) = -0.25; A=-1, rho=3: min(3.0, 2.0) = 2.0
+    torch.testing.assert_close(out.loss, t([[-0.25, 2.0]]))
+    torch.testing.assert_close(out.dual_clipped, t([[0.0, 1.0]]))
+    assert out.dual_clipped.dtype == torch.float64
+
+
+def test_clipped_value_loss_indicator_is_float():
+    _, clipped = clipped_value_loss(t([[1.0]]), t([[0.0]]), t([[0.0]]), cliprange_value=0.2)
+    assert clipped.dtype == torch.float64
+
+
+def test_explained_variance_constant_returns_and_unit_variance():
+    ret, m = t([[2.0, 2.0, 2.0]]), t([[1, 1, 1]])
+    ev = explained_variance(ret - 1.0, ret, m)  # Var[R] = 0: undefined
+    assert math.isnan(ev.item()) and ev.dtype == torch.float64
+    ret = t([[0.0, 1.0, 2.0]])  # Var[R] = 1 exactly: an ordinary value
+    v = ret - t([[0.5, -0.5, 0.5]])  # Var[R - V] = 1/3
+    assert explained_variance(v, ret, m).item() == pytest.approx(2 / 3)
+
+
+def test_kl_controllers_by_hand_and_bad_settings():
+    from rlx.algorithms.ppo import FixedKLController
+
+    f = FixedKLController(0.05)
+    f.update(current_kl=10.0, n_steps=100)
+    assert f.value == 0.05
+    c = AdaptiveKLController(0.1, target=2.0, horizon=10)
+    c.update(current_kl=2.2, n_steps=5)  # error 2.2/2 - 1 = 0.1 -> * (1 + 0.1 * 0.5)
+    assert c.value == pytest.approx(0.105)
+    c.update(current_kl=0.0, n_steps=5)  # error -1 clipped to -0.2 -> * 0.9
+    assert c.value == pytest.approx(0.0945)
+    assert AdaptiveKLController(0.1, target=1.0, horizon=1).horizon == 1
+    for target, horizon in ((0.0, 10), (1.0, 0), (-1.0, 10)):
+        with pytest.raises(ValueError, match="target > 0 and horizon > 0"):
+            AdaptiveKLController(0.1, target=target, horizon=horizon)

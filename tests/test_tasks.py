@@ -106,6 +106,16 @@ def test_pass_at_k_matches_enumeration(n, c, k):
     assert math.isclose(pass_at_k(n, c, k), 1 - math.comb(n - c, k) / math.comb(n, k), rel_tol=1e-12)
 
 
+def test_pass_at_k_all_correct_and_bad_counts():
+    assert pass_at_k(4, 4, 2) == 1.0 and pass_at_k(4, 4, 4) == 1.0
+    with pytest.raises(ValueError, match="need 0 <= c <= n"):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError, match="need 0 <= c <= n"):
+        pass_at_k(4, -1, 1)
+    with pytest.raises(ValueError, match="needs at least 5 samples"):
+        pass_at_k(4, 1, 5)
+
+
 @pytest.mark.parametrize(
     "a, op, b, expected",
     [

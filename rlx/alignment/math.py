@@ -245,13 +245,16 @@ def sub(a: Vec, *bs: Vec) -> Vec:
 
 # ---- layer groups -----------------------------------------------------------------------------------------
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+"""Decoder block index: `layers.N.` (Llama, Qwen, GPT-NeoX/Pythia) or `h.N.` (GPT-2)."""
 
 
 def layer_groups(names: Sequence[str], num_layers: int, k: int) -> dict[str, list[int]]:
     """Group parameter indices: `embed`, `blocks_{a}-{b}` (k contiguous groups of decoder blocks), `head`.
 
-    `head` holds the LM head and the final norm; anything else goes to `other` (omitted when empty).
+    `head` holds the LM head and the final norm; anything else goes to `other` (omitted when empty). Names of
+    Llama/Qwen, GPT-NeoX (Pythia: `embed_in`, `final_layer_norm`, `embed_out`) and GPT-2 (`wte`, `h.N`, `ln_f`).
+    A block index >= num_layers goes to the last group.
     With k <= 0 only `all` is returned. Every dict also has `all` (every index).
     """
     groups: dict[str, list[int]] = {"all": list(range(len(names)))}
@@ -273,7 +276,7 @@ def layer_groups(names: Sequence[str], num_layers: int, k: int) -> dict[str, lis
             groups[block_names[gi]].append(i)
         elif "embed_tokens" in n or "wte" in n or "embed_in" in n:
             groups["embed"].append(i)
-        elif "lm_head" in n or "embed_out" in n or re.search(r"(?:^|\.)(norm|ln_f|final_layernorm)\.", n):
+        elif "lm_head" in n or "embed_out" in n or re.search(r"(?:^|\.)(norm|ln_f|final_layer_?norm)\.", n):
             groups["head"].append(i)
         else:
             other.append(i)
