@@ -509,3 +509,90 @@ def test_weighted_grad_unused_params_and_dtypes():
     assert g_used.dtype == torch.float32 and g_unused.dtype == torch.float32
     torch.testing.assert_close(g_used, torch.tensor([2.0, 6.0]))
     torch.testing.assert_close(g_unused, torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "n,expected",
+    [
+        (1, [0]),
+        (2, [0, 1]),
+        (3, [0, 1, 2]),
+        (4, [0, 0, 1, 2]),
+        (5, [0, 0, 1, 1, 2]),
+        (7, [0, 0, 0, 1, 1, 2, 2]),
+        (8, [0, 0, 0, 1, 1, 1, 2, 2]),
+    ],
+)
+def test_tiers_sizes_by_hand(n, expected):
+    """Units sorted by score (descending) are cut into thirds whose sizes differ by at most one, top first."""
+    from rlx.alignment.math import _tiers
+
+    score = torch.arange(n, 0, -1, dtype=torch.float64)  # already descending: rank = index
+    assert _tiers(score).tolist() == expected
+    assert _tiers(score.flip(0)).tolist() == expected[::-1]
+
+
+def test_tiers_break_ties_by_unit_id():
+    from rlx.alignment.math import _tiers
+
+    tied = torch.ones(120, dtype=torch.float64)  # enough ties for an unstable sort to reorder them
+    assert _tiers(tied).tolist() == [0] * 40 + [1] * 40 + [2] * 40
+
+
+def test_token_tiers_mean_score_gather_and_unscored_tokens():
+    from rlx.alignment.math import token_tiers
+
+    # unit 0: one token |w| = 1.0 (mean 1.0); unit 1: two tokens of 0.8 (mean 0.8, sum 1.6); unit 2: 0.1 each
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.8, -0.8, 0.0], [0.1, 0.1, -0.1]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    units = reweighting_units("sequence", mask)
+    assert units.tolist() == [[0, -1, -1], [1, 1, -1], [2, 2, 2]]
+    tt = token_tiers(w, units)
+    assert tt.tolist() == [[0, -1, -1], [1, 1, -1], [2, 2, 2]]
+    # ranked among other ranks' units (scores 5, 4, 3, 2, 0.01, 0.01 sit before this batch's three)
+    others = torch.tensor([5.0, 4.0, 3.0, 2.0, 0.01, 0.01], dtype=torch.float64)
+
+    def gather(score):
+        return torch.cat([others, score]), len(others)
+
+    # all nine ranked: 5 4 3 | 2 1.0 0.8 | 0.1 0.01 0.01 -> unit 0 and 1 mid, unit 2 bot
+    assert token_tiers(w, units, gather).tolist() == [[1, -1, -1], [1, 1, -1], [2, 2, 2]]
+    parts = tertile_weights(w, units, gather)
+    assert float(parts["top"].abs().sum()) == 0.0
+    torch.testing.assert_close(parts["mid"] + parts["bot"], w * mask)
+
+
+def test_reweighting_units_levels_and_unscored():
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    assert reweighting_units("token", mask).tolist() == [[-1, 1, 2], [3, -1, 5]]
+    assert reweighting_units("sequence", mask).tolist() == [[-1, 0, 0], [1, -1, 1]]
+    pairs = reweighting_units("pair", mask, torch.tensor([7, 7]))
+    assert pairs.tolist() == [[-1, 7, 7], [7, -1, 7]]
+    with pytest.raises(ValueError, match="needs pair_index"):
+        reweighting_units("pair", mask)
+    with pytest.raises(ValueError, match="unknown reweighting level"):
+        reweighting_units("row", mask)
+
+
+def test_component_weights_ignores_w_kl_outside_the_mask_and_empty_batches():
+    w = torch.tensor([[-2.0, 1.0, 0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w_kl = torch.tensor([[0.5, 0.25, 9.0]])  # 9.0 sits on an unscored token
+    c = component_weights(w, mask, w_kl)
+    torch.testing.assert_close(c["pos"], torch.tensor([[-2.5, 0.0, 0.0]]))
+    torch.testing.assert_close(c["neg"], torch.tensor([[0.0, 0.75, 0.0]]))
+    torch.testing.assert_close(c["kl"], torch.tensor([[0.5, 0.25, 0.0]]))
+    empty = torch.zeros(0, 4)
+    out = component_weights(empty, empty, empty)
+    assert set(out) == {"pos", "neg", "kl"} and all(v.shape == (0, 4) for v in out.values())
+
+
+def test_per_param_dot_accumulates_in_float64_and_handles_no_tensors():
+    from rlx.alignment.math import per_param_dot
+
+    a = [torch.tensor([1e8, 1.0, -1e8], dtype=torch.float32)]
+    b = [torch.ones(3, dtype=torch.float32)]
+    d = per_param_dot(a, b)
+    assert d.dtype == torch.float64 and d.tolist() == [1.0]  # an fp32 sum would give 0
+    none = per_param_dot([], [])
+    assert none.dtype == torch.float64 and none.shape == (0,)
