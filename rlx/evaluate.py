@@ -3,7 +3,7 @@
     python rlx/evaluate.py run_dir=runs/grpo_tiny/2026...          # the run's final policy and task
     python rlx/evaluate.py model=PATH task=arithmetic               # any HF-format model dir
     python rlx/evaluate.py run_dir=DIR output=DIR eval.num_samples=32 eval.ks=[1,8,32]
-    python rlx/evaluate.py run_dir=DIR replay=learnable base_model=PATH   # with Activation Replay
+    python rlx/evaluate.py run_dir=DIR replay=learnable replay.align=paper replay.lr=0.001  # Activation Replay
     python rlx/evaluate.py run_dir=DIR harness=relax eval.num_samples=64  # ReLaX's pass@k decoding (T 0.6, top-p 0.95)
 
 Writes eval.json (summary) and samples.jsonl (prompt, answer, greedy, completions, rewards) into the run
