@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +232,242 @@ def test_build_instruments_composes_regularizers(tmp_path):
     names = [i.name for i in build_instruments(cfg, run)]
     assert names[:3] == ["relax", "entropy", "kl_cov"] and "entropy_cov" in names
     assert cfg.regularizers.relax.alpha == 0.2
+
+
+# ---- edge cases and contracts (each pins a line a mutation test showed unchecked; docs/testing.md) --------
+
+
+def test_clip_cov_candidates_open_interval_valid_and_eligible_tokens():
+    """ratio 1 selects every candidate: lb < Cov_t < ub (open), valid, and eligible."""
+    cov = torch.tensor([[1.0, 5.0, 3.0, 2.0], [4.0, 3.5, 2.5, 3.0], [9.0, -1.0, 1.5, 4.5]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    eligible = torch.ones_like(mask, dtype=torch.bool)
+    eligible[2, 3] = False
+    sel = clip_cov_selection(cov, mask, 1.0, 1.0, 5.0, torch.Generator().manual_seed(0), eligible)
+    expected = [
+        [0, 2],
+        [0, 3],
+        [1, 0],
+        [1, 1],
+        [1, 2],
+        [2, 2],
+    ]  # not 1.0 / 5.0, (1, 3) unmasked, (2, 3) ineligible
+    assert sel.nonzero().tolist() == expected and sel.dtype == torch.bool
+
+
+def test_clip_cov_selection_depends_only_on_its_generator():
+    cov = torch.linspace(1.1, 4.9, 40).view(4, 10)
+    mask = torch.ones(4, 10)
+    picks = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # the global RNG must not matter
+        picks.append(clip_cov_selection(cov, mask, 0.5, 1.0, 5.0, torch.Generator().manual_seed(7)))
+    assert torch.equal(picks[0], picks[1]) and int(picks[0].sum()) == 20
+    other = clip_cov_selection(cov, mask, 0.5, 1.0, 5.0, torch.Generator().manual_seed(8))
+    assert not torch.equal(other, picks[0])
+
+
+def test_kl_cov_selection_default_ratio_zero_and_dtype():
+    cov = torch.tensor([[0.5, 2.0, 3.0, 6.0], [1.5, 4.0, -1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])
+    assert int(kl_cov_selection(cov, mask, 0.1).sum()) == 0  # int(0.7) = 0: no token unless at_least_one
+    assert int(kl_cov_selection(cov, mask, 0.1, at_least_one=True).sum()) == 1
+    assert int(kl_cov_selection(cov, mask, 0.0, at_least_one=True).sum()) == 0  # ratio 0: off
+    assert kl_cov_selection(cov, mask, 0.5).dtype == torch.bool
+
+
+def test_positive_advantage_length_scaling_needs_both():
+    from rlx.regularizers.loss import adaptive_kl, positive_advantage
+
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    torch.testing.assert_close(positive_advantage(adv, None, 10), torch.tensor([1.0, 0.0, 0.5]))
+    torch.testing.assert_close(
+        positive_advantage(adv, torch.tensor([5, 5, 2]), None), torch.tensor([1.0, 0.0, 0.5])
+    )
+    torch.testing.assert_close(
+        positive_advantage(adv, torch.tensor([5, 5, 2]), 10), torch.tensor([0.5, 0.0, 0.1])
+    )
+    # one completion token: the token-mean divides by 1
+    lp, ref = torch.tensor([[-1.0, 0.0]]), torch.tensor([[-1.5, 0.0]])
+    k3 = math.exp(-0.5) + 0.5 - 1
+    got = adaptive_kl(lp, ref, torch.tensor([[1.0, 0.0]]), torch.tensor([True]))
+    assert float(got) == pytest.approx(k3)
+
+
+def _one_token_ctx(loss_scale=1.0):
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0]])
+    adv = torch.tensor([1.0])
+    loss = -(adv[:, None] * lp * mask).sum() / mask.sum()
+    extras = {"advantages": adv, "completion_len": 2, "old_logps": lp.detach() - 0.5, "group_ids": None}
+    ent = torch.tensor([[0.7, 9.0]])
+    return LossContext(
+        trainer=None,
+        algo="grpo",
+        inputs={},
+        loss=loss,
+        token_logps=lp,
+        mask=mask,
+        hidden=None,
+        entropy=ent,
+        loss_scale=loss_scale,
+        extras=extras,
+    )
+
+
+def test_regularizers_on_a_single_token_divide_by_one():
+    term = build("entropy", EntropyBonusConfig(coef=1.0)).on_loss(_one_token_ctx())
+    assert float(term.loss) == pytest.approx(-0.7)
+    term = build("clip_cov", CovConfig(clip_ratio=1.0, clip_cov_lb=-1.0, clip_cov_ub=1.0)).on_loss(
+        _one_token_ctx()
+    )
+    assert term.metrics == {"clip_cov/clipped_frac": 1.0, "clip_cov/cov_mean": 0.0}
+    # KL-Cov penalty: the one token is selected (at least one) and |l - l_old| = 0.5 over n = 1
+    term = build("kl_cov", CovConfig(kl_ratio=0.1, kl_coef=1.0)).on_loss(_one_token_ctx())
+    assert (
+        term.metrics["kl_cov/penalty"] == pytest.approx(0.5) and term.metrics["kl_cov/selected_frac"] == 1.0
+    )
+
+
+def test_cov_regularizers_with_a_zero_loss_scale_stay_finite():
+    """A zero GA scale must not divide by zero inside the terms (they are multiplied by it afterwards)."""
+    for name, cfg in (
+        ("clip_cov", CovConfig(clip_ratio=1.0, clip_cov_lb=-1.0, clip_cov_ub=1.0)),
+        ("kl_cov", CovConfig()),
+    ):
+        ctx = _one_token_ctx(loss_scale=0.0)
+        loss, _ = InstrumentSet([build(name, cfg)]).on_loss(ctx)
+        (g,) = torch.autograd.grad(loss, ctx.token_logps)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
+def _clip_cov_selected(seed, step, calls=1, clip_ratio=0.3):
+    """Which completion tokens Clip-Cov cuts at (run seed, global step), for `calls` calls of one instrument."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(cfg=SimpleNamespace(seed=seed))
+    inst = registered_instruments()["clip_cov"](
+        OmegaConf.structured(CovConfig(clip_ratio=clip_ratio, clip_cov_lb=-10.0, clip_cov_ub=10.0)), run
+    )
+    out = []
+    for _ in range(calls):
+        ctx = make_ctx(b=6, c=6)
+        ctx.trainer = SimpleNamespace(state=SimpleNamespace(global_step=step))
+        term = inst.on_loss(ctx)
+        (g,) = torch.autograd.grad(ctx.loss + term.loss * ctx.loss_scale, ctx.token_logps)
+        w = ctx.token_weights()
+        out.append(((g == 0) & (w != 0))[:, -ctx.completion_len :])
+    return out
+
+
+def test_clip_cov_selection_is_reproducible_and_varies_with_seed_step_and_call():
+    a = _clip_cov_selected(seed=3, step=5)[0]
+    torch.manual_seed(123)  # the global RNG does not enter
+    b = _clip_cov_selected(seed=3, step=5)[0]
+    assert torch.equal(a, b) and int(a.sum()) == int(0.3 * 28)
+    assert not torch.equal(_clip_cov_selected(seed=0, step=5)[0], _clip_cov_selected(seed=1, step=5)[0])
+    assert not torch.equal(_clip_cov_selected(seed=3, step=0)[0], _clip_cov_selected(seed=3, step=1)[0])
+    calls = _clip_cov_selected(seed=3, step=5, calls=3)  # micro-batches of one step draw anew
+    assert not torch.equal(calls[0], calls[1]) and not torch.equal(calls[1], calls[2])
+    assert torch.equal(calls[0], a)
+
+
+def test_clip_cov_skips_tokens_without_gradient():
+    """Tokens whose w_t is already 0 (here: a zero advantage) are not eligible; with ratio 1 every other is cut."""
+    ctx = make_ctx()
+    ctx.extras["advantages"] = torch.tensor([1.5, 0.0, 0.8, -1.2, 0.0, -0.9])
+    lp, mask = ctx.completion_logps, ctx.completion_mask
+    ctx.loss = -(ctx.extras["advantages"][:, None] * lp * mask).sum() / mask.sum()
+    inst = build("clip_cov", CovConfig(clip_ratio=1.0, clip_cov_lb=-100.0, clip_cov_ub=100.0))
+    term = inst.on_loss(ctx)
+    eligible = float((mask * (ctx.extras["advantages"] != 0)[:, None]).sum())
+    assert term.metrics["clip_cov/clipped_frac"] == pytest.approx(eligible / float(mask.sum()))
+    cov = token_covariance(lp, ctx.extras["advantages"], mask)
+    assert term.metrics["clip_cov/cov_mean"] == pytest.approx(float(cov.sum() / mask.sum()))
+
+
+def test_kl_cov_warns_once():
+    import warnings
+
+    inst = build("kl_cov", CovConfig())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inst.on_loss(make_ctx())
+        inst.on_loss(make_ctx())
+    assert sum("no old log-probs" in str(w.message) for w in caught) == 1
+
+
+def _on_policy_kl_ctx(algo, beta, trainer_beta, with_eps=True):
+    """On-policy GRPO/PPO-like micro-batch (rho = 1) whose loss has a k3 term of weight `beta`."""
+    from types import SimpleNamespace
+
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.2, -1.8], [-0.4, -2.6]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    k3 = torch.exp(ref - lp) - (ref - lp) - 1
+    loss = (-adv[:, None] * torch.exp(lp - lp.detach()) + beta * k3).sum() / 4
+    trainer = SimpleNamespace() if trainer_beta is None else SimpleNamespace(beta=trainer_beta)
+    if with_eps:
+        trainer.epsilon_low = trainer.epsilon_high = 0.2
+    extras = {"advantages": adv, "completion_len": 2, "old_logps": lp.detach(), "ref_logps": ref}
+    ctx = LossContext(
+        trainer=trainer,
+        algo=algo,
+        inputs={},
+        loss=loss,
+        token_logps=lp,
+        mask=torch.ones(2, 2, dtype=torch.float64),
+        hidden=None,
+        extras=extras,
+    )
+    return ctx, lp, adv, ref
+
+
+@pytest.mark.parametrize(
+    "algo,beta,trainer_beta,with_eps",
+    [
+        ("grpo", 0.1, 0.1, False),  # no epsilon attributes on the trainer: unclipped
+        ("grpo", 1.0, 1.0, True),  # beta = 1 is an ordinary beta
+        ("grpo", 0.0, 0.0, True),  # beta 0: w is all policy gradient, nothing to split
+        ("grpo", 0.0, None, True),  # a trainer without beta: same
+        ("ppo", 0.0, 0.1, True),  # PPO: its KL is in the reward; w is all policy gradient
+    ],
+)
+def test_kl_cov_reference_on_policy_keeps_the_trainers_gradient(algo, beta, trainer_beta, with_eps):
+    """On-policy (rho = 1, old = l) verl's unclipped -A rho has the same gradient as the trainer's loss and the
+    penalty |l - l_old| is 0, so KL-Cov must leave the gradient unchanged, KL term included."""
+    ctx, lp, adv, ref = _on_policy_kl_ctx(algo, beta, trainer_beta, with_eps)
+    loss, metrics = InstrumentSet([build("kl_cov", CovConfig(kl_ratio=0.5))]).on_loss(ctx)
+    (g,) = torch.autograd.grad(loss, lp)
+    expected = (-adv[:, None] + beta * (1 - torch.exp(ref - lp.detach()))) / 4
+    torch.testing.assert_close(g, expected, rtol=0, atol=1e-7)  # w_kl is float32
+    assert set(metrics) == {"kl_cov/selected_frac", "kl_cov/penalty", "kl_cov/cov_mean"}
+    cov = token_covariance(lp, adv, ctx.completion_mask)
+    assert metrics["kl_cov/cov_mean"] == pytest.approx(float(cov.sum() / 4))
+
+
+def test_entropy_cov_needs_log_probs_and_averages_the_top_tokens():
+    cls = registered_instruments()["entropy_cov"]
+    ctx = make_ctx()
+    ctx.token_logps = None
+    assert cls(None, None).on_loss(ctx) is None
+    # 1000 valid tokens: the top 0.2% are k = 2 tokens, and cov_top is their mean (not the max)
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(10, 100, generator=g)
+    adv = torch.randn(10, generator=g)
+    mask = torch.ones(10, 100)
+    ctx = LossContext(
+        trainer=None,
+        algo="grpo",
+        inputs={},
+        loss=lp.sum(),
+        token_logps=lp,
+        mask=mask,
+        hidden=None,
+        extras={"advantages": adv, "completion_len": 100},
+    )
+    term = cls(None, None).on_loss(ctx)
+    cov = token_covariance(lp, adv, mask).reshape(-1)
+    top2 = torch.topk(cov, 2).values
+    assert term.metrics["entropy_cov/cov_top"] == pytest.approx(float(top2.mean()), rel=1e-6)
+    assert float(top2[0]) != float(top2[1])
