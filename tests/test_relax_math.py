@@ -267,3 +267,38 @@ def test_eig_spectrum_eq6_without_eps():
     assert not torch.allclose(smooth, dsd)  # the eps variant is a different number
     dsd.sum().backward()
     assert torch.isfinite(h.grad).all()
+
+
+# ---- edge cases and defaults (each pins a line a mutation test showed unchecked; docs/testing.md) ----------
+
+
+def test_exploration_loss_all_positive_groups_unequal_sizes():
+    """Every z_i > 0 (so the log-mean-exp shift max(-z) is not 0): the loss is still the size-weighted mean of
+    log mean exp(-z) per group, in closed form."""
+    a = torch.tensor([1.0, 2.0, 0.5, 1.5, 3.0], dtype=torch.float64)
+    d = torch.tensor([2.0, 4.0, 6.0, 1.0, 5.0], dtype=torch.float64)
+    gid = torch.tensor([0, 0, 0, 1, 1])
+    loss, z = exploration_loss(d, a, gid, xi=1e9)
+    torch.testing.assert_close(z, a * d)
+    g0 = np.log(np.mean(np.exp(-np.array([2.0, 8.0, 3.0]))))
+    g1 = np.log(np.mean(np.exp(-np.array([1.5, 15.0]))))
+    assert float(loss) == pytest.approx(3 / 5 * g0 + 2 / 5 * g1, rel=1e-12)
+    big, _ = exploration_loss(d * 100, a, None, xi=1e9)  # exp(-z) underflows without the shift
+    assert float(big) == pytest.approx(
+        np.log(np.mean(np.exp(-(np.array([200.0, 800, 300, 150, 1500]) - 150)))) - 150
+    )
+
+
+def test_dsd_and_koopman_defaults_closed_form():
+    """Defaults: singular values, eps = 1e-3, ridge = 1e-3. K = diag(3, 1): r = sqrt(s^2 + eps), unbiased var."""
+    k = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))[None]
+    dsd, s = dynamic_spectral_dispersion(k)
+    r = np.sqrt(np.array([9.0, 1.0]) + 1e-3)
+    assert float(dsd[0]) == pytest.approx((r[0] - r[1]) ** 2 / 2, rel=1e-12)
+    torch.testing.assert_close(s[0], torch.tensor([3.0, 1.0], dtype=torch.float64))
+    from rlx.regularizers.dsd import spectrum_moduli
+
+    torch.testing.assert_close(spectrum_moduli(k), torch.tensor([[9.0, 1.0]], dtype=torch.float64))
+    # one feature, transitions x: 1 -> 2 -> 4: K = sum x_t y_t / (sum x_t^2 + ridge) = 10 / (5 + 1e-3)
+    feats = torch.tensor([[[1.0], [2.0], [4.0]]], dtype=torch.float64)
+    assert float(koopman_operator(feats)[0, 0, 0]) == pytest.approx(10 / 5.001, rel=1e-12)
