@@ -302,3 +302,79 @@ def test_dsd_and_koopman_defaults_closed_form():
     # one feature, transitions x: 1 -> 2 -> 4: K = sum x_t y_t / (sum x_t^2 + ridge) = 10 / (5 + 1e-3)
     feats = torch.tensor([[[1.0], [2.0], [4.0]]], dtype=torch.float64)
     assert float(koopman_operator(feats)[0, 0, 0]) == pytest.approx(10 / 5.001, rel=1e-12)
+
+
+def test_dataset_loss_is_the_mean_over_consecutive_minibatches():
+    from rlx.regularizers.dictionary import dataset_loss
+
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(7, 9, 4, generator=g)
+    mask = torch.ones(7, 9)
+    w = init_dictionary(5, 4, 3)
+    parts = [float(residual_loss(w, hidden[s : s + 3], mask[s : s + 3], RIDGE)) for s in (0, 3, 6)]
+    assert dataset_loss(w, hidden, mask, RIDGE, 3) == pytest.approx(sum(parts) / 3, rel=1e-6)
+    assert np.isnan(dataset_loss(w, hidden[:0], mask[:0], RIDGE, 3))  # nothing to score
+
+
+def test_init_dictionary_default_seed_and_bound():
+    w = init_dictionary(6, 12)
+    expected = (torch.rand(6, 12, generator=torch.Generator().manual_seed(42)) * 2 - 1) * np.sqrt(0.75 / 12)
+    torch.testing.assert_close(w, expected, rtol=0, atol=0)
+
+
+def _traj(n, t=8, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, t, d, generator=g), torch.ones(n, t)
+
+
+def test_fit_dictionary_budget_defaults_init_and_seed():
+    hidden, mask = _traj(130, t=4)
+    _, losses = fit_dictionary(hidden, mask, dict_size=5)  # defaults: one epoch of batches of 64
+    assert len(losses) == 3  # ceil(130 / 64)
+    _, losses = fit_dictionary(hidden[:10], mask[:10], dict_size=5, steps=1, batch_size=4)
+    assert len(losses) == 1  # steps = 1 is a budget of one step, not "use epochs"
+    _, losses = fit_dictionary(hidden[:1], mask[:1], dict_size=5, steps=2)
+    assert len(losses) == 2  # a single trajectory is fitted too
+    # no step: the starting W is returned, from `init` or from the seeded initialisation
+    init = torch.full((5, 4), 0.3)
+    w, losses = fit_dictionary(hidden[:4], mask[:4], dict_size=5, epochs=0, init=init)
+    assert losses == [] and torch.equal(w, init)
+    w, _ = fit_dictionary(hidden[:4], mask[:4], dict_size=5, epochs=0, seed=7)
+    assert torch.equal(w, init_dictionary(5, 4, 7))
+
+
+def test_fit_dictionary_truncates_to_max_positions():
+    hidden, mask = _traj(6, t=520, d=3, seed=1)
+    kw = dict(dict_size=4, steps=2, batch_size=3)
+    w_default, l_default = fit_dictionary(hidden, mask, **kw)  # max_positions = 512
+    w_cut, l_cut = fit_dictionary(hidden[:, :512], mask[:, :512], max_positions=10_000, **kw)
+    assert l_default == l_cut and torch.equal(w_default, w_cut)
+    w_short, _ = fit_dictionary(hidden, mask, max_positions=5, **kw)
+    w_ref, _ = fit_dictionary(hidden[:, :5], mask[:, :5], max_positions=10_000, **kw)
+    assert torch.equal(w_short, w_ref)
+
+
+def test_fit_dictionary_skips_steps_with_non_finite_gradients():
+    """Constant trajectories have a finite residual but repeated singular values (non-finite SVD gradient):
+    such a step is skipped, W stays finite, and later steps still run."""
+    const, mask = torch.zeros(1, 8, 4), torch.ones(1, 8)
+    w, losses = fit_dictionary(const, mask, dict_size=5, steps=3)
+    assert losses == [] and torch.equal(w, init_dictionary(5, 4, 42))
+    good, _ = _traj(1, seed=2)
+    both = torch.cat([const, good])
+    w, losses = fit_dictionary(both, torch.ones(2, 8), dict_size=5, steps=6, batch_size=1)
+    assert len(losses) == 3 and torch.isfinite(w).all()  # the 3 steps on the good trajectory
+
+
+def test_dictionary_features_promote_low_precision_and_transition_mask_holes():
+    from rlx.regularizers.koopman import transition_mask
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 3, 4, generator=g), torch.randn(5, 4, generator=g)
+    for hh, ww in ((h.bfloat16(), w), (h, w.bfloat16())):
+        out = dictionary_features(hh, ww)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, torch.sigmoid(hh.float() @ ww.float().t()))
+    assert dictionary_features(h.double(), w).dtype == torch.float64
+    m = torch.tensor([[1.0, 1, 1, 0], [1, 0, 1, 1]])
+    assert transition_mask(m).tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
