@@ -1,4 +1,5 @@
-"""`python -m analysis report RUN_DIR [RUN_DIR ...] --out report.html` | `python -m analysis summary RUN_DIR`."""
+"""`python -m analysis report RUN_DIR [RUN_DIR ...] --out report.html` | `python -m analysis summary RUN_DIR`
+| `python -m analysis passk RUN_DIR` | `python -m analysis alignment-exact RUN_DIR [target=final|online] [n=256]`."""
 
 from __future__ import annotations
 
@@ -26,7 +27,25 @@ def main(argv: list[str] | None = None) -> int:
     pk = sub.add_parser("passk", help="pass@k curves of one run's in-training evaluation (eval.every)")
     pk.add_argument("run_dir")
     pk.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/passk.png)")
+    ae = sub.add_parser(
+        "alignment-exact",
+        help="gradient alignment against the run's own final responses (the paper's D', exact two-pass form), "
+        "recomputed at the steps saved with diagnostics.grad_alignment.exact.enabled=true",
+    )
+    ae.add_argument("run_dir")
+    ae.add_argument(
+        "options",
+        nargs="*",
+        help="target=final (default: D' = this run's final greedy responses, label final_exact) or target=online "
+        "(the D' the run used online, to verify the recomputation); n=256 held-out prompts; batch_size=64; "
+        "max_new_tokens=N (default as rlx final-responses)",
+    )
     args = p.parse_args(argv)
+    if args.cmd == "alignment-exact":
+        from rlx.alignment.exact import parse_args, replay
+
+        replay(**parse_args([args.run_dir, *args.options]))
+        return 0
 
     from analysis.loader import Run
     from analysis.report import summary_text, write_report

@@ -170,6 +170,11 @@ class GradAlignment(Instrument):
                 "ZeRO (accelerate_configs/multi_gpu.yaml, zero3.yaml), or set diagnostics.grad_alignment.enabled=false."
             )
         self.variant = "activation" if cfg.variant == "activation" else "param"
+        self.exact = None  # saves what the exact two-pass D' needs (rlx/alignment/exact.py)
+        if getattr(getattr(cfg, "exact", None), "enabled", False):
+            from rlx.alignment.exact import ExactSaver
+
+            self.exact = ExactSaver(cfg, run)
         self.needs_hidden = self.variant == "activation"
         self.cur: _Step | None = None
         self.target: TargetBatch | None = None
@@ -259,6 +264,8 @@ class GradAlignment(Instrument):
                 policy.register_forward_pre_hook(arm, with_kwargs=True),
                 policy.register_forward_hook(disarm, with_kwargs=True),
             ]
+        if self.exact is not None:
+            self.exact.attach(self, trainer)
 
     def _policy(self, trainer: Any) -> torch.nn.Module:
         return unwrap_policy(trainer.accelerator.unwrap_model(trainer.model))
@@ -332,6 +339,8 @@ class GradAlignment(Instrument):
         self._process_pending()
         self.cur.micro += 1
         w, mask, w_kl = self._weights(ctx)
+        if self.exact is not None:
+            self.exact.on_micro(self, ctx, w)
         comps = am.component_weights(w, mask, w_kl)
         units = am.reweighting_units(TERTILE_LEVEL.get(self.algo, "sequence"), mask, self._pair_index(ctx))
         terts = am.tertile_weights(comps["pos"] + comps["neg"], units, _gather_scores if _dist() else None)
@@ -558,6 +567,8 @@ class GradAlignment(Instrument):
         if cur is None or cur.step != int(trainer.state.global_step):
             return
         self.cur = None
+        if self.exact is not None:  # after the update: the weights after it, the batch
+            self.exact.on_step_end(self, cur)
         world = trainer.accelerator.num_processes
         rec: dict[str, float] = {}
         sk: dict[str, torch.Tensor] = {}
@@ -876,6 +887,8 @@ class GradAlignment(Instrument):
             )
 
     def on_train_end(self, trainer: Any) -> None:
+        if self.exact is not None:
+            self.exact.detach()
         for h in self._hooks:
             h.remove()
         self._hooks = []

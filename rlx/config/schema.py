@@ -192,6 +192,29 @@ class EvalConfig:
 
 
 @dataclass
+class GradAlignmentExactConfig:
+    """What the exact two-pass form of the paper's D' needs (docs/gradient_alignment.md, "The exact two-pass form").
+
+    Pass 1 is this run: at every `save_every`-th logged step the instrument saves, under
+    <output_dir>/grad_alignment_exact/step_NNNNNN/, the policy's trainable parameters as they were before that
+    step's update (the whole model without PEFT, the LoRA adapters with it) and the exact micro-batches it measured
+    (the loss forwards' inputs, the per-token weights w_t = dL/dl_t, the trainer's batch: token ids and masks, and
+    for GRPO/PPO the rollouts' advantages and old/reference log-probs). Pass 2, after training,
+    `python -m analysis alignment-exact RUN_DIR` generates D' from this run's final model and recomputes every row
+    of the instrument at each saved step against it (label `final_exact`). Single process, parameter variant only.
+    """
+
+    enabled: bool = False
+    """Save the weights and batches of the logged steps for `python -m analysis alignment-exact`."""
+    save_every: int = 1
+    """Save every K-th logged step (logged steps are counted from 0, so the first logged step is always saved).
+    Disk per saved step: the trainable parameters once (twice with `save_update`) plus the batch (small)."""
+    save_update: bool = True
+    """Also save the trainable parameters after the step's update, so the offline pass recomputes the `update`
+    row (realised alignment) and delta_R too; false halves the bytes and drops that row."""
+
+
+@dataclass
 class GradAlignmentConfig:
     """Gradient-alignment diagnostics (arXiv 2512.00778); see rlx/alignment."""
 
@@ -221,6 +244,8 @@ class GradAlignmentConfig:
     """Also save per-token w_t and d_t shards (safetensors)."""
     variant: str = "auto"
     """auto | param | activation. auto = param except under DeepSpeed ZeRO-2/3 (activation)."""
+    exact: GradAlignmentExactConfig = field(default_factory=GradAlignmentExactConfig)
+    """Save what the paper's D' in exact two-pass form needs (`python -m analysis alignment-exact RUN_DIR`)."""
 
 
 @dataclass
