@@ -64,7 +64,7 @@ def _passk(run, out) -> int:
     from pathlib import Path
 
     from analysis import plots
-    from analysis.diagnostics.passk import crossing, passk_curves
+    from analysis.diagnostics.passk import crossing, passk_curves, replay_curves, replay_gain
     from rlx.errors import UserError
 
     curves = passk_curves(run)
@@ -84,8 +84,18 @@ def _passk(run, out) -> int:
         f"{c['policy_pass@1']:.4f}; pass@{n} {base_n:.4f} -> {policy_n:.4f}; "
         + (f"the base catches up at k = {c['crossing_k']}" if c["crossing_k"] else "no crossing")
     )
+    replayed = replay_curves(run)
+    if len(replayed):
+        gain = replay_gain(curves, replayed)
+        for mode, g in gain.groupby("replay"):
+            wide = g.pivot(index="k", columns="step", values="with_replay")
+            print(f"\nwith Activation Replay ({mode}; eval.replay), columns: step")
+            print(wide.to_string(float_format=lambda x: f"{x:.4f}"))
+            wide = g.pivot(index="k", columns="step", values="gain")
+            print(f"gain (replay {mode} minus plain), columns: step")
+            print(wide.to_string(float_format=lambda x: f"{x:+.4f}"))
     path = Path(out) if out else run.path / "passk.png"
-    plots.passk_curves(curves).savefig(path, dpi=110)
+    plots.passk_curves(curves, replay=replayed if len(replayed) else None).savefig(path, dpi=110)
     print(f"plot written to {path.resolve()}")
     return 0
 

@@ -40,6 +40,7 @@ SUPPORTED_SCHEMA: dict[str, int] = {
     "activation_replay": 1,
     "activation_replay_positions": 1,
     "replay": 1,
+    "eval": 2,  # eval.every's step parquets; v2 adds the `replay` column (eval.replay)
 }
 DEFAULT_SUPPORTED_SCHEMA = 1
 _RANK_RE = re.compile(r"\.rank(\d+)(?=\.[^.]+$|$)")

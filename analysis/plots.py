@@ -365,17 +365,40 @@ def correctness_heatmap(df: pd.DataFrame, direction: str = "diff_means", value: 
     return _finish(fig, ax, f"Correctness direction {value} ({direction})", STEP, "layer", legend=False)
 
 
-def passk_curves(curves: pd.DataFrame, title: str = "pass@k: base (step 0) vs trained policy") -> Figure:
-    """pass@k against k (log scale) for the first and last evaluated step of each run, crossing marked."""
+def passk_curves(
+    curves: pd.DataFrame,
+    title: str = "pass@k: base (step 0) vs trained policy",
+    replay: pd.DataFrame | None = None,
+) -> Figure:
+    """pass@k against k (log scale) for the first and last evaluated step of each run, crossing marked.
+
+    `replay` (`analysis.diagnostics.passk.replay_curves`, with a `run` column for several runs): the same
+    steps evaluated with Activation Replay (eval.replay), dotted, in the colour of the plain curve.
+    """
     from analysis.diagnostics.passk import crossing
 
     fig, ax = _fig()
     for run, g in _runs(curves):
         steps = sorted(g["step"].unique())
         prefix = f"{run}: " if run else ""
-        for step, style in ((steps[0], "--"), (steps[-1], "-")):
+        rp = None
+        if replay is not None and len(replay):
+            rp = replay[replay["run"] == run] if "run" in replay.columns and run else replay
+        for step, style in ((steps[0], "--"), (steps[-1], "-")) if len(steps) > 1 else ((steps[0], "-"),):
             c = g[g["step"] == step]
-            ax.plot(c["k"], c["pass_at_k"], style, marker="o", ms=2.5, label=f"{prefix}step {step}")
+            (line,) = ax.plot(c["k"], c["pass_at_k"], style, marker="o", ms=2.5, label=f"{prefix}step {step}")
+            for mode, r in rp.groupby("replay", sort=True) if rp is not None else ():
+                r = r[r["step"] == step]
+                if len(r):
+                    ax.plot(
+                        r["k"],
+                        r["pass_at_k"],
+                        ":",
+                        marker="x",
+                        ms=3,
+                        color=line.get_color(),
+                        label=f"{prefix}step {step} + replay ({mode})",
+                    )
         k = crossing(g.drop(columns=["run"], errors="ignore")).get("crossing_k")
         if k is not None:
             ax.axvline(k, color="grey", lw=0.8, ls=":")

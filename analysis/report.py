@@ -134,12 +134,25 @@ def eval_section(runs: RunSet) -> Section | None:
         "the end. The pass@k curve compares the base with the trained policy for every k up to the number of "
         "samples per prompt; 'crossing k' is where the base catches up.",
     )
+    replayed = _per_run(runs, passk.replay_curves)
     if over:
         _metric_figures(s, plots.with_run(over))
     if curves:
-        s.figure(plots.passk_curves(plots.with_run(curves)), "pass@k, base vs trained policy")
+        figure = plots.passk_curves(
+            plots.with_run(curves), replay=plots.with_run(replayed) if replayed else None
+        )
+        caption = "pass@k, base vs trained policy" + (", dotted: with Activation Replay" if replayed else "")
+        s.figure(figure, caption)
         table = pd.DataFrame([{"run": label, **passk.crossing(df)} for label, df in curves.items()])
         s.table(table, "Base vs trained policy")
+    if replayed:
+        gains = [passk.replay_gain(curves.get(label), df) for label, df in replayed.items()]
+        table = pd.concat([g.assign(run=label) for label, g in zip(replayed, gains)], ignore_index=True)
+        s.table(
+            table[["run", *[c for c in table.columns if c != "run"]]],
+            "Activation Replay (eval.replay): pass@k with and without replay at each evaluated step",
+            max_rows=200,
+        )
     return s
 
 

@@ -251,6 +251,7 @@ def check_trainer_numbers(cfg: Any) -> None:
         raise UserError(
             "eval.every needs a verifiable task (held-out answers to score); ultrafeedback has none. Set eval.every=0."
         )
+    check_eval_replay(cfg)
     ro = cfg.diagnostics.rollouts
     if not 0.0 < float(ro.fraction) <= 1.0 or int(ro.every) < 1:
         raise UserError(
@@ -270,6 +271,28 @@ def check_trainer_numbers(cfg: Any) -> None:
             raise UserError(
                 f"trainer.{key}={v}: expected a number > 0 (steps, or a fraction of the run if < 1)."
             )
+
+
+def check_eval_replay(cfg: Any) -> None:
+    """`eval.replay`: a known mode, only with eval.every, not under FSDP."""
+    from rlx.replay import MODES, normalise_mode
+
+    mode = normalise_mode(cfg.eval.get("replay", "off"))
+    if mode not in MODES:
+        raise UserError(f"eval.replay={mode!r}: expected one of {', '.join(MODES)}.")
+    if mode == "off":
+        return
+    if int(cfg.eval.get("every", 0) or 0) == 0:
+        raise UserError(
+            f"eval.replay={mode} runs inside the in-training evaluation: set eval.every=N as well (or evaluate "
+            f"a saved model with `python rlx/evaluate.py run_dir=RUN replay={mode}`)."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or cfg.trainer.get("fsdp"):
+        raise UserError(
+            f"eval.replay={mode} does not run under FSDP: the replay's partial forwards (and, for learnable, "
+            "backwards) on the sharded policy cannot keep the ranks in lockstep. Launch with DDP or DeepSpeed, or "
+            f"evaluate saved checkpoints with `python rlx/evaluate.py run_dir=RUN replay={mode}`."
+        )
 
 
 def make_run_context(cfg: Any, run_dir: Path) -> RunContext:

@@ -75,10 +75,12 @@ def run_training(cfg) -> Path:
         _remove_if_empty(run_dir if made_by_build else None)  # HF's Trainer makes output_dir when it is built
         raise
     trainer, task = built.trainer, built.task
-    if cfg.eval.every > 0 and cfg.task.name != "ultrafeedback":
-        from rlx.eval_loop import EvalCallback
+    from rlx.eval_loop import EvalCallback
 
-        trainer.add_callback(EvalCallback(trainer, built.tokenizer, task, cfg, run))
+    if cfg.eval.every > 0 and cfg.task.name != "ultrafeedback":
+        trainer.add_callback(
+            EvalCallback(trainer, built.tokenizer, task, cfg, run, model_dir=built.model_dir)
+        )
     with claim_run_dir(cfg, run_dir, resume):
         if state.is_main_process:
             print(f"run dir: {run_dir}", flush=True)
@@ -106,6 +108,11 @@ def run_training(cfg) -> Path:
                     None,
                 ),
             }
+            eval_cb = next(
+                (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EvalCallback)), None
+            )
+            if eval_cb is not None:  # eval.every: the in-training evaluations' cost, for the overhead ratio
+                info["eval_cost"] = eval_cb.cost_summary()
             if verifiable:
                 result = {
                     "before": before,

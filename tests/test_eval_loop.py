@@ -1,5 +1,6 @@
 """Evaluation during training (eval.every): schedule, pass@k against hand counts, saved samples, no effect on
-training, exact across a kill and resume, and the same numbers on 2 DDP processes as on 1."""
+training, exact across a kill and resume, and the same numbers on 2 DDP processes as on 1; with eval.replay, the
+Activation Replay rows equal the offline replay path's on the same checkpoint and seeds; the cost metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from rlx.eval_loop import is_cost_metric
 from tests.conftest import REPO
 
 EVAL = ["eval.every=2", "eval.num_prompts=10", "eval.num_samples=4", "eval.ks=[1,2,4]", "eval.batch_size=4"]
@@ -146,7 +148,7 @@ def test_eval_is_exact_across_kill_and_resume(tmp_path, tiny_model_dir):
     a, b = merged_rows(straight), merged_rows(run)
     assert sorted(a) == sorted(b)
     for step in a:
-        for key in (k for k in a[step] if k.startswith("eval/")):
+        for key in (k for k in a[step] if k.startswith("eval/") and not is_cost_metric(k)):
             assert b[step][key] == pytest.approx(a[step][key], abs=1e-12), (step, key)
 
 
@@ -178,6 +180,11 @@ def test_two_processes_give_the_one_process_numbers(tmp_path, tiny_model_dir):
         "trainer.learning_rate=0",
         "trainer.max_steps=2",
         "trainer.per_device_train_batch_size=8",
+        # a replay pass too: learnable replay in code alignment changes even the step-0 policy (RL layer-l input
+        # vs base layer-l output), and its statistics are summed over the ranks
+        "eval.replay=learnable",
+        "replay.steps=2",
+        "replay.lr=0.001",
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train(one, args).returncode == 0
@@ -188,7 +195,9 @@ def test_two_processes_give_the_one_process_numbers(tmp_path, tiny_model_dir):
     evaluated = [s for s in a if "eval/greedy_accuracy" in a[s]]
     assert evaluated == [0, 2]
     for step in evaluated:
-        for key in (k for k in a[step] if k.startswith("eval/")):
+        keys = [k for k in a[step] if k.startswith(("eval/", "eval_replay/")) and not is_cost_metric(k)]
+        assert "eval_replay/pass@4" in keys and "eval_replay/prompts" in keys
+        for key in keys:
             assert b[step][key] == a[step][key], (step, key)
         ta = pd.read_parquet(one / "diagnostics" / "eval" / f"step_{step:06d}.parquet")
         tb = pd.read_parquet(two / "diagnostics" / "eval" / f"step_{step:06d}.parquet")
@@ -206,3 +215,239 @@ def test_relax_harness_preset_and_overrides(tmp_path):
     assert cfg.eval.top_p == 1.0 and cfg.eval.num_samples == 1024 and list(cfg.eval.ks)[-1] == 1024
     with pytest.raises(UserError, match="harness=verl"):
         resolve(["harness=verl", f"output={tmp_path}"])
+
+
+# ---- eval.replay: Activation Replay inside the in-training evaluation ----------------------------------------
+
+REPLAY_RUN = [
+    "trainer.max_steps=1",
+    "trainer.per_device_train_batch_size=32",  # 4 groups of 8: some with mixed rewards, so the step moves
+    "trainer.warmup_steps=0",
+    "trainer.learning_rate=3e-3",  # one large step: the policy drifts from its base, so replay has work to do
+    "eval.before_after=false",
+    "trainer.report_to=[]",
+    "eval.every=1",
+    "eval.num_prompts=4",
+    "eval.num_samples=3",
+    "eval.ks=[1,3]",
+    "eval.batch_size=2",
+    "eval.max_new_tokens=8",
+    "eval.replay=direct",
+]
+
+
+def _pass(table: pd.DataFrame, mode: str) -> pd.DataFrame:
+    return table[table.replay == mode].sort_values(["prompt_index", "kind", "sample"]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_eval_replay_rows_metrics_cost_and_the_offline_replay_path(run_recipe, tmp_path):
+    """eval.replay=direct on grpo_tiny for one step: eval_replay/* logged at steps 0 and 1, the replay rows in
+    the step parquets, the step-0 replay a no-op (the base is the step-0 policy), and the step-1 replay rows the
+    completions `make_generate_fn` / rlx/evaluate.py give for the saved final model with the same seeds."""
+    from rlx.config.loader import load_config
+    from rlx.eval_loop import _sample_seed, summarize
+    from rlx.evaluate import main as evaluate_main
+    from rlx.generation import generate_texts
+    from rlx.models import load_causal_lm, load_tokenizer_for
+    from rlx.replay import make_generate_fn
+    from rlx.tasks import get_task
+
+    run = run_recipe("grpo_tiny", *REPLAY_RUN)
+    rows = merged_rows(run)
+    evaluated = sorted(s for s, r in rows.items() if "eval_replay/greedy_accuracy" in r)
+    assert evaluated == [0, 1]
+    tables = {s: pd.read_parquet(run / "diagnostics" / "eval" / f"step_{s:06d}.parquet") for s in evaluated}
+    for step, table in tables.items():
+        assert len(table) == 2 * (4 + 4 * 3) and set(table.replay) == {"off", "direct"}
+        plain, replayed = _pass(table, "off"), _pass(table, "direct")
+        assert (
+            (plain[["prompt_index", "kind", "sample"]] == replayed[["prompt_index", "kind", "sample"]])
+            .all()
+            .all()
+        )
+        r = rows[step]
+        for prefix, part in (("eval", plain), ("eval_replay", replayed)):
+            ours = summarize(part.to_dict("records"), [1, 3])
+            assert set(ours) == {
+                "greedy_accuracy",
+                "greedy_mean_reward",
+                "pass@1",
+                "pass@3",
+                "sample_mean_reward",
+            }
+            samples = part[part.kind == "sample"]
+            for k in (1, 3):  # against math.comb on the saved samples
+                hand = sum(hand_pass_at_k(list(g.correct), k) for _, g in samples.groupby("prompt_index")) / 4
+                assert r[f"{prefix}/pass@{k}"] == pytest.approx(hand, abs=1e-12)
+            for key, value in ours.items():
+                assert r[f"{prefix}/{key}"] == pytest.approx(value, abs=1e-12), (step, prefix, key)
+        for key in ("greedy_accuracy", "pass@1", "pass@3", "sample_mean_reward"):
+            assert r[f"eval_replay/gain_{key}"] == pytest.approx(r[f"eval_replay/{key}"] - r[f"eval/{key}"])
+        # 4 prompts prepared for greedy (2 batches) and 4 for samples (1 call each): every prefill injected
+        assert r["eval_replay/prompts"] == 8 and r["eval_replay/prefills_injected"] == 6
+        assert "eval_replay/loss_first" not in r  # learnable only
+        assert 0 < r["eval_replay/seconds"] < r["eval/seconds"] and r["eval/cpu_seconds"] > 0
+    # step 0: the policy is the base, so direct replay (base entropy strictly below the policy's) replaces nothing
+    assert rows[0]["eval_replay/selected_fraction"] == 0
+    assert list(_pass(tables[0], "direct").completion) == list(_pass(tables[0], "off").completion)
+    # step 1: replay replaced positions and changed completions (so the comparison below can tell)
+    assert rows[1]["eval_replay/selected_fraction"] > 0
+    plain1, replay1 = _pass(tables[1], "off"), _pass(tables[1], "direct")
+    assert list(replay1.completion) != list(plain1.completion)
+
+    # the offline replay path on the saved final model (the step-1 policy), base = its default (the warm start)
+    cfg = load_config([f"recipe={run / 'config.yaml'}", "replay.mode=direct"])
+    final = str(run / "final")
+    tok, model = load_tokenizer_for(final), load_causal_lm(final, cfg)
+    fn = make_generate_fn(model, tok, cfg)
+    info = json.loads((run / "run_info.json").read_text())
+    assert fn.base_model == info["base_model"] == info["eval_cost"]["replay_base_model"]
+    prompts = list(get_task(cfg.task).eval_dataset()["prompt"])[:4]
+    greedy = generate_texts(model, tok, prompts, max_new_tokens=8, batch_size=2, generate_fn=fn)
+    assert [g[0] for g in greedy] == list(replay1[replay1.kind == "greedy"].completion)
+    for i, prompt in enumerate(prompts):
+        texts = generate_texts(
+            model,
+            tok,
+            [prompt],
+            max_new_tokens=8,
+            num_samples=3,
+            do_sample=True,
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            batch_size=1,
+            seed=_sample_seed(cfg.seed, 1, i),
+            generate_fn=fn,
+        )[0]
+        got = replay1[(replay1.kind == "sample") & (replay1.prompt_index == i)].completion
+        assert texts == list(got), i
+    # and rlx/evaluate.py itself (greedy: its batches are the in-training ones on one process)
+    evaluate_main([f"run_dir={run}", f"output={tmp_path}", "replay=direct", "eval.num_samples=0"])
+    offline = [
+        json.loads(line) for line in (tmp_path / "samples.replay-direct.jsonl").read_text().splitlines()
+    ]
+    assert [s["greedy"] for s in offline] == list(replay1[replay1.kind == "greedy"].completion)
+    summary = json.loads((tmp_path / "eval.replay-direct.json").read_text())
+    assert summary["greedy_accuracy"] == rows[1]["eval_replay/greedy_accuracy"]
+
+    # the cost: run_info.json's totals are the logged per-evaluation numbers, summed
+    cost = info["eval_cost"]
+    assert cost["replay"] == "direct" and cost["evaluations"] == 2
+    for key, metric in [
+        ("seconds", "eval/seconds"),
+        ("cpu_seconds", "eval/cpu_seconds"),
+        ("replay_seconds", "eval_replay/seconds"),
+        ("replay_cpu_seconds", "eval_replay/cpu_seconds"),
+    ]:
+        assert cost[key] == pytest.approx(sum(rows[s][metric] for s in evaluated), rel=1e-9), key
+    assert 0 < cost["fraction"] <= 1 and cost["seconds"] <= cost["loop_seconds"]
+
+    # the analysis side: plain curves from the plain rows only, replay curves beside them, the passk command
+    from analysis.__main__ import main as analysis_main
+    from analysis.diagnostics.passk import eval_over_steps, passk_curves, replay_curves, replay_gain
+    from analysis.loader import Run
+
+    loaded = Run(run)
+    plain_curves, replayed = passk_curves(loaded), replay_curves(loaded)
+    assert set(replayed.replay) == {"direct"} and len(plain_curves) == len(replayed) == 2 * 3
+    for curves, part in ((plain_curves, plain1), (replayed, replay1)):
+        samples = part[part.kind == "sample"]
+        for k in (1, 2, 3):
+            hand = sum(hand_pass_at_k(list(g.correct), k) for _, g in samples.groupby("prompt_index")) / 4
+            got = curves[(curves.step == 1) & (curves.k == k)]["pass_at_k"].item()
+            assert got == pytest.approx(hand, abs=1e-12)
+    gain = replay_gain(plain_curves, replayed)
+    assert (gain["gain"] == gain["with_replay"] - gain["plain"]).all() and len(gain) == 6
+    assert "eval_replay/gain_pass@1" in set(eval_over_steps(loaded).metric)
+    assert analysis_main(["passk", str(run)]) == 0 and (run / "passk.png").stat().st_size > 0
+
+
+def test_eval_replay_config_is_checked_before_the_run(monkeypatch):
+    from rlx.config.loader import load_config
+    from rlx.errors import UserError
+    from rlx.run import check_trainer_numbers
+
+    def check(*args):
+        check_trainer_numbers(load_config(["recipe=grpo_tiny", *args]))
+
+    check("eval.replay=off")  # YAML reads off as a boolean: still off
+    check("eval.replay=direct", "eval.every=5")
+    with pytest.raises(UserError, match="set eval.every=N as well"):
+        check("eval.replay=learnable")
+    with pytest.raises(UserError, match="expected one of off, learnable, direct"):
+        check("eval.replay=replay", "eval.every=5")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="does not run under FSDP"):
+        check("eval.replay=direct", "eval.every=5")
+    check("eval.every=5")  # the plain evaluation runs under FSDP (in lockstep)
+
+
+def test_eval_replay_base_is_the_run_start_unless_set():
+    from rlx.config.loader import load_config
+    from rlx.eval_loop import replay_base_path, replay_mode
+
+    cfg = load_config(["recipe=grpo_tiny", "model.name_or_path=/models/sft", "eval.replay=off"])
+    assert replay_mode(cfg) == "off" and replay_base_path(cfg, "/models/sft") == "/models/sft"
+    cfg = load_config(
+        ["recipe=grpo_tiny", "model.name_or_path=RUN/checkpoint-100", "replay.base_model=/base"]
+    )
+    assert replay_base_path(cfg, "RUN/checkpoint-100") == "/base"
+
+
+def test_cost_metrics_and_replay_stats_over_ranks():
+    from rlx.replay import ReplayStats
+
+    assert is_cost_metric("eval/seconds") and is_cost_metric("eval_replay/cpu_seconds")
+    assert not is_cost_metric("eval/pass@1") and not is_cost_metric("train/seconds")
+    a, b = (
+        ReplayStats(prompts=3, selected=0.6, injections=[4, 0]),
+        ReplayStats(prompts=1, selected=0.2, injections=[4]),
+    )
+    a.absorb(b)
+    s = a.summary()
+    assert s["replay_prompts"] == 4 and s["replay_selected_fraction"] == pytest.approx(0.2)
+    assert s["replay_prefills_injected"] == 2
+
+
+def test_passk_readers_take_schema_1_files_as_plain(tmp_path):
+    """Runs written before the `replay` column: every row is the plain evaluation, no replay curves."""
+    from analysis.diagnostics.passk import eval_samples, passk_curves, replay_curves, replay_modes
+    from analysis.loader import Run
+    from analysis.synthetic import make_run
+    from rlx.diagnostics import DiagnosticsWriter
+
+    run = make_run(tmp_path / "run", steps=2)
+    w = DiagnosticsWriter(run, rank=0, world_size=1)
+    for step, version, extra in ((0, 1, {}), (2, 2, {"replay": "off"})):
+        rows = [
+            {
+                "step": step,
+                "prompt_index": i,
+                "kind": "sample",
+                "sample": j,
+                "completion": "",
+                "reward": 1.0,
+                "correct": (i + j + step) % 2 == 0,
+                **extra,
+            }
+            for i in range(3)
+            for j in range(2)
+        ]
+        if version == 2:
+            rows += [dict(r, replay="direct", correct=True) for r in rows]
+        w.write_parquet(
+            f"eval/step_{step:06d}.parquet",
+            rows,
+            schema_version=version,
+            instrument="eval",
+            description="test",
+        )
+    loaded = Run(run)
+    assert set(eval_samples(loaded, replay=None).replay) == {"off", "direct"} and replay_modes(loaded) == [
+        "direct"
+    ]
+    curves = passk_curves(loaded)
+    assert sorted(curves.step.unique()) == [0, 2] and (curves.num_prompts == 3).all()
+    replayed = replay_curves(loaded)
+    assert set(replayed.step) == {2} and (replayed.pass_at_k == 1.0).all()

@@ -9,7 +9,7 @@
 | `activation_shift` | `activation_shift`, `shift_matrix` | the Activation Replay analysis |
 | `correctness` | `correctness_direction`, `probe_accuracy` | diagnostics.activations |
 | `rollouts` | `rollout_samples`, `best_worst_groups`, `preference_pairs` | diagnostics.rollouts |
-| `passk` | `passk_curves`, `crossing`, `eval_over_steps` | eval.every |
+| `passk` | `passk_curves`, `replay_curves`, `replay_gain`, `crossing`, `eval_over_steps` | eval.every (eval.replay) |
 
 Every function returns an empty table (with its columns) when the run did not record what it needs.
 """

@@ -1,13 +1,17 @@
 """pass@k over training, from the in-training evaluation (`eval.every`, rlx/eval_loop.py).
 
 Input: `diagnostics/eval/step_NNNNNN.parquet` (every held-out completion: prompt_index, kind greedy|sample,
-sample, reward, correct) and the `eval/*` metrics.
+sample, reward, correct, and from schema 2 `replay`: off for the plain evaluation, learnable | direct for the
+Activation Replay pass of `eval.replay`) and the `eval/*` and `eval_replay/*` metrics.
 
-- `passk_curves`: unbiased pass@k for every k = 1..n (n samples per prompt) at every evaluated step;
+- `passk_curves`: unbiased pass@k for every k = 1..n (n samples per prompt) at every evaluated step, of the
+  plain evaluation (`replay="off"`, the default; files without a `replay` column are plain) or of a replay pass;
+- `replay_curves`: the same for every replay pass in the run, with a `replay` column (empty without eval.replay);
+- `replay_gain`: pass@k with and without replay side by side, and the gain (replay minus plain);
 - `crossing`: where the base policy (step 0) catches up with the trained one (last step): RL-trained policies
   often win at small k and lose at large k, the question of whether RL expands what the model can solve or
   only sharpens what it already could;
-- `eval_over_steps`: the logged eval/* metrics per step.
+- `eval_over_steps`: the logged eval/* and eval_replay/* metrics per step.
 """
 
 from __future__ import annotations
@@ -21,14 +25,29 @@ INSTRUMENT = "eval"
 CURVE_COLUMNS = ["step", "k", "pass_at_k", "num_prompts"]
 
 
-def eval_samples(run: Run) -> pd.DataFrame | None:
+def eval_samples(run: Run, replay: str | None = "off") -> pd.DataFrame | None:
+    """The saved completions of one pass (`replay`: off, learnable, direct), or of every pass (None), with a
+    `replay` column in every case (schema-1 files, which have none, are plain: off)."""
     df = run.table(instrument=INSTRUMENT)
-    return None if df is None or not len(df) else df
+    if df is None or not len(df):
+        return None
+    mode = df["replay"].fillna("off").astype(str) if "replay" in df.columns else "off"
+    df = df.assign(replay=mode)
+    if replay is not None:
+        df = df[df["replay"] == replay]
+    return df if len(df) else None
 
 
-def passk_curves(run: Run) -> pd.DataFrame:
-    """Rows (step, k, pass_at_k, num_prompts) for k = 1..n at every evaluated step with samples."""
-    df = eval_samples(run)
+def replay_modes(run: Run) -> list[str]:
+    """The Activation Replay passes (learnable, direct) saved beside the plain evaluation."""
+    df = eval_samples(run, replay=None)
+    return [] if df is None else sorted(m for m in df["replay"].unique() if m != "off")
+
+
+def passk_curves(run: Run, replay: str = "off") -> pd.DataFrame:
+    """Rows (step, k, pass_at_k, num_prompts) for k = 1..n at every evaluated step with samples, of the plain
+    evaluation (default) or of the `replay` pass."""
+    df = eval_samples(run, replay=replay)
     if df is None:
         return pd.DataFrame(columns=CURVE_COLUMNS)
     rows = []
@@ -47,6 +66,26 @@ def passk_curves(run: Run) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+def replay_curves(run: Run) -> pd.DataFrame:
+    """`passk_curves` of every replay pass, stacked, with a `replay` column (the mode)."""
+    frames = [passk_curves(run, replay=m).assign(replay=m) for m in replay_modes(run)]
+    frames = [f for f in frames if len(f)]
+    return (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*CURVE_COLUMNS, "replay"])
+    )
+
+
+def replay_gain(plain: pd.DataFrame | None, replayed: pd.DataFrame) -> pd.DataFrame:
+    """(replay, step, k, plain, with_replay, gain) from `passk_curves` and `replay_curves` of one run."""
+    cols = ["replay", "step", "k", "plain", "with_replay", "gain"]
+    if plain is None or not len(plain) or not len(replayed):
+        return pd.DataFrame(columns=cols)
+    both = replayed.merge(plain[["step", "k", "pass_at_k"]], on=["step", "k"], suffixes=("", "_plain"))
+    both = both.rename(columns={"pass_at_k": "with_replay", "pass_at_k_plain": "plain"})
+    both["gain"] = both["with_replay"] - both["plain"]
+    return both[cols].sort_values(["replay", "step", "k"]).reset_index(drop=True)
 
 
 def crossing(curves: pd.DataFrame, base_step: int | None = None, policy_step: int | None = None) -> dict:
@@ -82,8 +121,8 @@ def crossing(curves: pd.DataFrame, base_step: int | None = None, policy_step: in
 
 
 def eval_over_steps(run: Run) -> pd.DataFrame:
-    """Long table (step, metric, value) of the logged eval/* metrics."""
-    cols = [c for c in run.metrics.columns if str(c).startswith("eval/")]
+    """Long table (step, metric, value) of the logged eval/* and eval_replay/* metrics (results and cost)."""
+    cols = [c for c in run.metrics.columns if str(c).startswith(("eval/", "eval_replay/"))]
     if not cols:
         return pd.DataFrame(columns=["step", "metric", "value"])
     long = run.metrics[["step", *cols]].melt(id_vars="step", var_name="metric", value_name="value")

@@ -188,7 +188,16 @@ class EvalConfig:
     every: int = 0
     """train.py: evaluate during training every N optimizer steps, at step 0 and at the end (0 = off): greedy
     accuracy and pass@k with the settings above, on all ranks, logged as eval/* and saved per step to
-    diagnostics/eval/ (rlx/eval_loop.py). `python -m analysis passk RUN` plots the pass@k curves."""
+    diagnostics/eval/ (rlx/eval_loop.py). `python -m analysis passk RUN` plots the pass@k curves. Each
+    evaluation also logs its cost, eval/seconds (wall) and eval/cpu_seconds (process CPU); run_info.json's
+    eval_cost holds the totals and their fraction of the training loop."""
+    replay: str = "off"
+    """train.py, with eval.every: off | learnable | direct. Each in-training evaluation also evaluates the
+    current policy with Activation Replay in this mode (the same prompts, seeds and decoding), logged as
+    eval_replay/* with eval_replay/gain_* = replay minus plain, its rows in the same parquet (column `replay`).
+    The base model is replay.base_model when set, else the model the run started from (the step-0 policy),
+    loaded once per rank and kept frozen; every other setting is replay.* (ReplayConfig; its `mode` is for
+    rlx/evaluate.py and is not used here). Not under FSDP. docs/activation_replay.md."""
 
 
 @dataclass
@@ -393,12 +402,15 @@ class RegularizersConfig:
 
 @dataclass
 class ReplayConfig:
-    """Activation Replay at evaluation time (arXiv 2511.19972); see rlx/replay."""
+    """Activation Replay at evaluation time (arXiv 2511.19972); see rlx/replay. Read by rlx/evaluate.py
+    (`replay=MODE`) and, for every key but `mode`, by the in-training evaluation (`eval.replay=MODE`)."""
 
     mode: str = "off"
-    """off | learnable (the paper's method) | direct (replace layer inputs with the base model's)."""
+    """rlx/evaluate.py: off | learnable (the paper's method) | direct (replace layer inputs with the base
+    model's). Training uses eval.replay instead."""
     base_model: str | None = None
-    """The base (pre-RL) model whose logit-lens distributions are replayed."""
+    """The base (pre-RL) model whose logit-lens distributions are replayed. In training (eval.replay), unset
+    means the model the run started from."""
     rho: float = 0.4
     """Positions with base logit-lens entropy <= rho * max are selected."""
     top_k: int = 50

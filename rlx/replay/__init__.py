@@ -47,6 +47,7 @@ __all__ = [
     "make_generate_fn",
     "prepare_replay",
     "replay_generate",
+    "replay_generate_fn",
 ]
 
 
@@ -256,6 +257,16 @@ class ReplayStats:
             )
         self.loss_rose += int(rows.sum())
 
+    def absorb(self, other: ReplayStats) -> None:
+        """Add another rank's totals (the in-training evaluation gathers one ReplayStats per rank)."""
+        self.calls += other.calls
+        self.prompts += other.prompts
+        self.loss_first += other.loss_first
+        self.loss_last += other.loss_last
+        self.selected += other.selected
+        self.injections += other.injections
+        self.loss_rose += other.loss_rose
+
     def summary(self) -> dict[str, float]:
         n = max(self.prompts, 1)
         return {
@@ -296,13 +307,25 @@ def make_generate_fn(model: nn.Module, tokenizer: Any, cfg: Any) -> Callable[...
     path = default_base_model(cfg)
     base = load_base_model(path, like=model)
     stats = ReplayStats(lr=float(cfg.replay.lr) if cfg.replay.mode == "learnable" else None)
+    generate_fn = replay_generate_fn(base, tokenizer, cfg.replay, stats)
+    generate_fn.base_model = path
+    return generate_fn
+
+
+def replay_generate_fn(
+    base: nn.Module, tokenizer: Any, replay_cfg: Any, stats: ReplayStats | None = None
+) -> Callable[..., Any]:
+    """The per-batch `generate_fn` behind `make_generate_fn`, for a base model already loaded: prepares
+    `replay_cfg` (a `ReplayConfig` or a dict of its keys, `mode` included) for each batch and injects it into
+    that batch's prefill, recording into `stats`. The in-training evaluation (`eval.replay`) keeps one base
+    model for the whole run and makes one of these per evaluation."""
+    stats = stats if stats is not None else ReplayStats()
 
     def generate_fn(m: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> Any:
-        with activation_replay(m, base, input_ids, attention_mask, cfg.replay, tokenizer) as log:
+        with activation_replay(m, base, input_ids, attention_mask, replay_cfg, tokenizer) as log:
             out = m.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
         stats.add(log)
         return out
 
     generate_fn.stats = stats
-    generate_fn.base_model = path
     return generate_fn
