@@ -6,12 +6,15 @@ A run directory (written by `rlx.train`) holds:
     metrics.jsonl             one JSON object per logging step: {"step": ..., <TRL metric names>: ...}
     eval_before_after.json    greedy accuracy before/after training (optional)
     eval.json                 rlx.evaluate output (optional)
-    diagnostics/manifest.json every file an instrument wrote, with its schema version (rlx/diagnostics)
+    diagnostics/manifest.jsonl every file an instrument wrote, with its schema version (rlx/diagnostics;
+                              runs before manifest version 2 have diagnostics/manifest.json, read as well)
 
 `Run(path)` reads all of it and checks it: a missing, truncated or newer-schema file raises
 `RunLoadError` naming the file, or, with `strict=False`, is skipped with a `RunLoadWarning`.
 Files a rank wrote alone (`name.rank{r}.ext`) are merged: tables are concatenated with a `rank`
-column, tensor files are returned one per rank. `load_runs([...])` loads several runs for comparison;
+column, tensor files are returned one per rank. A table written as shards (every file the manifest lists
+under one `name`, e.g. `grad_alignment/step_NNNNNN.parquet`) is concatenated the same way.
+`load_runs([...])` loads several runs for comparison;
 `RunSet.metrics(...)` aligns them on `step`.
 """
 
@@ -28,14 +31,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rlx.diagnostics.manifest import MANIFEST_NAME, MANIFEST_VERSION
+from rlx.diagnostics.manifest import (
+    LEGACY_MANIFEST_NAME,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    read_manifest_lines,
+)
 from rlx.errors import UserError
 
 # Newest schema version of each instrument's files this package understands. An instrument that is not
 # listed is read generically and must be at schema version 1.
 SUPPORTED_SCHEMA: dict[str, int] = {
     "grad_alignment": 1,
-    "relax": 2,  # dictionary_fit.json v2 (a list of fits); the other relax files are v1
+    "relax": 2,  # dictionary_fit.json and the spectra files v2; trajectories v1
     "activations": 1,
     "activation_replay": 1,
     "activation_replay_positions": 1,
@@ -137,7 +145,7 @@ def _read(path: Path, fmt: str) -> Any:
     except Exception as e:  # pyarrow, safetensors and json raise unrelated types for a truncated file
         raise RunLoadError(
             f"{path}: cannot read this {fmt} file ({type(e).__name__}: {e}); it is truncated or corrupt. "
-            "Re-run the instrument or remove the entry from diagnostics/manifest.json."
+            "Re-run the instrument or remove the entry from diagnostics/manifest.jsonl."
         ) from e
     raise RunLoadError(
         f"{path}: unknown format '{fmt}' in the manifest; expected parquet, safetensors or json."
@@ -169,7 +177,7 @@ def _validate(path: Path, fmt: str, schema_version: int) -> None:
     except Exception as e:
         raise RunLoadError(
             f"{path}: cannot read this {fmt} file ({type(e).__name__}: {e}); it is truncated or corrupt. "
-            "Re-run the instrument or remove the entry from diagnostics/manifest.json."
+            "Re-run the instrument or remove the entry from diagnostics/manifest.jsonl."
         ) from e
 
 
@@ -279,27 +287,51 @@ class Run:
         return OmegaConf.load(path)
 
     def _load_manifest(self) -> tuple[dict[str, Any], list[DiagFile]]:
-        mpath = self.path / "diagnostics" / MANIFEST_NAME
-        empty = {"format": "rlx-diagnostics", "manifest_version": MANIFEST_VERSION, "files": []}
-        if not mpath.exists():
-            return empty, []
-        manifest = self._guard(mpath, _read_json, required=True)
-        if manifest is None:
-            return empty, []
-        if int(manifest.get("manifest_version", 0)) > MANIFEST_VERSION:
-            self._fail(
-                f"{mpath}: manifest_version {manifest.get('manifest_version')} is newer than this package "
-                f"reads ({MANIFEST_VERSION}); upgrade rlx to analyse this run."
-            )
+        """The manifest (version 1 `manifest.json` and/or version 2 `manifest.jsonl`; the last entry of a path
+        wins) and its files, each checked."""
+        diag = self.path / "diagnostics"
+        legacy, log = diag / LEGACY_MANIFEST_NAME, diag / MANIFEST_NAME
+        manifest = {"format": "rlx-diagnostics", "manifest_version": MANIFEST_VERSION, "files": []}
+        if not legacy.exists() and not log.exists():
             return manifest, []
+        entries: dict[str, dict[str, Any]] = {}
+        versions = []
+        for mpath in (legacy, log):
+            if not mpath.exists():
+                continue
+            if mpath is legacy:
+                doc = self._guard(mpath, _read_json, required=True)
+                if doc is None:
+                    continue
+                header, listed, torn = doc, doc.get("files", []), 0
+            else:
+                header, listed, torn = read_manifest_lines(mpath)
+                if torn:
+                    self._fail(
+                        f"{mpath}: {torn} line(s) are not valid JSON (a kill while appending); the files they "
+                        "listed are not read. Resume the run (trainer.resume_from_checkpoint=true) to restore "
+                        "its diagnostics, or load it with strict=False."
+                    )
+            version = int(header.get("manifest_version", 1 if mpath is legacy else MANIFEST_VERSION))
+            if version > MANIFEST_VERSION:
+                self._fail(
+                    f"{mpath}: manifest_version {version} is newer than this package reads "
+                    f"({MANIFEST_VERSION}); upgrade rlx to analyse this run."
+                )
+                continue
+            versions.append(version)
+            entries.update({e["path"]: e for e in listed})
+        manifest["manifest_version"] = max(versions, default=MANIFEST_VERSION)
+        manifest["files"] = sorted(entries.values(), key=lambda e: e["path"])
+        mname = " and ".join(p.name for p in (legacy, log) if p.exists())
         files = []
-        for entry in manifest.get("files", []):
-            path = self.path / "diagnostics" / entry["path"]
+        for entry in manifest["files"]:
+            path = diag / entry["path"]
             inst = entry.get("instrument", "")
             supported = SUPPORTED_SCHEMA.get(inst, DEFAULT_SUPPORTED_SCHEMA)
             version = int(entry.get("schema_version", 0))
             if not path.exists():
-                self._fail(f"{path}: listed in {mpath} but missing; the run was copied incompletely.")
+                self._fail(f"{path}: listed in {diag / mname} but missing; the run was copied incompletely.")
                 continue
             if version > supported:
                 self._fail(
