@@ -72,9 +72,9 @@ def make_run(
 
 
 def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
-    """The layout of rlx/alignment/instrument.py: one table, one sketch file per logged step."""
-    rows = []
+    """The layout of rlx/alignment/instrument.py: one table shard and one sketch file per logged step."""
     for s in range(1, steps + 1):
+        rows = []
         if algo == "dpo":
             pos, neg, kl = 1.0 / s + 0.2, 0.1 * s / steps, 0.0
         else:
@@ -168,9 +168,14 @@ def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
             description="synthetic",
             metadata={"step": str(s)},
         )
-    w.write_parquet(
-        "grad_alignment.parquet", rows, schema_version=1, instrument="grad_alignment", description="synthetic"
-    )
+        w.write_parquet(
+            f"grad_alignment/step_{s:06d}.parquet",
+            rows,
+            name="grad_alignment",
+            schema_version=1,
+            instrument="grad_alignment",
+            description="synthetic",
+        )
 
 
 def _relax(w: DiagnosticsWriter, steps: int, rng, per_rank: bool) -> None:

@@ -1,6 +1,6 @@
 """A minimal HF-ordered training loop around the grad_alignment instrument (no TRL), for identity and DDP tests.
 
-Event order follows transformers' Trainer: micro-batches (on_loss, backward) -> _clip_grad_norm ->
+Event order follows transformers' Trainer: on_step_begin -> micro-batches (on_loss, backward) -> _clip_grad_norm ->
 on_pre_optimizer_step -> optimizer.step -> zero_grad -> global_step += 1 -> on_step_end. The loss is a sigmoid
 DPO on pairs (rows [chosen; rejected]) of a tiny random Qwen2, a GRPO-like loss with a k3 KL term, or a PPO
 clipped loss with token-level advantages whose rollouts last `rollout_steps` optimizer steps (old log-probs
@@ -151,6 +151,8 @@ def run(
         inst.on_train_begin(trainer)
     checks = []
     for step in range(steps):
+        if instrument:
+            inst.on_step_begin(trainer)
         ids, mask, adv = global_batch(step)
         # rank r takes pairs [r*P/W, (r+1)*P/W) (chosen and rejected rows); micro-batches split them further
         per = PAIRS // world

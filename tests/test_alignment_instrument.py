@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _alignment_harness as harness  # noqa: E402
 
-from rlx.diagnostics import read_manifest  # noqa: E402
+from rlx.diagnostics import read_manifest, read_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,8 @@ def rel(a, b):
 
 
 def table(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / "diagnostics" / "grad_alignment.parquet")
+    """The alignment table: every shard grad_alignment/step_NNNNNN.parquet the manifest lists."""
+    return read_table(out, "grad_alignment")
 
 
 def G(df, step, comp):
@@ -68,12 +69,17 @@ def test_components_tertiles_and_optimizer_gradient_identities(dpo_ga2):
 def test_storage_manifest_and_logger_metrics(dpo_ga2):
     out, inst, _ = dpo_ga2
     man = {f["path"]: f for f in read_manifest(out)["files"]}
-    assert man["grad_alignment.parquet"]["schema_version"] == 1
+    shards = {p: f for p, f in man.items() if f["name"] == "grad_alignment" and f["format"] == "parquet"}
+    # one shard per logged step
+    assert sorted(shards) == [f"grad_alignment/step_{s:06d}.parquet" for s in (1, 2, 3)]
+    assert all(f["schema_version"] == 1 and f["instrument"] == "grad_alignment" for f in shards.values())
     assert man["grad_alignment_sketches/step_000002.safetensors"]["instrument"] == "grad_alignment"
     summary = json.loads((out / "diagnostics" / "grad_alignment_summary.json").read_text())
     assert summary["n_logged"] == 3 and summary["regime"] in ("supervised-like", "RL-like")
     sk = out / "diagnostics" / "grad_alignment_sketches" / "step_000002.safetensors"
-    per_step = sk.stat().st_size + (out / "diagnostics" / "grad_alignment.parquet").stat().st_size / 3
+    per_step = (
+        sk.stat().st_size + (out / "diagnostics" / "grad_alignment" / "step_000002.parquet").stat().st_size
+    )
     assert per_step < 200_000, per_step
     from safetensors.torch import load_file
 

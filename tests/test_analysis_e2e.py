@@ -163,12 +163,12 @@ def test_summary_cli_and_user_error_exit_code(real_runs, capsys, tmp_path):
     broken = shutil.copytree(
         real_runs["grpo"], tmp_path / "broken", ignore=shutil.ignore_patterns("final", "tensorboard")
     )
-    bad = broken / "diagnostics" / "grad_alignment.parquet"
+    bad = broken / "diagnostics" / "grad_alignment" / "step_000001.parquet"
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(SystemExit) as e:
         main(["report", str(broken), "--out", str(tmp_path / "r.html")])
     assert e.value.code == 2
-    assert "grad_alignment.parquet" in capsys.readouterr().err
+    assert "grad_alignment/step_000001.parquet" in capsys.readouterr().err
     assert main(["report", str(broken), "--out", str(tmp_path / "r.html"), "--lenient"]) == 0
     assert "Skipped files" in (tmp_path / "r.html").read_text()
 

@@ -85,14 +85,17 @@ def test_per_rank_files_are_merged(runs):
 
 def test_truncated_parquet_is_rejected_naming_the_file(runs, tmp_path):
     run = _copy(runs["dpo"], tmp_path / "run")
-    bad = run / "diagnostics" / "grad_alignment.parquet"
+    bad = run / "diagnostics" / "grad_alignment" / "step_000002.parquet"
     _truncate(bad)
-    with pytest.raises(RunLoadError, match="grad_alignment.parquet") as e:
+    with pytest.raises(RunLoadError, match=r"grad_alignment/step_000002\.parquet") as e:
         Run(run)
     assert "truncated or corrupt" in str(e.value) and isinstance(e.value, UserError)
-    with pytest.warns(RunLoadWarning, match="grad_alignment.parquet"):
+    with pytest.warns(RunLoadWarning, match=r"grad_alignment/step_000002\.parquet"):
         r = Run(run, strict=False)
-    assert not r.find(fmt="parquet") and len(r.find(instrument="grad_alignment", fmt="safetensors")) == 4
+    assert (
+        len(r.find(fmt="parquet")) == 3 and len(r.find(instrument="grad_alignment", fmt="safetensors")) == 4
+    )
+    assert sorted(r.table("grad_alignment")["step"].unique()) == [1, 3, 4]  # the other shards still load
     assert len(r.skipped) == 1
 
 
@@ -122,11 +125,11 @@ def test_newer_schema_and_missing_files_are_rejected(runs, tmp_path):
     with pytest.raises(RunLoadError, match=r"future\.safetensors: schema_version 99 .* newer"):
         Run(run)
     (run / "diagnostics" / "future.safetensors").unlink()
-    with pytest.raises(RunLoadError, match=r"future\.safetensors: listed in .*manifest.json but missing"):
+    with pytest.raises(RunLoadError, match=r"future\.safetensors: listed in .*manifest.jsonl but missing"):
         Run(run)
-    m = json.loads((run / "diagnostics" / "manifest.json").read_text())
-    m["files"] = [f for f in m["files"] if f["path"] != "future.safetensors"]
-    (run / "diagnostics" / "manifest.json").write_text(json.dumps(m))
+    log = run / "diagnostics" / "manifest.jsonl"
+    lines = [ln for ln in log.read_text().splitlines() if '"future.safetensors"' not in ln]
+    log.write_text("\n".join(lines) + "\n")
     (run / "config.yaml").unlink()
     with pytest.raises(RunLoadError, match=r"config\.yaml: missing"):
         Run(run)

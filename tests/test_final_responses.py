@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -21,6 +20,7 @@ from rlx.alignment.final_responses import main as final_main
 from rlx.alignment.instrument import GradAlignment
 from rlx.cli import main as rlx_main
 from rlx.config.schema import RunConfig
+from rlx.diagnostics import read_table
 from rlx.errors import UserError
 from rlx.run import RunContext
 
@@ -113,7 +113,7 @@ def test_target_final_logs_the_nll_of_the_pilot_responses(pilot, run_recipe, tin
         "eval.before_after=false",
         f"diagnostics.grad_alignment.target=final:{pilot}",
     )
-    df = pd.read_parquet(run_dir / "diagnostics" / "grad_alignment.parquet")
+    df = read_table(run_dir, "grad_alignment")
     assert (df.target == "final_pilot").all() and df.step.unique().tolist() == [1]
     summary = json.loads((run_dir / "diagnostics" / "grad_alignment_summary.json").read_text())
     assert summary["target"] == "final_pilot" and summary["target_option"] == f"final:{pilot}"

@@ -204,18 +204,17 @@ def test_three_kills_each_step_once(tmp_path, tiny_model_dir):
     from rlx.checkpoint import complete_checkpoints
 
     assert [s for s, _ in complete_checkpoints(run)] == [6, 8]  # save_total_limit=2, rotated after completion
-    import pandas as pd
 
-    from rlx.diagnostics import read_manifest
+    from rlx.diagnostics import read_manifest, read_table
 
     manifest = read_manifest(run)
     listed = {f["path"] for f in manifest["files"]}
     on_disk = {
         str(p.relative_to(run / "diagnostics")) for p in (run / "diagnostics").rglob("*") if p.is_file()
     }
-    on_disk = {p for p in on_disk if not Path(p).name.startswith(".")} - {"manifest.json"}
-    assert listed == on_disk
-    table = pd.read_parquet(run / "diagnostics" / "grad_alignment.parquet")
+    on_disk = {p for p in on_disk if not Path(p).name.startswith(".")} - {"manifest.jsonl"}
+    assert listed == on_disk and manifest["torn"] == 0
+    table = read_table(run, "grad_alignment")
     assert sorted(set(table["step"])) == [1, 2, 4, 6, 8]
     assert not table.duplicated(["step", "component"]).any()
     p = subprocess.run(

@@ -3,12 +3,15 @@
 DSD(x) = sample variance of the smoothed singular values r_j = sqrt(s_j^2 + eps) of the per-trajectory
 Koopman matrix K fitted on the last-layer states (the code's variant; `spectrum: eig` uses eigenvalue
 moduli, paper Eq. 6). Input: the `relax` instrument's per-trajectory table (step, DSD, advantage,
-masked flag) and its saved spectra (safetensors); `relax/*` metrics from metrics.jsonl as a fallback.
+masked flag), its spectrum summaries and full spectra (safetensors); `relax/*` metrics from metrics.jsonl as a
+fallback.
 
 - `dsd_over_steps`: DSD mean and quantiles per step over all trajectories and over positive-advantage
   ones (the only ones the loss pushes);
 - `masked_fraction`: share of trajectories with DSD > xi (their DSD push is detached and they get KL);
-- `spectra`: the sorted singular-value spectrum per step (mean and 10/90% quantiles over trajectories).
+- `spectra`: the sorted singular-value spectrum per step (mean and 10/90% quantiles over trajectories):
+  exact from the full spectra (step 1 and every `full_spectra_every` steps; every recorded step in runs
+  before spectra schema 2), from the fp16 per-micro-batch summaries at the other steps (`source` says which).
 """
 
 from __future__ import annotations
@@ -121,11 +124,20 @@ _STEP_RE = re.compile(r"(\d+)")
 
 
 def spectra(run: Run) -> pd.DataFrame:
-    """step, index (j-th largest singular value, 0-based), mean, q10, q90 over trajectories."""
-    cols = ["step", "index", "mean", "q10", "q90", "n"]
+    """step, index (j-th largest singular value, 0-based), mean, q10, q90 over trajectories, n, source.
+
+    source = full: computed from every trajectory's full spectrum (exact); summary: from the fp16 summaries of
+    the step's micro-batches (mean exact up to fp16; q10/q90 exact for a step with one micro-batch on one rank,
+    else the n-weighted mean of the micro-batches' quantiles). A step with full spectra is never taken from
+    the summaries."""
+    cols = ["step", "index", "mean", "q10", "q90", "n", "source"]
     rows: list[dict] = []
     blocks: dict[int, list[np.ndarray]] = {}
+    summaries: dict[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
     for tf in run.tensors(instrument=INSTRUMENT):
+        if "quantiles" in tf.tensors and "levels" in tf.tensors:
+            _collect_summary(tf, summaries)
+            continue
         key = pick(
             pd.DataFrame(columns=list(tf.tensors)), "singular_values", "spectrum", "spectra", "sv", "S"
         )
@@ -159,11 +171,47 @@ def spectra(run: Run) -> pd.DataFrame:
                     "q10": float(np.quantile(col, 0.1)),
                     "q90": float(np.quantile(col, 0.9)),
                     "n": len(col),
+                    "source": "full",
+                }
+            )
+    for step, parts in sorted(summaries.items()):
+        if step in blocks:
+            continue
+        width = min(len(p[1]) for p in parts)
+        n = np.array([p[0] for p in parts], dtype=np.float64)
+        wts = n / n.sum() if n.sum() > 0 else np.full(len(n), 1.0 / len(n))
+        stat = {
+            k: sum(w * p[i][:width] for w, p in zip(wts, parts))
+            for k, i in (("mean", 1), ("q10", 2), ("q90", 3))
+        }
+        for j in range(width):
+            rows.append(
+                {
+                    "step": step,
+                    "index": j,
+                    "mean": float(stat["mean"][j]),
+                    "q10": float(stat["q10"][j]),
+                    "q90": float(stat["q90"][j]),
+                    "n": int(n.sum()),
+                    "source": "summary",
                 }
             )
     if not rows:
         return empty(cols)
     return pd.DataFrame(rows, columns=cols).sort_values(["step", "index"]).reset_index(drop=True)
+
+
+def _collect_summary(tf, out: dict[int, list]) -> None:
+    """(n, mean, q10, q90) per recorded micro-batch of a `spectra_summary_step*` file, by step."""
+    levels = np.asarray(tf["levels"], dtype=np.float64)
+    q = np.asarray(tf["quantiles"], dtype=np.float64)  # (K, Q, m)
+    mean = np.asarray(tf["mean"], dtype=np.float64)  # (K, m)
+    i10, i90 = int(np.argmin(np.abs(levels - 0.1))), int(np.argmin(np.abs(levels - 0.9)))
+    for k, step in enumerate(np.asarray(tf["step"]).astype(int)):
+        live = np.isfinite(mean[k])  # summaries of narrower micro-batches are NaN-padded
+        out.setdefault(int(step), []).append(
+            (int(tf["n"][k]), mean[k][live], q[k, i10][live], q[k, i90][live])
+        )
 
 
 def dictionary_fit(run: Run) -> pd.DataFrame:

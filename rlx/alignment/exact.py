@@ -587,6 +587,9 @@ def replay(
         for p in model.parameters():
             p.grad = None
         trainer.state.global_step = step - 1
+        step_begin = getattr(inst, "on_step_begin", None)
+        if step_begin is not None:  # instruments that hook the model only on the steps they log
+            step_begin(trainer)
         for m, micro in enumerate(saved["micro"]):
             bad = _unsupported(micro["forwards"])
             if bad:

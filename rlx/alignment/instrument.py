@@ -11,7 +11,8 @@ Data flow of one logged optimizer step (every `every` steps, and step 1):
     before grad clipping              the optimizer's gradient .grad (global, pre-clip): G_total, norms,
                                       layer groups, sketch, drift; snapshot of theta
     on_step_end                       realised <g_T, delta theta>, measured delta R_T; all-reduce scalars
-                                      (DDP mean); rows to diagnostics/grad_alignment.parquet, sketches,
+                                      (DDP mean); the step's rows to one shard
+                                      diagnostics/grad_alignment/step_NNNNNN.parquet (O(1) per step), sketches,
                                       metrics grad_align/* to the logger
 
 G uses the sign convention G = <g_T, grad L>, g_T = grad R_T: G > 0 means a descent step lowers the NLL of
@@ -47,7 +48,9 @@ from rlx.errors import UserError
 from rlx.instruments.base import Instrument, LossContext, register_instrument, unwrap_policy
 
 SCHEMA_VERSION = 1
-TABLE = "grad_alignment.parquet"
+TABLE = "grad_alignment"
+"""The table's manifest name: one shard per logged step, `grad_alignment/step_NNNNNN.parquet` (runs before the
+shards wrote the whole table to `grad_alignment.parquet` at every logged step; readers take both)."""
 TERTILE_LEVEL = {"dpo": "pair", "ppo": "token", "grpo": "sequence", "sft": "sequence"}
 ROW_ALGOS = ("grpo", "dpo", "sft")
 """Algorithms whose w_t has one sign per row (sequence-level advantage, chosen/rejected, SFT): fast path."""
@@ -139,6 +142,18 @@ class GradAlignment(Instrument):
     changes_loss = False
     allow_fast = True
     """Use the one-backward row path (rowgrad.py) where it applies; False forces per-component backwards."""
+    _needs_hidden = False
+    _trainer = None
+
+    @property
+    def needs_hidden(self) -> bool:  # type: ignore[override]
+        """Only logged loss forwards read `ctx.hidden`: on other steps the seam does not hook the backbone."""
+        t = self._trainer
+        return self._needs_hidden and (t is None or self._logged(int(t.state.global_step) + 1))
+
+    @needs_hidden.setter
+    def needs_hidden(self, value: bool) -> None:
+        self._needs_hidden = bool(value)
 
     def __init__(self, cfg: Any, run: Any) -> None:
         super().__init__(cfg, run)
@@ -178,7 +193,6 @@ class GradAlignment(Instrument):
         self.needs_hidden = self.variant == "activation"
         self.cur: _Step | None = None
         self.target: TargetBatch | None = None
-        self.rows: list[dict[str, Any]] = []
         self.series: list[float] = []
         self.prev: deque = deque(maxlen=max(int(cfg.drift_lag), 1))
         self.params: list[torch.nn.Parameter] | None = None
@@ -241,31 +255,38 @@ class GradAlignment(Instrument):
 
             trainer._clip_grad_norm = clip_with_alignment
             trainer._rlx_ga_wrapped = True
-        if self.rowcap is not None and not self._hooks:
-            # Arm the per-layer captures for the loss forwards of logged steps only (grad on, train mode).
-            def arm(module, args, kwargs):
-                step = int(trainer.state.global_step) + 1
-                if (
-                    self.rowcap is not None
-                    and module.training
-                    and torch.is_grad_enabled()
-                    and self._logged(step)
-                ):
-                    self.rowcap.start()
-                    self.rowcap.attach()  # layer hooks exist only during logged loss forwards
-
-            def disarm(module, args, kwargs, out):
-                if self.rowcap is not None and self.rowcap.armed:
-                    self.rowcap.armed = False
-                    self.rowcap.detach()
-
-            policy = self._policy(trainer)
-            self._hooks = [
-                policy.register_forward_pre_hook(arm, with_kwargs=True),
-                policy.register_forward_hook(disarm, with_kwargs=True),
-            ]
         if self.exact is not None:
             self.exact.attach(self, trainer)
+
+    def on_step_begin(self, trainer: Any) -> None:
+        # Hooks exist only during logged steps: a step that logs nothing runs with the model's hooks untouched.
+        if self.rowcap is not None and not self._hooks and self._logged(int(trainer.state.global_step) + 1):
+            self._arm_hooks(trainer)
+
+    def _arm_hooks(self, trainer: Any) -> None:
+        """Arm the per-layer captures for the loss forwards of this logged step (grad on, train mode)."""
+
+        def arm(module, args, kwargs):
+            step = int(trainer.state.global_step) + 1
+            if self.rowcap is not None and module.training and torch.is_grad_enabled() and self._logged(step):
+                self.rowcap.start()
+                self.rowcap.attach()  # layer hooks exist only during logged loss forwards
+
+        def disarm(module, args, kwargs, out):
+            if self.rowcap is not None and self.rowcap.armed:
+                self.rowcap.armed = False
+                self.rowcap.detach()
+
+        policy = self._policy(trainer)
+        self._hooks = [
+            policy.register_forward_pre_hook(arm, with_kwargs=True),
+            policy.register_forward_hook(disarm, with_kwargs=True),
+        ]
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def _policy(self, trainer: Any) -> torch.nn.Module:
         return unwrap_policy(trainer.accelerator.unwrap_model(trainer.model))
@@ -563,6 +584,12 @@ class GradAlignment(Instrument):
     # ---- step end: realised alignment, reduction, records ---------------------------------------------------
 
     def on_step_end(self, trainer: Any) -> None:
+        self._process_pending()
+        self._remove_hooks()
+        # The logged forward's layer inputs and output gradients (294 MB on the tiny recipe) are consumed by now:
+        # never keep them through the steps that do not log.
+        if self.rowcap is not None:
+            self.rowcap.records = []
         cur = self.cur
         if cur is None or cur.step != int(trainer.state.global_step):
             return
@@ -848,11 +875,11 @@ class GradAlignment(Instrument):
         self.last_metrics = metrics
         if not self.run.is_main:
             return
-        self.rows.extend(rows)
         w = self.run.writer
-        w.write_parquet(
-            TABLE,
-            self.rows,
+        w.write_parquet(  # this step's rows only: earlier shards are never rewritten
+            f"{TABLE}/step_{cur.step:06d}.parquet",
+            rows,
+            name=TABLE,
             schema_version=SCHEMA_VERSION,
             instrument=self.name,
             description="gradient alignment G = <g_T, grad L_c> per logged step and component (docs/gradient_alignment.md)",
@@ -917,7 +944,8 @@ class GradAlignment(Instrument):
     # ---- exact resume -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Target set D', table rows, G series and the drift history (previous total gradients)."""
+        """Target set D', G series and the drift history (previous total gradients). The table's rows are on disk
+        (one shard per logged step), restored with the run's diagnostics."""
         t = self.target
         return {
             "target": None
@@ -928,7 +956,6 @@ class GradAlignment(Instrument):
                 "loss_mask": t.loss_mask.cpu(),
                 "name": t.name,
             },
-            "rows": list(self.rows),
             "series": list(self.series),
             "prev": [[x.detach().cpu() for x in g] for g in self.prev],
         }
@@ -936,7 +963,6 @@ class GradAlignment(Instrument):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         t = state["target"]
         self.target = None if t is None else TargetBatch(**t)
-        self.rows = list(state["rows"])
         self.series = list(state["series"])
         self.prev.clear()
         self.prev.extend(state["prev"])

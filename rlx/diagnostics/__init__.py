@@ -1,5 +1,19 @@
 """What instruments write under `<output_dir>/diagnostics/` and how (see `manifest.py`)."""
 
-from rlx.diagnostics.manifest import MANIFEST_NAME, MANIFEST_VERSION, DiagnosticsWriter, read_manifest
+from rlx.diagnostics.manifest import (
+    LEGACY_MANIFEST_NAME,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    DiagnosticsWriter,
+    read_manifest,
+    read_table,
+)
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_VERSION", "DiagnosticsWriter", "read_manifest"]
+__all__ = [
+    "LEGACY_MANIFEST_NAME",
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "DiagnosticsWriter",
+    "read_manifest",
+    "read_table",
+]

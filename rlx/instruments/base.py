@@ -146,6 +146,10 @@ class Instrument:
 
     def on_train_begin(self, trainer: Any) -> None: ...
 
+    def on_step_begin(self, trainer: Any) -> None:
+        """Before the first micro-batch of an optimizer step (generation included). An instrument that has
+        nothing to record at this step should leave the model as it is: hooks only on the steps that need them."""
+
     def on_loss(self, ctx: LossContext) -> LossTerm | None:
         return None
 

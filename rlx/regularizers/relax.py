@@ -17,6 +17,11 @@ steps, on rank 0; it is broadcast to all ranks and saved as `diagnostics/relax/d
 every fit's loss curve goes to `diagnostics/relax/dictionary_fit.json`. Exact resume restores W, xi and
 the fit history through `state_dict` / `load_state_dict`; without a saved state, a run directory that
 already holds a dictionary reuses it.
+
+Dumps (every `save_every` steps, written every `flush_every` steps): per-trajectory rows (parquet), a compact
+fp16 summary of the spectra of every recorded micro-batch (quantiles over its trajectories of each sorted
+singular value), and each trajectory's full spectrum only at step 1 and every `full_spectra_every` steps.
+Bytes per step on the tiny recipe: docs/relax.md.
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ from rlx.regularizers.loss import adaptive_kl, exploration_loss, kl_mask, positi
 from rlx.regularizers.reference import LazyReference
 
 SCHEMA_VERSION = 1
+SPECTRA_SCHEMA_VERSION = 2
+"""Spectra files v2: full spectra (`spectra_step*`) only at step 1 and every `full_spectra_every` steps, with
+`micro_step`/`index` to join the trajectory rows; a compact summary (`spectra_summary_step*`) of every recorded
+micro-batch. v1 held the full spectrum of every recorded trajectory."""
+SUMMARY_LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+"""Quantile levels over a micro-batch's trajectories kept for each sorted singular value in the summary."""
 DICT_FILE = "relax/dictionary.safetensors"
 FIT_FILE = "relax/dictionary_fit.json"
 FIT_SCHEMA_VERSION = 2
@@ -125,6 +136,11 @@ class Relax(Instrument):
                 f"regularizers.relax: alpha={cfg.alpha}, beta={cfg.beta}, dict_size={cfg.dict_size}; "
                 "expected alpha >= 0, beta >= 0 and dict_size >= 2. Fix the recipe or override."
             )
+        if int(cfg.full_spectra_every) < 0:
+            raise UserError(
+                f"regularizers.relax.full_spectra_every={cfg.full_spectra_every}: expected an integer >= 0 "
+                "(keep full spectra at step 1 and every N steps; 0 = never, summaries only)."
+            )
         if cfg.dict_steps < 0 or cfg.dict_epochs < 0 or cfg.refit_every < 0:
             raise UserError(
                 f"regularizers.relax: dict_steps={cfg.dict_steps}, dict_epochs={cfg.dict_epochs}, "
@@ -136,7 +152,8 @@ class Relax(Instrument):
         self.fit_step = -1
         self.micro = 0
         self.rows: list[dict[str, Any]] = []
-        self.spectra: list[torch.Tensor] = []
+        self.spectra: list[dict[str, Any]] = []  # full spectra of the recorded micro-batches at full steps
+        self.summaries: list[dict[str, Any]] = []  # compact summary of every recorded micro-batch
         self.fits: list[dict[str, Any]] = []
         self.reference = LazyReference()
 
@@ -151,7 +168,7 @@ class Relax(Instrument):
 
     def state_dict(self) -> dict[str, Any]:
         """W, xi (and the median it was calibrated from), fit step, micro-batch counter, fit history and
-        the per-trajectory rows and spectra not yet written. The fit owns no generator between fits (each
+        the per-trajectory rows, spectra and spectrum summaries not yet written. The fit owns no generator between fits (each
         fit seeds its own from dict_seed + step); the lazy reference is the base model and is rebuilt."""
         return {
             "weight": None if self.weight is None else self.weight.detach().cpu().clone(),
@@ -161,7 +178,8 @@ class Relax(Instrument):
             "micro": self.micro,
             "fits": [dict(f) for f in self.fits],
             "rows": [dict(r) for r in self.rows],
-            "spectra": [t.clone() for t in self.spectra],
+            "spectra": [{**r, "values": r["values"].clone()} for r in self.spectra],
+            "summaries": [dict(r) for r in self.summaries],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -173,7 +191,19 @@ class Relax(Instrument):
         self.micro = int(state.get("micro", 0))
         self.fits = [dict(f) for f in state.get("fits", [])]
         self.rows = [dict(r) for r in state.get("rows", [])]
-        self.spectra = [t.clone() for t in state.get("spectra", [])]
+        spectra = state.get("spectra", [])
+        if "summaries" not in state:  # a checkpoint of rlx before spectra v2: one full tensor per record
+            spectra = self._records_from_v1(spectra)
+            self.summaries = [self._summary(r["step"], r["micro_step"], r["values"]) for r in spectra]
+            spectra = [r for r in spectra if self._full_step(r["step"])]
+        else:
+            self.summaries = [dict(r) for r in state["summaries"]]
+        self.spectra = [{**r, "values": r["values"].clone()} for r in spectra]
+
+    def _records_from_v1(self, tensors: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """v1 state: the i-th tensor holds the spectra of the i-th recorded micro-batch of `self.rows`."""
+        keys = list(dict.fromkeys((r["step"], r["micro_step"]) for r in self.rows))
+        return [{"step": s, "micro_step": m, "values": t} for (s, m), t in zip(keys, tensors)]
 
     # ---- events ------------------------------------------------------------------------------------
 
@@ -414,16 +444,39 @@ class Relax(Instrument):
             "xi": [float(self.xi)] * n,
         }
         self.rows.extend(dict(zip(cols, vals)) for vals in zip(*cols.values()))
-        self.spectra.append(spectrum.float().cpu())
+        values = spectrum.float().cpu()
+        self.summaries.append(self._summary(step + 1, self.micro, values))
+        if self._full_step(step + 1):
+            self.spectra.append({"step": step + 1, "micro_step": self.micro, "values": values})
+
+    def _full_step(self, step: int) -> bool:
+        """Whether the full spectra of (1-based) `step` are kept: step 1 and every `full_spectra_every` steps."""
+        every = int(self.cfg.full_spectra_every)
+        return every > 0 and (step == 1 or step % every == 0)
+
+    @staticmethod
+    def _summary(step: int, micro_step: int, values: torch.Tensor) -> dict[str, Any]:
+        """fp16 quantiles (SUMMARY_LEVELS) and mean over the micro-batch's trajectories of each sorted |s_j|."""
+        sv = values.abs().sort(dim=1, descending=True).values.double()
+        levels = torch.tensor(SUMMARY_LEVELS, dtype=torch.float64)
+        return {
+            "step": step,
+            "micro_step": micro_step,
+            "n": int(sv.shape[0]),
+            "quantiles": torch.quantile(sv, levels, dim=0).to(torch.float16),  # (Q, m)
+            "mean": sv.mean(0).to(torch.float16),  # (m,)
+        }
 
     def flush(self) -> None:
-        """Write the buffered per-trajectory rows and spectra as one shard now (checkpoints call this)."""
-        rows, spectra = self.rows, self.spectra
-        self.rows, self.spectra = [], []
+        """Write the buffered per-trajectory rows, spectrum summaries and full spectra as shards now (checkpoints
+        call this)."""
+        rows, spectra, summaries = self.rows, self.spectra, self.summaries
+        self.rows, self.spectra, self.summaries = [], [], []
         if not rows or self.run is None or self.run.writer is None:
             return
         step = rows[-1]["step"]  # a shard holds the recorded steps since the last flush, up to this one
-        self.run.writer.write_parquet(
+        w = self.run.writer
+        w.write_parquet(
             f"relax/trajectories_step{step:06d}.parquet",
             rows,
             schema_version=SCHEMA_VERSION,
@@ -431,16 +484,43 @@ class Relax(Instrument):
             description="ReLaX per-trajectory DSD, advantage, length and KL mask at one optimizer step.",
             per_rank=True,
         )
-        self.run.writer.write_tensors(
-            f"relax/spectra_step{step:06d}.safetensors",
-            {
-                "singular_values": torch.cat(spectra),
-                "step": torch.tensor([r["step"] for r in rows]),
-                "dsd": torch.tensor([r["dsd"] for r in rows]),
-            },
-            schema_version=SCHEMA_VERSION,
-            instrument="relax",
-            description="ReLaX spectrum of each trajectory's Koopman operator (rows aligned with the parquet).",
-            metadata={"step": str(step), "spectrum": self.cfg.spectrum},
-            per_rank=True,
-        )
+        meta = {"step": str(step), "spectrum": self.cfg.spectrum}
+        if summaries:
+            m = max(r["mean"].shape[0] for r in summaries)
+            pad = lambda t: torch.nn.functional.pad(t, (0, m - t.shape[-1]), value=float("nan"))  # noqa: E731
+            w.write_tensors(
+                f"relax/spectra_summary_step{step:06d}.safetensors",
+                {
+                    "step": torch.tensor([r["step"] for r in summaries]),
+                    "micro_step": torch.tensor([r["micro_step"] for r in summaries]),
+                    "n": torch.tensor([r["n"] for r in summaries]),
+                    "levels": torch.tensor(SUMMARY_LEVELS, dtype=torch.float32),
+                    "quantiles": torch.stack([pad(r["quantiles"]) for r in summaries]),
+                    "mean": torch.stack([pad(r["mean"]) for r in summaries]),
+                },
+                schema_version=SPECTRA_SCHEMA_VERSION,
+                instrument="relax",
+                description="ReLaX spectrum summary per recorded micro-batch: fp16 quantiles (levels) and mean over "
+                "its trajectories of each sorted singular value of K.",
+                metadata={**meta, "levels": ",".join(map(str, SUMMARY_LEVELS))},
+                per_rank=True,
+            )
+        if spectra:
+            keep = {(r["step"], r["micro_step"]) for r in spectra}
+            full = [r for r in rows if (r["step"], r["micro_step"]) in keep]
+            w.write_tensors(
+                f"relax/spectra_step{step:06d}.safetensors",
+                {
+                    "singular_values": torch.cat([r["values"] for r in spectra]),
+                    "step": torch.tensor([r["step"] for r in full]),
+                    "micro_step": torch.tensor([r["micro_step"] for r in full]),
+                    "index": torch.tensor([r["index"] for r in full]),
+                    "dsd": torch.tensor([r["dsd"] for r in full]),
+                },
+                schema_version=SPECTRA_SCHEMA_VERSION,
+                instrument="relax",
+                description="ReLaX spectrum of each trajectory's Koopman operator at step 1 and every "
+                "full_spectra_every steps (rows join the parquet on step, micro_step, index).",
+                metadata=meta,
+                per_rank=True,
+            )

@@ -25,6 +25,9 @@ class InstrumentCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.trainer.instruments.call("on_train_begin", self.trainer)
 
+    def on_step_begin(self, args, state, control, **kw):
+        self.trainer.instruments.call("on_step_begin", self.trainer)
+
     def on_pre_optimizer_step(self, args, state, control, **kw):
         self.trainer.instruments.call("on_pre_optimizer_step", self.trainer)
         guard = getattr(self.trainer, "rlx_guard", None)

@@ -157,8 +157,9 @@ def _check_two_ranks(run_dir: Path) -> None:
 
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["global_step"] == 3
-    manifest = json.loads((run_dir / "diagnostics" / "manifest.json").read_text())
-    entries = manifest["files"]
+    from rlx.diagnostics import read_manifest
+
+    entries = read_manifest(run_dir)["files"]
     assert {e["rank"] for e in entries} == {0, 1}, "both ranks must have registered their files"
     paths = [e["path"] for e in entries]
     assert len(paths) == len(set(paths)), "no file registered twice"
