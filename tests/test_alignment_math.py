@@ -596,3 +596,58 @@ def test_per_param_dot_accumulates_in_float64_and_handles_no_tensors():
     assert d.dtype == torch.float64 and d.tolist() == [1.0]  # an fp32 sum would give 0
     none = per_param_dot([], [])
     assert none.dtype == torch.float64 and none.shape == (0,)
+
+
+# ---- second mutation-testing round (docs/testing.md): ties at the clip bounds, tolerance, devices ----------
+
+
+def _tie_case(side: str, adv_value: float):
+    """One token whose ratio sits exactly on a clip bound (rho = 1 + eps_high or 1 - eps_low, bit for bit)."""
+    lp = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    old = lp.detach() - (0.25 if side == "high" else -0.25)
+    rho_value = float(torch.exp(lp.detach() - old))
+    eps_high = rho_value - 1.0 if side == "high" else 0.2
+    eps_low = 1.0 - rho_value if side == "low" else 0.2
+    assert (1 + eps_high if side == "high" else 1 - eps_low) == rho_value  # an exact tie
+    ref = lp.detach() - 0.3
+    adv = torch.tensor([adv_value], dtype=torch.float64)
+    beta = 0.1
+    rho = torch.exp(lp - old)
+    surr = -torch.min(rho * adv, rho.clamp(1 - eps_low, 1 + eps_high) * adv)
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    (w,) = torch.autograd.grad((surr + beta * kl).sum(), lp)
+    w_kl = kl_token_weights(
+        w, torch.ones_like(w), lp.detach(), ref, adv, beta, old_logps=old, eps_low=eps_low, eps_high=eps_high
+    )
+    return w, w_kl.double(), beta * (1 - torch.exp(ref - lp.detach())), rho.detach() * adv
+
+
+@pytest.mark.parametrize("side,adv", [("high", 0.5), ("low", -0.5)])
+def test_kl_weights_ratio_on_the_clip_bound_is_not_clipped(side, adv):
+    """At rho exactly on the bound, clamp passes the gradient and min's two equal branches share it, so autograd
+    gives the full surrogate gradient: the token is not clipped, and w_kl is only the KL part."""
+    w, w_kl, kl_part, rho_a = _tie_case(side, adv)
+    torch.testing.assert_close(w, -rho_a + kl_part, rtol=1e-12, atol=0)  # autograd: not clipped
+    torch.testing.assert_close(w_kl, kl_part, rtol=1e-6, atol=1e-12)
+
+
+def test_component_weights_at_exactly_the_tolerance_is_round_off():
+    """|pg| must exceed tol = 1e-5 max|w| to count as learning: exactly tol is round-off (goes to kl)."""
+    tol = torch.tensor(1e-5).item()  # the float32 value the comparison sees
+    w = torch.tensor([[1.0, 0.0, 0.0]])
+    w_kl = torch.tensor([[0.0, tol, -tol]])  # pg = w - w_kl = [1, -tol, +tol]
+    c = component_weights(w, torch.ones_like(w), w_kl)
+    assert c["pos"].tolist() == [[0.0, 0.0, 0.0]]
+    assert c["neg"].tolist() == [[1.0, 0.0, 0.0]]
+    torch.testing.assert_close(c["kl"], torch.tensor([[0.0, 0.0, 0.0]]))
+
+
+def test_tiers_and_reweighting_units_stay_on_the_input_device():
+    """Meta tensors (a device without data): a helper tensor created on the default device would clash or leak."""
+    from rlx.alignment.math import _tiers
+
+    assert _tiers(torch.empty(7, device="meta")).device.type == "meta"
+    mask = torch.empty(2, 3, device="meta")
+    assert reweighting_units("token", mask).device.type == "meta"
+    assert reweighting_units("sequence", mask).device.type == "meta"
+    assert reweighting_units("pair", mask, torch.tensor([4, 4])).device.type == "meta"  # a CPU pair index

@@ -309,3 +309,39 @@ def test_kl_controllers_by_hand_and_bad_settings():
     for target, horizon in ((0.0, 10), (1.0, 0), (-1.0, 10)):
         with pytest.raises(ValueError, match="target > 0 and horizon > 0"):
             AdaptiveKLController(0.1, target=target, horizon=horizon)
+
+
+# ---- second mutation-testing round (docs/testing.md): dtype, device and tie contracts ----------------------
+
+
+def test_gae_runs_in_the_dtype_of_values():
+    """float64 rewards with float32 values: the recursion runs in float32 (the rewards are cast first), so the
+    result is bit-identical to passing float32 rewards, not a float64 recursion rounded at the end."""
+    g = torch.Generator().manual_seed(0)
+    r64 = torch.randn(3, 24, generator=g, dtype=torch.float64) * 0.37
+    v32 = torch.randn(3, 24, generator=g)
+    mask = torch.ones(3, 24)
+    mask[1, 17:] = 0
+    adv, ret = gae(r64, v32, mask, 0.99, 0.95)
+    adv_ref, ret_ref = gae(r64.float(), v32, mask, 0.99, 0.95)
+    assert adv.dtype == torch.float32 and torch.equal(adv, adv_ref) and torch.equal(ret, ret_ref)
+
+
+def test_dual_clip_indicator_is_strict_at_the_bound():
+    """A_t < 0 with a loss exactly at -c * A_t: the bound does not change the loss, so the token is not counted
+    as dual-clipped (strict >, as the `clipped` indicator)."""
+    logps = t([[1.0]])
+    rho = float(torch.exp(logps))  # the ratio exactly as clipped_policy_loss computes it
+    out = clipped_policy_loss(logps, torch.zeros_like(logps), t([[-1.0]]), epsilon=0.2, dual_clip=rho)
+    assert float(out.loss) == rho  # -A * rho, already at the bound
+    assert float(out.dual_clipped) == 0.0
+
+
+def test_last_token_index_and_rewards_stay_on_the_mask_device():
+    """Meta tensors carry a device but no data: a helper tensor created on the default device would clash."""
+    from rlx.algorithms.ppo import last_token_index
+
+    mask = torch.ones(2, 5, device="meta")
+    assert last_token_index(mask).device.type == "meta"
+    r = token_level_rewards(torch.ones(2, device="meta"), torch.ones(2, 5, device="meta"), mask, 0.1)
+    assert r.device.type == "meta"

@@ -471,3 +471,90 @@ def test_entropy_cov_needs_log_probs_and_averages_the_top_tokens():
     top2 = torch.topk(cov, 2).values
     assert term.metrics["entropy_cov/cov_top"] == pytest.approx(float(top2.mean()), rel=1e-6)
     assert float(top2[0]) != float(top2[1])
+
+
+# ---- second mutation-testing round (docs/testing.md) -------------------------------------------------------
+
+
+def test_clip_cov_generator_seed_is_pinned():
+    """The Clip-Cov draw is seeded with seed * 1_000_003 + global_step * 1009 + call index (from 0), with seed and
+    step 0 when the run or the trainer do not say: pinned, so a recorded run's cuts are reproduced exactly."""
+    from types import SimpleNamespace
+
+    cfg = CovConfig(clip_ratio=0.3, clip_cov_lb=-10.0, clip_cov_ub=10.0)
+
+    def expected(seed_value, ctx):
+        cov = token_covariance(ctx.completion_logps, ctx.extras["advantages"], ctx.completion_mask)
+        w = ctx.token_weights()[:, -ctx.completion_len :]
+        gen = torch.Generator().manual_seed(seed_value)
+        return clip_cov_selection(cov, ctx.completion_mask, 0.3, -10.0, 10.0, gen, w != 0)
+
+    def cut(inst, ctx):
+        term = inst.on_loss(ctx)
+        (g,) = torch.autograd.grad(ctx.loss + term.loss * ctx.loss_scale, ctx.token_logps)
+        w = ctx.token_weights()
+        return ((g == 0) & (w != 0))[:, -ctx.completion_len :]
+
+    inst = registered_instruments()["clip_cov"](
+        OmegaConf.structured(cfg), SimpleNamespace(cfg=SimpleNamespace(seed=3))
+    )
+    for call in range(3):
+        ctx = make_ctx(seed=call)
+        ctx.trainer = SimpleNamespace(state=SimpleNamespace(global_step=5))
+        assert torch.equal(cut(inst, ctx), expected(3 * 1_000_003 + 5 * 1009 + call, ctx))
+    # no run config, and a trainer state without global_step: seed 0, step 0
+    bare = registered_instruments()["clip_cov"](OmegaConf.structured(cfg), None)
+    for call, trainer in enumerate((SimpleNamespace(state=SimpleNamespace()), None)):
+        ctx = make_ctx(seed=10 + call)
+        ctx.trainer = trainer
+        assert torch.equal(cut(bare, ctx), expected(call, ctx))
+
+
+def test_entropy_cov_top_token_is_the_best_valid_one_not_padding():
+    """k = 1 top token (n = 550 valid, 0.2%) whose Cov_t is negative: cov_top is that token's value, not the 0
+    of a padded position. Here l_t = -A_t, so every valid Cov_t = -(A_t - mean A)^2 < 0."""
+    cls = registered_instruments()["entropy_cov"]
+    adv = torch.linspace(-1.0, 1.0, 550).reshape(1, 550)  # an even count: no token sits at the mean
+    adv = torch.cat([adv, torch.zeros(1, 50)], 1)
+    mask = torch.cat([torch.ones(1, 550), torch.zeros(1, 50)], 1)
+    lp = -adv * mask
+    ctx = LossContext(
+        trainer=None,
+        algo="grpo",
+        inputs={},
+        loss=lp.sum(),
+        token_logps=lp,
+        mask=mask,
+        hidden=None,
+        extras={"advantages": adv, "completion_len": 600},
+    )
+    term = cls(None, None).on_loss(ctx)
+    cov = token_covariance(lp, adv, mask)
+    best = float(cov[mask > 0].max())
+    assert best < 0 and term.metrics["entropy_cov/cov_top"] == pytest.approx(best, rel=1e-6)
+
+
+def test_kl_cov_grpo_with_beta_but_no_reference_log_probs_takes_w_as_policy_gradient():
+    """GRPO with trainer.beta > 0 but no ref_logps in the seam: there is no KL term to split off, so the trainer's
+    gradient is cancelled whole and replaced by verl's (the on-policy case leaves it unchanged)."""
+    ctx, lp, adv, _ = _on_policy_kl_ctx("grpo", 0.0, 0.1)
+    del ctx.extras["ref_logps"]
+    loss, _ = InstrumentSet([build("kl_cov", CovConfig(kl_ratio=0.5))]).on_loss(ctx)
+    (g,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(g, -adv[:, None].expand(2, 2) / 4, rtol=0, atol=1e-12)
+
+
+def test_kl_cov_term_is_in_the_dtype_of_the_log_probs():
+    """float64 old log-probs and advantages with float32 log-probs: both are cast to float32 first, so the term
+    and its metrics are exactly those of float32 inputs."""
+    ctx32 = make_ctx(old_shift=0.3)
+    ctx64 = make_ctx(old_shift=0.3)
+    ctx64.extras["old_logps"] = ctx64.extras["old_logps"].double() + 1e-9  # below float32 resolution here
+    ctx64.extras["advantages"] = ctx64.extras["advantages"].double() + 1e-12
+    inst = build("kl_cov", CovConfig(kl_ratio=0.3, kl_coef=0.7))
+    t32, t64 = inst.on_loss(ctx32), inst.on_loss(ctx64)
+    assert t64.loss.dtype == torch.float32
+    assert torch.equal(t64.loss, t32.loss) and t64.metrics == t32.metrics
+    (g32,) = torch.autograd.grad(t32.loss, ctx32.token_logps)
+    (g64,) = torch.autograd.grad(t64.loss, ctx64.token_logps)
+    assert torch.equal(g64, g32)

@@ -314,3 +314,159 @@ def test_gather_states_two_processes(tmp_path):
     assert m[:3, 5:].sum() == 0 and m[:3, :5].all() and m[3:].all()  # rank 0's rows padded 5 -> 7
     assert torch.equal(h[0, :5, 0], 1 + torch.arange(5.0)) and torch.equal(h[3, :, 0], 2 + torch.arange(7.0))
     assert h[:3, 5:].abs().sum() == 0
+
+
+# ---- LazyReference without loading a model (fast; the slow test above loads a real one) -------------------
+
+
+class _TinyLM(torch.nn.Module):
+    """A causal "LM" whose logits are an embedding lookup, plus an adapter offset while the adapter is enabled."""
+
+    def __init__(self, vocab=7, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.delta = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.adapter_on = True
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.table[input_ids] + (self.delta[input_ids] if self.adapter_on else 0.0)
+        return SimpleNamespace(logits=logits)
+
+
+class _PeftLike(_TinyLM):
+    """PEFT's interface as LazyReference uses it: disable_adapter() (a context) and get_base_model()."""
+
+    def disable_adapter(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def off():
+            self.adapter_on = False
+            try:
+                yield
+            finally:
+                self.adapter_on = True
+
+        return off()
+
+    def get_base_model(self):
+        return self
+
+
+class _Wrapper(torch.nn.Module):
+    """DDP-style wrapper: the model under `.module`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def _ref_inputs(vocab=7):
+    g = torch.Generator().manual_seed(2)
+    return {
+        "prompt_ids": torch.randint(0, vocab, (3, 4), generator=g),
+        "prompt_mask": torch.ones(3, 4, dtype=torch.long),
+        "completion_ids": torch.randint(0, vocab, (3, 5), generator=g),
+        "completion_mask": torch.ones(3, 5, dtype=torch.long),
+    }
+
+
+def _expected_ref_logps(table, inputs, rows, temperature):
+    """float64: log softmax(table[x_{t-1}] / T) at the completion tokens, positions p-1 .. S-2."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)[rows].long()
+    p = inputs["prompt_ids"].shape[1]
+    logits = table.detach().double()[ids][:, p - 1 : -1] / temperature
+    comp = inputs["completion_ids"][rows]
+    return torch.log_softmax(logits, -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+
+
+def test_lazy_reference_peft_scores_with_the_adapter_disabled():
+    """A PEFT policy (inside two DDP-like wrappers) is its own reference with the adapter off; nothing is loaded."""
+    from rlx.regularizers.reference import LazyReference
+
+    policy = _PeftLike()
+    trainer = SimpleNamespace(model=_Wrapper(_Wrapper(policy)), temperature=0.7)
+    inputs, rows = _ref_inputs(), torch.tensor([0, 2])
+    ref = LazyReference()
+    got = ref.logps(trainer, inputs, rows)
+    torch.testing.assert_close(
+        got.double(), _expected_ref_logps(policy.table, inputs, rows, 0.7), rtol=1e-5, atol=1e-6
+    )
+    assert ref.model is None and policy.adapter_on  # no copy loaded; the adapter is back on afterwards
+    assert ref._peft(SimpleNamespace(model=policy)) is policy
+
+
+def test_lazy_reference_needs_both_peft_methods():
+    """Only a model with disable_adapter *and* get_base_model is treated as PEFT; wrappers are looked through,
+    but only when `.module` is itself a module."""
+    from rlx.regularizers.reference import LazyReference
+
+    ref = LazyReference()
+    half = _TinyLM()
+    half.disable_adapter = lambda: None  # one of the two methods only
+    assert ref._peft(SimpleNamespace(model=half)) is None
+    assert ref._peft(SimpleNamespace(model=_TinyLM())) is None
+    other = _PeftLike()
+    other.module = "not a module"
+    assert ref._peft(SimpleNamespace(model=other)) is other
+    assert ref._peft(SimpleNamespace(model=_Wrapper(_PeftLike()))) is not None
+
+
+def _fake_policy(module_name="transformers.models.qwen2", dtype=torch.bfloat16, device="cpu"):
+    cls = type("FakePolicy", (_TinyLM,), {"__module__": module_name})
+    policy = cls()
+    policy.config = SimpleNamespace(_name_or_path="/runs/x/start", _attn_implementation="eager")
+    policy.dtype = dtype
+    policy.device = torch.device(device)
+    return policy
+
+
+@pytest.fixture
+def from_pretrained_calls(monkeypatch):
+    """Replace AutoModelForCausalLM.from_pretrained: record its arguments, return a fresh _TinyLM (seed 5)."""
+    import transformers
+
+    calls = []
+
+    def fake(path, **kw):
+        calls.append((path, kw))
+        return _TinyLM(seed=5)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    return calls
+
+
+def test_lazy_reference_loads_the_start_model_once_frozen_like_the_policy(from_pretrained_calls):
+    from rlx.regularizers.reference import LazyReference
+
+    ref = LazyReference()
+    model = ref._load(_fake_policy())
+    assert from_pretrained_calls == [
+        (
+            "/runs/x/start",
+            {"dtype": torch.bfloat16, "attn_implementation": "eager", "trust_remote_code": False},
+        )
+    ]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert ref._load(_fake_policy()) is model and len(from_pretrained_calls) == 1  # loaded on first use only
+    # custom code only when the policy itself runs it (model.trust_remote_code)
+    LazyReference()._load(_fake_policy("transformers_modules.acme.modeling"))
+    assert from_pretrained_calls[-1][1]["trust_remote_code"] is True
+    # placed on the policy's device (meta: a device without data)
+    meta = LazyReference()._load(_fake_policy(device="meta"))
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
+def test_lazy_reference_without_peft_scores_the_loaded_start_model(from_pretrained_calls):
+    from rlx.regularizers.reference import LazyReference
+
+    policy = _fake_policy(dtype=torch.float32)
+    trainer = SimpleNamespace(model=_Wrapper(policy))  # no temperature attribute: 1.0
+    inputs, rows = _ref_inputs(), torch.tensor([1])
+    ref = LazyReference()
+    got = ref.logps(trainer, inputs, rows)
+    loaded = _TinyLM(seed=5)  # what the fake from_pretrained returns: adapter term included, as loaded
+    expected = _expected_ref_logps(loaded.table + loaded.delta, inputs, rows, 1.0)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert len(from_pretrained_calls) == 1 and ref.model is not None

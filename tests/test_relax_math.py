@@ -378,3 +378,38 @@ def test_dictionary_features_promote_low_precision_and_transition_mask_holes():
     assert dictionary_features(h.double(), w).dtype == torch.float64
     m = torch.tensor([[1.0, 1, 1, 0], [1, 0, 1, 1]])
     assert transition_mask(m).tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+# ---- second mutation-testing round (docs/testing.md) -------------------------------------------------------
+
+
+def test_dataset_loss_batches_over_trajectories_not_positions():
+    """Minibatches run over the N trajectories (dim 0): with N = 7 > T = 3 there are three of them."""
+    from rlx.regularizers.dictionary import dataset_loss
+
+    g = torch.Generator().manual_seed(7)
+    hidden, mask = torch.randn(7, 3, 4, generator=g), torch.ones(7, 3)
+    w = init_dictionary(5, 4, 3)
+    parts = [float(residual_loss(w, hidden[s : s + 3], mask[s : s + 3], RIDGE)) for s in (0, 3, 6)]
+    assert dataset_loss(w, hidden, mask, RIDGE, 3) == pytest.approx(sum(parts) / 3, rel=1e-6)
+
+
+def test_init_dictionary_is_float32_whatever_the_default_dtype():
+    """W is drawn in float32 (same numbers) even when a caller has set another default dtype."""
+    expected = init_dictionary(6, 12, seed=5)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        w = init_dictionary(6, 12, seed=5)
+    finally:
+        torch.set_default_dtype(old)
+    assert w.dtype == torch.float32 and torch.equal(w, expected)
+
+
+def test_koopman_operator_stays_on_the_features_device():
+    """Meta tensors (a device without data): the ridge identity must be built on the features' device, in both
+    the T-1 >= m and the push-through (T-1 < m) forms."""
+    for t, m in ((6, 3), (3, 5)):
+        feats = torch.empty(2, t, m, device="meta")
+        assert koopman_operator(feats).device.type == "meta"
+        assert koopman_operator(feats, torch.empty(2, t, device="meta")).device.type == "meta"
