@@ -21,6 +21,10 @@ BENCHMARKS = {
         "gradient alignment every 10 steps vs off (<= 1.15); logged step <= 3x",
     ),
     "relax": ("benchmarks.bench_relax", "ReLaX on / off on the tiny recipe (<= 1.08)"),
+    "storage": (
+        "benchmarks.bench_storage",
+        "bytes per logged step: alignment (<= 200 KB), ReLaX, activations, rollouts; writes O(1) per step",
+    ),
     "replay": (
         "benchmarks.bench_replay",
         "Activation Replay preparation per prompt in prefill-equivalents (<= 30)",

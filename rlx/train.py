@@ -1,7 +1,7 @@
 """Train: `accelerate launch rlx/train.py recipe=NAME key.sub=value ...` (or `python rlx/train.py ...`).
 
 Writes to the run directory: config.yaml (resolved), metrics.jsonl, tensorboard/, eval_before_after.json,
-run_info.json, final/ (the trained policy) and diagnostics/ (instrument outputs with manifest.json).
+run_info.json, final/ (the trained policy) and diagnostics/ (instrument outputs with manifest.jsonl).
 """
 
 from __future__ import annotations

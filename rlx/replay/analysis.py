@@ -13,7 +13,7 @@ what learnable replay selects; `quantile` uses per-layer quantiles; `absolute` u
     python -m rlx.replay.analysis run_dir=runs/grpo_tiny/DIR           # rl = DIR/final, base from run_info.json
     python -m rlx.replay.analysis base=PATH rl=PATH task.name=arithmetic out=DIR
 
-Writes, through `DiagnosticsWriter` (registered in `<dir>/diagnostics/manifest.json`, schema version 1):
+Writes, through `DiagnosticsWriter` (registered in `<dir>/diagnostics/manifest.jsonl`, schema version 1):
 `replay_kl_buckets.parquet` (instrument `activation_replay`, read by analysis.diagnostics.activation_shift)
 and `replay_kl_positions.parquet` (instrument `activation_replay_positions`, one row per position and layer).
 Schema: docs/activation_replay.md.
