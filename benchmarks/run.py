@@ -1,8 +1,10 @@
 """Benchmark runner: `python -m benchmarks.run NAME [args...]`, or `all`, or `--list`.
 
-Each benchmark times configurations side by side in one process (interleaved rounds, so background load
-hits every arm alike) and prints ratios against its limit. Results are also written as JSON when the
-benchmark supports `--json PATH`.
+The training benchmarks (overhead, relax, alignment, eval, scaling) run on one harness
+(benchmarks/harness.py, docs/performance.md): whole runs of the real training path, each in a fresh process,
+arms interleaved round by round (so background load hits every arm alike) with an A-vs-A control, gated on CPU
+time, results in runs/bench/<name>.json. A benchmark exits 1 when it fails its limit; `all` (what `make
+bench` runs) runs every benchmark but `scaling` and exits 1 when any failed.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import os
 import sys
 
 BENCHMARKS = {
-    "grpo_step": (
-        "benchmarks.bench_grpo_step",
-        "rlx GRPO step vs plain TRL GRPOTrainer step, instruments off (<= 1.02)",
+    "overhead": (
+        "benchmarks.bench_overhead",
+        "rlx with default instruments / plain TRL GRPOTrainer, whole runs (<= 1.02)",
     ),
     "alignment": (
         "benchmarks.bench_alignment",
-        "gradient alignment every 10 steps vs off (<= 1.15); logged step <= 3x",
+        "gradient alignment every 10 steps / off (<= 1.15); logged step <= 3x; step not logged <= 1.03",
     ),
-    "relax": ("benchmarks.bench_relax", "ReLaX on / off on the tiny recipe (<= 1.08)"),
+    "relax": ("benchmarks.bench_relax", "ReLaX on / off, whole runs (<= 1.08)"),
+    "eval": ("benchmarks.bench_eval", "in-training evaluation eval.every=10 / off (reported)"),
     "storage": (
         "benchmarks.bench_storage",
         "bytes per logged step: alignment (<= 200 KB), ReLaX, activations, rollouts; writes O(1) per step",
@@ -29,7 +32,12 @@ BENCHMARKS = {
         "benchmarks.bench_replay",
         "Activation Replay preparation per prompt in prefill-equivalents (<= 30)",
     ),
+    "scaling": (
+        "benchmarks.bench_scaling",
+        "overheads at widths 128/256/512 x two completion lengths (reported; hours, not in `all`)",
+    ),
 }
+NOT_IN_ALL = {"scaling"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {what}")
         return 0
     name, rest = argv[0], argv[1:]
-    names = list(BENCHMARKS) if name == "all" else [name]
+    names = [n for n in BENCHMARKS if n not in NOT_IN_ALL] if name == "all" else [name]
     status = 0
     for n in names:
         if n not in BENCHMARKS:
