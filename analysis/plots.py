@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 STEP = "optimizer step"
 UNITS = {
@@ -404,7 +404,7 @@ def passk_curves(
             ax.axvline(k, color="grey", lw=0.8, ls=":")
             ax.annotate(f"cross k={k}", (k, 0.02), fontsize=7, color="grey")
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4 ... not 1.0, 2.0
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("k (samples, log scale)")
