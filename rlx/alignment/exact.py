@@ -350,28 +350,10 @@ USAGE = (
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
     """RUN_DIR [target=final|online] [n=N] [batch_size=B] [max_new_tokens=M] -> keyword arguments of `replay`."""
-    ints = ("n", "batch_size", "max_new_tokens")
-    run_dir, kw = None, {}
-    for a in argv:
-        k, eq, v = a.partition("=")
-        if not eq:
-            if run_dir is not None:
-                raise UserError(f"two run directories given ({run_dir}, {a}): expected one. {USAGE}")
-            run_dir = a
-        elif k == "target":
-            if v not in ("final", "online"):
-                raise UserError(f"target={v}: expected final (this run's final responses) or online. {USAGE}")
-            kw["target"] = v
-        elif k in ints:
-            try:
-                kw[k] = int(v)
-            except ValueError:
-                raise UserError(f"{k}={v}: expected an integer. {USAGE}") from None
-        else:
-            raise UserError(f"unknown argument '{a}': expected target, {', '.join(ints)}. {USAGE}")
-    if run_dir is None:
-        raise UserError(f"no run directory given. {USAGE}")
-    return {"run_dir": run_dir, **kw}
+    from rlx.alignment.final_responses import parse_run_args
+
+    target = {"final": "this run's final responses", "online": "the target the run used online"}
+    return parse_run_args(argv, USAGE, {"target": target})
 
 
 class _Accelerator:

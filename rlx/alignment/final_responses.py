@@ -146,26 +146,44 @@ def write_final_responses(
     return out
 
 
-def parse_args(argv: list[str]) -> dict[str, Any]:
-    """RUN_DIR [n=N] [batch_size=B] [max_new_tokens=M] -> keyword arguments of `write_final_responses`."""
+def parse_run_args(
+    argv: list[str], usage: str, choices: dict[str, dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """RUN_DIR [n=N] [batch_size=B] [max_new_tokens=M] [key=choice ...] -> keyword arguments.
+
+    `choices` adds keys that take one of a fixed set of values, {key: {value: what it means}}.
+    """
     ints = ("n", "batch_size", "max_new_tokens")
+    choices = choices or {}
     run_dir, kw = None, {}
     for a in argv:
         k, eq, v = a.partition("=")
         if not eq:
             if run_dir is not None:
-                raise UserError(f"two run directories given ({run_dir}, {a}): expected one. {USAGE}")
+                raise UserError(f"two run directories given ({run_dir}, {a}): expected one. {usage}")
             run_dir = a
+        elif k in choices:
+            if v not in choices[k]:
+                expected = " or ".join(f"{c} ({what})" for c, what in choices[k].items())
+                raise UserError(f"{k}={v}: expected {expected}. {usage}")
+            kw[k] = v
         elif k in ints:
             try:
                 kw[k] = int(v)
             except ValueError:
-                raise UserError(f"{k}={v}: expected an integer. {USAGE}") from None
+                raise UserError(f"{k}={v}: expected an integer. {usage}") from None
         else:
-            raise UserError(f"unknown argument '{a}': expected one of {', '.join(ints)}. {USAGE}")
+            raise UserError(
+                f"unknown argument '{a}': expected one of {', '.join([*choices, *ints])}. {usage}"
+            )
     if run_dir is None:
-        raise UserError(f"no run directory given. {USAGE}")
+        raise UserError(f"no run directory given. {usage}")
     return {"run_dir": run_dir, **kw}
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """RUN_DIR [n=N] [batch_size=B] [max_new_tokens=M] -> keyword arguments of `write_final_responses`."""
+    return parse_run_args(argv, USAGE)
 
 
 @exit_on_user_error
