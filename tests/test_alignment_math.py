@@ -651,3 +651,251 @@ def test_tiers_and_reweighting_units_stay_on_the_input_device():
     assert reweighting_units("token", mask).device.type == "meta"
     assert reweighting_units("sequence", mask).device.type == "meta"
     assert reweighting_units("pair", mask, torch.tensor([4, 4])).device.type == "meta"  # a CPU pair index
+
+
+# ---- rowgrad: per-row alignment from one backward, against per-row autograd (float64 references) ----------
+
+
+class _ToyRMSNorm(torch.nn.Module):
+    """HF-style RMSNorm (the class name ends in RMSNorm; y = w * (x / rms(x)).to(input dtype))."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(
+            1.0 + 0.1 * torch.randn(d, generator=torch.Generator().manual_seed(9))
+        )
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xh = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xh.to(x.dtype)
+
+
+class _ToyLM(torch.nn.Module):
+    """Embedding (padding row 0) -> Linear applied twice (its records accumulate) -> RMSNorm -> head.
+
+    `fused=True` applies the head as a matmul on its weight, not as a module call (TRL's fused head), so its
+    gradient must come from row_alignment's analytic head path."""
+
+    def __init__(self, vocab=11, d=6, fused=False, scale=1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, d, padding_idx=0)
+        self.lin = torch.nn.Linear(d, d)
+        self.norm = _ToyRMSNorm(d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.fused, self.scale = fused, scale
+        self.last_hidden = None
+
+    def forward(self, ids):
+        h = self.lin(torch.tanh(self.lin(self.emb(ids))))
+        h = self.norm(h)
+        self.last_hidden = h
+        if self.fused:
+            return (h @ self.head.weight.T) * self.scale
+        return self.head(h) * self.scale
+
+
+def _row_losses(model, ids, coef):
+    """L_b = sum_t coef_bt l_bt with l_bt = log p(ids_b,t+1 | ids_b,<=t): one loss per row."""
+    logits = model(ids)[:, :-1]
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (coef * lp).sum(-1)
+
+
+def _rowgrad_case(fused: bool, scale: float = 1.0):
+    from rlx.alignment.rowgrad import RowCapture, row_alignment
+
+    model = _ToyLM(fused=fused, scale=scale)
+    params = [model.emb.weight, model.lin.weight, model.lin.bias, model.norm.weight, model.head.weight]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 11, (4, 7), generator=g)
+    ids[1, 2] = ids[3, 0] = ids[3, 5] = 0  # padding tokens inside rows: no gradient into the padding row
+    coef = torch.randn(4, 6, generator=g)
+    gT = [torch.randn(p.shape, generator=g) for p in params]
+    # per-row references: one autograd call per row, float64 dot products
+    s_ref, per_row = [], []
+    for b in range(4):
+        grads = torch.autograd.grad(_row_losses(model, ids, coef)[b], params)
+        per_row.append(grads)
+        s_ref.append(sum((gt.double() * gr.double()).sum() for gt, gr in zip(gT, grads)))
+    cap = RowCapture(model, params, model.head)
+    assert cap.supported
+    cap.attach()
+    cap.start()
+    loss = _row_losses(model, ids, coef).sum()
+    cap.accept_grads = True
+    loss.backward()
+    cap.detach()
+    assert cap.complete() and cap.head_called() == (not fused)
+    head = None
+    if fused:
+        head = {
+            "weight_index": 4,
+            "hidden": model.last_hidden[:, :-1].detach(),
+            "labels": ids[:, 1:],
+            "coef": coef,
+            "weight": model.head.weight.detach(),
+            "scale": scale,
+        }
+    subsets = {"odd": torch.tensor([False, True, False, True]), "none": torch.zeros(4, dtype=torch.bool)}
+    s, vecs = row_alignment(cap.records, gT, subsets, len(params), [p.shape for p in params], head)
+    return s, vecs, torch.stack(s_ref), per_row, (cap, gT, params, head)
+
+
+@pytest.mark.parametrize("fused,scale", [(False, 1.0), (True, 1.0), (True, 1 / 0.7)])
+def test_row_alignment_equals_per_row_autograd(fused, scale):
+    """s_b = <g_T, grad L_b> and the gradient of a row subset, from ONE backward of the whole batch, equal one
+    autograd call per row: Linear (weight, bias, called twice), Embedding with a padding row, RMSNorm, and the
+    LM head as a module or through the analytic fused-head path with a temperature scale."""
+    s, vecs, s_ref, per_row, _ = _rowgrad_case(fused, scale)
+    assert s.dtype == torch.float64
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-7)
+    for i in range(5):
+        expected = per_row[1][i] + per_row[3][i]
+        torch.testing.assert_close(vecs["odd"][i].double(), expected.double(), rtol=1e-5, atol=1e-7)
+    assert vecs["none"] == [None] * 5  # an empty subset forms nothing
+
+
+def test_row_alignment_casts_the_target_to_the_records_dtype():
+    """A float64 target gradient gives bit for bit the result of the same target in float32."""
+    from rlx.alignment.rowgrad import row_alignment
+
+    for fused in (False, True):
+        s, vecs, _, _, (cap, gT, params, head) = _rowgrad_case(fused)
+        gT64 = [g.double() for g in gT]
+        s64, vecs64 = row_alignment(
+            cap.records,
+            gT64,
+            {"odd": torch.tensor([False, True, False, True])},
+            5,
+            [p.shape for p in params],
+            head,
+        )
+        assert s64.dtype == torch.float64 and torch.equal(s64, s)
+        assert all(torch.equal(a, b) for a, b in zip(vecs64["odd"], vecs["odd"]))
+
+
+def test_row_alignment_rmsnorm_rounds_normed_input_to_the_input_dtype():
+    """bf16 activations: the norm's weight gradient is d * (x / rms(x)) rounded to bf16, as the module computes
+    it; a record built by hand against a float64 reference of that rounding."""
+    from rlx.alignment.rowgrad import row_alignment
+
+    norm = _ToyRMSNorm(8, eps=1e-5)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 8, generator=g).to(torch.bfloat16)
+    d = torch.randn(3, 5, 8, generator=g)
+    gT = [torch.randn(8, generator=g)]
+    xf = x.float()
+    xh = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16).double()
+    prod = d.double() * xh
+    s_ref = (prod @ gT[0].double()).sum(1)
+    s, vecs = row_alignment(
+        [[norm, "rmsnorm", 0, None, x, d]], gT, {"all": torch.ones(3, dtype=torch.bool)}, 1, [(8,)]
+    )
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(vecs["all"][0].double(), prod.sum((0, 1)), rtol=1e-6, atol=1e-9)
+
+
+def test_norm_eps_reads_rmsnorm_epsilon_only():
+    from rlx.alignment.rowgrad import _norm_eps
+
+    assert _norm_eps(_ToyRMSNorm(4, eps=1e-6)) == 1e-6  # variance_epsilon (HF)
+
+    class OtherRMSNorm(torch.nn.Module):
+        eps = 2e-5  # `eps` (torch.nn.RMSNorm style)
+
+    assert _norm_eps(OtherRMSNorm()) == 2e-5
+    assert _norm_eps(torch.nn.RMSNorm(4)) is None  # eps=None: no float epsilon to model
+    assert _norm_eps(torch.nn.LayerNorm(4)) is None  # not an RMSNorm, although it has a float eps
+
+    class NoEpsRMSNorm(torch.nn.Module):
+        variance_epsilon = "1e-6"
+
+    assert _norm_eps(NoEpsRMSNorm()) is None
+
+
+def test_row_capture_coverage_and_supported():
+    """Handled owners: Linear, Embedding, RMSNorm without bias; the head weight may be left to the fused path;
+    any other trainable parameter (LayerNorm, an RMSNorm with a bias) makes the row path unsupported."""
+    from rlx.alignment.rowgrad import RowCapture
+
+    model = _ToyLM()
+    params = [model.emb.weight, model.lin.weight, model.lin.bias, model.norm.weight, model.head.weight]
+    cap = RowCapture(model, params, model.head)
+    assert cap.owners == [
+        (model.emb, "embedding", 0, None),
+        (model.lin, "linear", 1, 2),
+        (model.norm, "rmsnorm", 3, None),
+        (model.head, "linear", 4, None),
+    ]
+    assert cap.head_index == 4 and cap.supported
+    # a subset of parameters: only their owners are hooked, indices refer to the subset
+    sub = RowCapture(model, [model.norm.weight, model.lin.bias], None)
+    assert [(o[0], o[1], o[2], o[3]) for o in sub.owners] == [
+        (model.lin, "linear", None, 1),
+        (model.norm, "rmsnorm", 0, None),
+    ]
+    assert sub.supported and sub.head_index is None
+    # the head left uncovered as a module (not in owners) is still supported through the fused path
+    no_head = RowCapture(
+        torch.nn.ModuleDict({"emb": model.emb}), [model.emb.weight, model.head.weight], model.head
+    )
+    assert no_head.supported and no_head.head_index == 1
+    assert not RowCapture(
+        torch.nn.ModuleDict({"emb": model.emb}), [model.emb.weight, model.head.weight], None
+    ).supported
+    ln = torch.nn.ModuleDict({"ln": torch.nn.LayerNorm(4)})
+    assert not RowCapture(ln, list(ln.parameters()), None).supported
+    biased = _ToyRMSNorm(4)
+    biased.bias = torch.nn.Parameter(torch.zeros(4))
+    assert not RowCapture(biased, [biased.weight, biased.bias], None).supported
+
+
+def test_row_capture_records_only_armed_grad_forwards_and_the_first_accepted_gradient():
+    from rlx.alignment.rowgrad import RowCapture
+
+    lin = torch.nn.Linear(3, 2)
+    cap = RowCapture(lin, [lin.weight], None)
+    x = torch.randn(4, 3)
+    cap.attach()
+    lin(x)
+    assert cap.records == [] and not cap.complete()  # not armed
+    cap.start()
+    with torch.no_grad():
+        lin(x)
+    assert cap.records == []  # no graph, nothing to read in a backward
+    lin.weight.requires_grad_(False)
+    lin.bias.requires_grad_(False)
+    lin(x)
+    assert cap.records == []  # output without gradient
+    lin.weight.requires_grad_(True)
+    lin.bias.requires_grad_(True)
+    out = lin(x)
+    assert len(cap.records) == 1 and cap.records[0][0] is lin and torch.equal(cap.records[0][4], x)
+    out.sum().backward(retain_graph=True)
+    assert cap.records[0][5] is None and not cap.complete()  # gradients not accepted yet
+    cap.accept_grads = True
+    (2 * out).sum().backward(retain_graph=True)
+    torch.testing.assert_close(cap.records[0][5], torch.full((4, 2), 2.0))
+    (3 * out).sum().backward()
+    torch.testing.assert_close(cap.records[0][5], torch.full((4, 2), 2.0))  # the first accepted one is kept
+    assert cap.complete() and not cap.head_called()
+    cap.start()
+    assert cap.records == [] and cap.armed and not cap.accept_grads
+    cap.detach()
+    lin(x)
+    assert cap.records == [] and cap._handles == []  # hooks removed
+    lin2 = torch.nn.Linear(3, 2)
+    head_cap = RowCapture(lin2, [lin2.weight], lin2)
+    head_cap.attach()
+    head_cap.start()
+    lin2(x)
+    assert head_cap.head_called()
+    other = torch.nn.Linear(3, 2)
+    cap3 = RowCapture(torch.nn.ModuleList([lin2, other]), [lin2.weight, other.weight], other)
+    cap3.attach()
+    cap3.start()
+    lin2(x)
+    assert not cap3.head_called()  # records exist, but none of the head
