@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from rlx.replay.hooks import DecoderParts, decoder_parts
-from rlx.replay.logit_lens import entropy_topk, head_rows_at, rms_norm, topk_kl
-from rlx.replay.streams import frozen, layer_streams
+from rlx.replay.logit_lens import entropy_topk, head_rows_at, rms_norm, row_logits, topk_kl_fused
+from rlx.replay.packing import Layout, replay_layout
+from rlx.replay.streams import LayerCalls, frozen, layer_streams, rerun_streams
 
 
 @dataclass
@@ -58,19 +59,52 @@ class LayerTargets:
     but N·k·d fits the memory cap (else they are gathered again at every step)."""
     gathered_bias: torch.Tensor | None = None
     """(N, k) LM-head bias at `top_ids`, if the head has one."""
+    index: torch.Tensor | None = None
+    """(N,) where the selected positions sit in the flattened RL streams of the optimisation loop's layout
+    (`rlx.replay.packing`); None = the (B, S) batch as given, index rows · S + cols."""
+    _cast: dict = field(default_factory=dict, repr=False)
+    """Per-prompt constants in the dtype of the RL streams (P = exp(log P), Σ P, head rows and bias), made at
+    the first step and reused by the others."""
+
+    def constants(self, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+        """log P, P, Σ P and the cached head rows/bias in `dtype`, computed once per prompt batch."""
+        if dtype not in self._cast:
+            logp = self.logp.to(dtype)
+            p = logp.exp()
+
+            def cast(t):
+                return t.to(dtype) if t is not None else None
+
+            self._cast[dtype] = dict(
+                logp=logp,
+                p=p,
+                p_sum=p.sum(-1),
+                head_rows=cast(self.head_rows),
+                head_bias=cast(self.head_bias),
+                gathered_rows=cast(self.gathered_rows),
+                gathered_bias=cast(self.gathered_bias),
+            )
+        return self._cast[dtype]
 
     def rl_logits(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """RL logits (N, k) at the base top-k ids of normed `x` (N, d)."""
+        c = self.constants(x.dtype)
         if self.local_ids is not None:  # union cache: one (N, U) matmul, then pick each row's k columns
-            z = x @ self.head_rows.to(x.dtype).T
-            if self.head_bias is not None:
-                z = z + self.head_bias.to(x.dtype)
+            z = x @ c["head_rows"].T
+            if c["head_bias"] is not None:
+                z = z + c["head_bias"]
             return z.gather(1, self.local_ids)
-        rows, bias = self.gathered_rows, self.gathered_bias
+        rows, bias = c["gathered_rows"], c["gathered_bias"]
         if rows is None:  # over the caching budget: gather at every step
             rows, bias = head_rows_at(head, self.top_ids)
-        z = torch.einsum("nd,nkd->nk", x, rows.to(x.dtype))
-        return z + bias.to(x.dtype) if bias is not None else z
+            rows, bias = rows.to(x.dtype), (bias.to(x.dtype) if bias is not None else None)
+        z = row_logits(x, rows)
+        return z + bias if bias is not None else z
+
+    def kl(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """KL(P ‖ Q) (N,) at the selected positions, Q from normed RL streams `x` (N, d)."""
+        c = self.constants(x.dtype)
+        return topk_kl_fused(self.rl_logits(x, head), c["logp"], c["p"], c["p_sum"])
 
     def cache_head(self, head: nn.Module, max_union: int, max_gathered: int) -> None:
         """Precompute the head rows the loss reads, once per prompt (the weights are frozen during the loop).
@@ -128,18 +162,29 @@ def base_targets(
     fp32: bool = False,
     chunk: int = 16384,
     model_inputs: dict[str, Any] | None = None,
+    layout: Layout | None = None,
 ) -> list[LayerTargets]:
-    """Run the base model once (up to layer L-1) and keep, per layer, the selected positions' top-k targets."""
+    """Run the base model once (up to layer L-1) and keep, per layer, the selected positions' top-k targets.
+
+    `layout` (`rlx.replay.packing`): where the batch's tokens sit for the forward (default: packed when the
+    model allows it); the targets are in the caller's (B, S) coordinates either way."""
     parts = decoder_parts(base)
+    if layout is None:
+        layout = replay_layout(base, input_ids, attention_mask, model_inputs=model_inputs)
     _, outs = layer_streams(
-        base, input_ids, attention_mask, outputs=range(num_layers), model_inputs=model_inputs
+        base,
+        layout.input_ids,
+        layout.attention_mask,
+        outputs=range(num_layers),
+        model_inputs=model_inputs,
+        position_ids=layout.position_ids,
     )
     b = input_ids.shape[0]
     rows, cols = eligible.nonzero(as_tuple=True)
     n_elig = eligible.sum(1).clamp_min(1).float()
     targets = []
     for layer in range(num_layers):
-        x = rms_norm(parts.norm, outs[layer][rows, cols], fp32)
+        x = rms_norm(parts.norm, layout.gather(outs[layer], rows, cols), fp32)
         ent, ids, top_logits = entropy_topk(x, parts.head, top_k, chunk)
         hmax = torch.full((b,), -torch.inf, device=ent.device).scatter_reduce(0, rows, ent, "amax")
         sel = ent <= rho * hmax[rows]
@@ -180,8 +225,9 @@ def replay_loss(
     for t in targets:
         if t.rows.numel() == 0:
             continue
-        x = rms_norm(rl.norm, streams[t.layer][t.rows, t.cols], fp32)
-        kl = topk_kl(t.logp, t.rl_logits(x, rl.head))
+        h = streams[t.layer]
+        h = h[t.rows, t.cols] if t.index is None else h.reshape(-1, h.shape[-1])[t.index]
+        kl = t.kl(rms_norm(rl.norm, h, fp32), rl.head)
         term = torch.zeros(batch, dtype=torch.float32, device=kl.device).index_add(
             0, t.rows, kl.float() * t.weight
         )
@@ -233,27 +279,54 @@ def learnable_replay(
     )
     cache_rl_head(targets, rl, top_k)
     num_selected = torch.stack([torch.bincount(t.rows, minlength=b) for t in targets])
+    # The loop runs each row only up to the last position a loss term reads (later positions cannot change the
+    # loss under causal attention, so their offsets would get exactly zero gradient), packed when possible.
+    last = torch.full((b,), -1, dtype=torch.long, device=input_ids.device)
+    for t in targets:
+        last = last.scatter_reduce(0, t.rows, t.cols, "amax")
+    cols = torch.arange(s, device=input_ids.device)
+    keep = attention_mask.bool() & (cols[None, :] <= last[:, None])
+    layout = replay_layout(rl_model, input_ids, attention_mask, keep=keep, model_inputs=model_inputs)
+    for t in targets:
+        t.index = layout.flat[t.rows, t.cols]
+    mask_l = layout.place(eligible)[..., None].to(emb.dtype)
+    delta_l = torch.zeros(*mask_l.shape[:2], emb.shape[1], dtype=emb.dtype, device=emb.device)
     losses = []
+    record = LayerCalls()
     with frozen(rl_model), torch.enable_grad():
         for step in range(steps + (1 if log_final_loss else 0)):
-            delta.requires_grad_(True)
-            ins, outs = layer_streams(
-                rl_model,
-                input_ids,
-                attention_mask,
+            if delta_l.numel() == 0:  # no row has a selected position: the loss is 0
+                losses.append(torch.zeros(b, dtype=torch.float32, device=emb.device))
+                break
+            delta_l.requires_grad_(True)
+            streams = dict(
                 inputs=range(n_layers) if align == "code" else (),
                 outputs=range(n_layers) if align == "paper" else (),
-                offsets=delta * mask,
-                model_inputs=model_inputs,
+                offsets=delta_l * mask_l,
             )
+            if record.ready:  # steps after the first: the recorded layer calls only
+                ins, outs = rerun_streams(rl_model, record, **streams)
+            else:
+                record = LayerCalls() if step == 0 else record
+                ins, outs = layer_streams(
+                    rl_model,
+                    layout.input_ids,
+                    layout.attention_mask,
+                    model_inputs=model_inputs,
+                    position_ids=layout.position_ids,
+                    record=record if step == 0 else None,
+                    **streams,
+                )
+                record.release()
             per_sample = replay_loss(ins if align == "code" else outs, targets, rl, b, fp32)
             losses.append(per_sample.detach())
             if step == steps or not per_sample.requires_grad:
                 break
-            (grad,) = torch.autograd.grad(per_sample.sum(), delta)
-            delta = (delta.detach() - lr * grad).detach()
+            (grad,) = torch.autograd.grad(per_sample.sum(), delta_l)
+            delta_l = (delta_l.detach() - lr * grad).detach()
+    delta = layout.scatter(delta_l.detach() * mask_l)
     return LearnableReplay(
-        offsets=(delta.detach() * mask),
+        offsets=(delta * mask),
         eligible=eligible,
         num_layers=n_layers,
         losses=torch.stack(losses) if losses else torch.zeros(0, b),

@@ -10,6 +10,8 @@ online log-sum-exp, so no (N, |V|) tensor larger than (N, chunk) is ever materia
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,39 +46,64 @@ def _chunks(v: int, chunk: int):
         yield s, min(s + chunk, v)
 
 
+def exp_floor(dtype: torch.dtype) -> float:
+    """log of the smallest normal number of `dtype`: shifted logits below it are raised to it before `exp`.
+
+    exp(z − m) for z − m < log(tiny) is a subnormal or 0, and x86 `exp` takes a slow path there (measured 8x
+    slower over a lens row whose logits spread over 250 nats). The floor is log(tiny) + 1 (so that rounding of
+    the floor itself cannot land below tiny). Raising those terms to e · tiny changes a sum of exponentials
+    that is >= 1 (the max term is exp(0)) by at most |V| · e · tiny (|V| · 3.2e-38 in float32), and
+    Σ e·(z − m) by at most |V| · e · tiny · |log tiny|: far below one ulp of either sum for any vocabulary.
+    """
+    return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
+def _merge_topk(
+    top_val: torch.Tensor | None, top_ids: torch.Tensor | None, z: torch.Tensor, lo: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k over vocabulary chunks: the chunk's own top-k, merged with the running (N, k)."""
+    vals, idx = z.topk(min(k, z.shape[-1]), -1)
+    idx = idx + lo
+    if top_val is None:
+        return vals, idx
+    vals, idx = torch.cat([top_val, vals], -1), torch.cat([top_ids, idx], -1)
+    top_val, sel = vals.topk(min(k, vals.shape[-1]), -1)
+    return top_val, idx.gather(-1, sel)
+
+
 @torch.no_grad()
 def entropy_topk(
     x: torch.Tensor, head: nn.Module, k: int = 50, chunk: int = 16384
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entropy (nats) over the full vocabulary and the top-k logits/ids of normed `x` (N, d).
 
-    H = logZ − E_p[z], accumulated per chunk with a running max. Returns (H (N,) fp32, ids (N, k), logits (N, k)).
+    With e = exp(z − m) (m the running max, shifted logits floored at `exp_floor`), s = Σ e and
+    u = Σ e·(z − m): H = log s − u / s, accumulated per chunk (on a new max m', s ← a·s and
+    u ← a·(u + (m − m')·s) with a = exp(m − m')). The shifted form keeps H accurate when it is small (no
+    cancellation of m against E_p[z]). Returns (H (N,) fp32, ids (N, k), logits (N, k) in x's dtype).
     """
     w, b = _head_weight(head, x.dtype)
-    n, v = x.shape[0], w.shape[0]
-    k = min(k, v)
-    m = torch.full((n,), -torch.inf, device=x.device)
-    s = torch.zeros(n, device=x.device)
-    t = torch.zeros(n, device=x.device)
-    top_val = torch.empty(n, 0, device=x.device, dtype=x.dtype)
-    top_ids = torch.empty(n, 0, device=x.device, dtype=torch.long)
+    v = w.shape[0]
+    m = s = u = top_val = top_ids = None
     for lo, hi in _chunks(v, chunk):
         z = F.linear(x, w[lo:hi], b[lo:hi] if b is not None else None)
-        zf = z.float()
-        m_new = torch.maximum(m, zf.max(-1).values)
-        scale = torch.exp(m - m_new)
-        e = torch.exp(zf - m_new[:, None])
-        s = s * scale + e.sum(-1)
-        t = t * scale + (e * zf).sum(-1)
+        top_val, top_ids = _merge_topk(top_val, top_ids, z, lo, k)
+        # shifted in place below (topk copied its values out); half precision is upcast to float32 first
+        zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        c_max = zf.amax(-1)
+        m_new = c_max if m is None else torch.maximum(m, c_max)
+        zs = zf.sub_(m_new[:, None]).clamp_(min=exp_floor(zf.dtype))
+        e = zs.exp()
+        c_s = e.sum(-1)
+        c_u = e.mul_(zs).sum(-1)
+        if m is None:
+            s, u = c_s, c_u
+        else:
+            a = torch.exp(m - m_new)
+            s, u = a * s + c_s, a * (u + (m - m_new) * s) + c_u
         m = m_new
-        vals, idx = (
-            torch.cat([top_val, z], -1),
-            torch.cat([top_ids, torch.arange(lo, hi, device=x.device).expand(n, -1)], -1),
-        )
-        top_val, sel = vals.topk(min(k, vals.shape[-1]), -1)
-        top_ids = idx.gather(-1, sel)
-    entropy = m + torch.log(s) - t / s
-    return entropy, top_ids, top_val
+    entropy = torch.log(s) - u / s
+    return entropy.float(), top_ids, top_val
 
 
 @torch.no_grad()
@@ -133,3 +160,54 @@ def topk_kl(logp: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     logp = logp.to(logits_q.dtype)
     logq = torch.log_softmax(logits_q, -1)
     return (logp.exp() * (logp - logq)).sum(-1)
+
+
+class _TopkKL(torch.autograd.Function):
+    """KL(P‖Q) over k ids with Q = softmax(logits): one log-softmax forward, the analytic gradient backward.
+
+    d KL / d z_j = q_j · Σ_i p_i − p_j (Σ_i p_i = 1 up to rounding; kept so the gradient is autograd's own).
+    """
+
+    @staticmethod
+    def forward(ctx, logits_q, logp, p, p_sum):
+        logq = torch.log_softmax(logits_q, -1)
+        ctx.save_for_backward(logq, p, p_sum)
+        return (p * (logp - logq)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logq, p, p_sum = ctx.saved_tensors
+        return grad[:, None] * (logq.exp() * p_sum[:, None] - p), None, None, None
+
+
+def topk_kl_fused(
+    logits_q: torch.Tensor,
+    logp: torch.Tensor,
+    p: torch.Tensor | None = None,
+    p_sum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`topk_kl` with the base side precomputed (p = exp(logp), p_sum = Σ p, both in the dtype of `logits_q`;
+    constant across optimisation steps) and a fused backward. Same values and gradient as `topk_kl`."""
+    logp = logp.to(logits_q.dtype)
+    p = logp.exp() if p is None else p
+    p_sum = p.sum(-1) if p_sum is None else p_sum
+    return _TopkKL.apply(logits_q, logp, p, p_sum)
+
+
+class _RowLogits(torch.autograd.Function):
+    """z[n, j] = <x[n], rows[n, j]> for constant rows (N, k, d); the backward reads the rows once more."""
+
+    @staticmethod
+    def forward(ctx, x, rows):
+        ctx.save_for_backward(rows)
+        return torch.einsum("nd,nkd->nk", x, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return torch.bmm(grad.unsqueeze(1), rows).squeeze(1), None
+
+
+def row_logits(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Logits (N, k) of `x` (N, d) against per-row head rows (N, k, d) that carry no gradient."""
+    return _RowLogits.apply(x, rows.detach())

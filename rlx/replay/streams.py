@@ -34,12 +34,17 @@ def layer_streams(
     outputs: Sequence[int] = (),
     offsets: torch.Tensor | None = None,
     model_inputs: dict[str, Any] | None = None,
+    position_ids: torch.Tensor | None = None,
+    record: LayerCalls | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """One forward over the prompt; returns ({l: input of layer l}, {l: output of layer l}), each (B, S, d).
 
     `offsets` (B, S, d), already masked, is added to the input of layer 0 (the layer-0 input is embeddings plus
     offsets, so `inputs[0]` includes them). The forward stops, via `StopForward`, right after the deepest
     requested stream, so later layers and the LM head are never run. Gradients flow if the caller enables them.
+    `position_ids` default to the ones `generate` uses at prefill; a packed batch (`rlx.replay.packing`) passes
+    its own with `attention_mask=None`. `record` (a fresh `LayerCalls`) keeps what the forward handed each layer
+    it ran, so `rerun_streams` can repeat the same layers with other offsets.
     """
     parts = decoder_parts(model)
     need_in, need_out = sorted(set(inputs)), sorted(set(outputs))
@@ -75,6 +80,8 @@ def layer_streams(
         raise StopForward
 
     with HookSet() as hooks:
+        if record is not None:
+            record.arm(hooks, parts, max(last_in, last_out + 1))
         if offsets is not None:
             hooks.pre(parts.layers[0], add_offsets)
         for i in need_in:
@@ -86,7 +93,9 @@ def layer_streams(
         else:
             hooks.pre(parts.layers[last_in], stop_pre)
         kwargs = dict(model_inputs or {})
-        pos = prefill_position_ids(model, attention_mask)
+        pos = position_ids
+        if pos is None and attention_mask is not None:
+            pos = prefill_position_ids(model, attention_mask)
         if pos is not None:
             kwargs.setdefault("position_ids", pos)
         try:
@@ -96,6 +105,87 @@ def layer_streams(
     missing = [i for i in need_in if i not in got_in] + [i for i in need_out if i not in got_out]
     if missing:
         raise RuntimeError(f"layer streams {missing} were not captured; the model did not run those layers")
+    return got_in, got_out
+
+
+class LayerCalls:
+    """What one forward handed decoder layers 0..n-1: the layer-0 input before offsets and each layer's other
+    arguments (attention mask, position embeddings, ...), none of which depend on the offsets.
+
+    The optimisation loop runs the same batch 25 times with new offsets only; rerunning the recorded layer calls
+    (`rerun_streams`) skips what the model's forward recomputes identically every time before the first layer
+    (embedding lookup, vision tower for VLMs, causal/packed mask, rotary tables). It is used only when each
+    recorded layer's input was the previous layer's output object (`chained`), i.e. the model does nothing
+    between layers; otherwise the caller keeps running full forwards.
+    """
+
+    def __init__(self) -> None:
+        self.embeds: torch.Tensor | None = None
+        self.calls: list[tuple[bool, tuple, dict]] = []
+        self.chained = True
+        self._last_out: torch.Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.embeds is not None and self.chained
+
+    def arm(self, hooks: HookSet, parts, n_run: int) -> None:
+        """Register the recording hooks (before any other hook on layer 0, so the input is the raw one)."""
+
+        def first(module, args, kwargs):
+            self.embeds = hidden_from(args, kwargs).detach()
+
+        hooks.pre(parts.layers[0], first)
+
+        def pre(idx):
+            def hook(module, args, kwargs):
+                h = hidden_from(args, kwargs)
+                if idx > 0 and h is not self._last_out:
+                    self.chained = False
+                positional = bool(args)
+                rest = args[1:] if positional else args
+                kw = kwargs if positional else {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self.calls.append((positional, rest, dict(kw)))
+
+            return hook
+
+        def post(module, args, output):
+            self._last_out = layer_output(output)
+
+        for i in range(n_run):
+            hooks.pre(parts.layers[i], pre(i))
+            hooks.post(parts.layers[i], post)
+
+    def release(self) -> None:
+        self._last_out = None
+
+
+def rerun_streams(
+    model: nn.Module,
+    record: LayerCalls,
+    *,
+    inputs: Sequence[int] = (),
+    outputs: Sequence[int] = (),
+    offsets: torch.Tensor | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """`layer_streams` for the batch `record` was made on, with new offsets: the recorded layer calls only."""
+    layers = decoder_parts(model).layers
+    need_in, need_out = set(inputs), set(outputs)
+    h = record.embeds if offsets is None else record.embeds + offsets.to(record.embeds.dtype)
+    got_in: dict[int, torch.Tensor] = {}
+    got_out: dict[int, torch.Tensor] = {}
+    for i, (positional, rest, kwargs) in enumerate(record.calls):
+        if i in need_in:
+            got_in[i] = h
+        out = layers[i](h, *rest, **kwargs) if positional else layers[i](*rest, hidden_states=h, **kwargs)
+        h = layer_output(out)
+        if i in need_out:
+            got_out[i] = h
+    if len(record.calls) in need_in:
+        got_in[len(record.calls)] = h
+    missing = [i for i in need_in if i not in got_in] + [i for i in need_out if i not in got_out]
+    if missing:
+        raise RuntimeError(f"layer streams {missing} were not recorded")
     return got_in, got_out
 
 
