@@ -899,3 +899,82 @@ def test_row_capture_records_only_armed_grad_forwards_and_the_first_accepted_gra
     cap3.start()
     lin2(x)
     assert not cap3.head_called()  # records exist, but none of the head
+
+
+def test_row_alignment_head_only_and_on_the_records_device():
+    """No layer records (only the fused head is trained): s is the head term alone. Meta tensors (a device
+    without data): every accumulator is created on the records' device."""
+    from rlx.alignment.rowgrad import row_alignment
+
+    _, _, _, per_row, (cap, gT, params, head) = _rowgrad_case(True)
+    s, vecs = row_alignment(
+        [], gT, {"odd": torch.tensor([False, True, False, True])}, 5, [p.shape for p in params], head
+    )
+    s_ref = torch.stack([(gT[4].double() * per_row[b][4].double()).sum() for b in range(4)])
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-7)
+    assert vecs["odd"][:4] == [None] * 4
+    meta_records = [
+        [r[0], r[1], r[2], r[3], r[4].to("meta"), r[5].to("meta")] for r in cap.records if r[1] != "embedding"
+    ]
+    emb = [r for r in cap.records if r[1] == "embedding"][0]
+    meta_records.append([emb[0], "embedding", 0, None, emb[4].to("meta"), emb[5].to("meta")])
+    gT_meta = [g.to("meta") for g in gT]
+    s, vecs = row_alignment(meta_records, gT_meta, {}, 5, [p.shape for p in params])
+    assert s.device.type == "meta"
+    s, vecs = row_alignment(
+        meta_records, gT_meta, {"a": torch.tensor([True, False, True, False])}, 5, [p.shape for p in params]
+    )
+    assert {v.device.type for v in vecs["a"] if v is not None} == {"meta"}
+
+
+def test_row_alignment_embedding_subset_under_another_default_dtype():
+    """The embedding subset gradient is built in the records' dtype (float32), whatever the default dtype."""
+    from rlx.alignment.rowgrad import row_alignment
+
+    s, vecs, _, _, (cap, gT, params, _) = _rowgrad_case(False)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        s2, vecs2 = row_alignment(
+            cap.records, gT, {"odd": torch.tensor([False, True, False, True])}, 5, [p.shape for p in params]
+        )
+    finally:
+        torch.set_default_dtype(old)
+    assert vecs2["odd"][0].dtype == torch.float32 and torch.equal(vecs2["odd"][0], vecs["odd"][0])
+    assert torch.equal(s2, s)
+
+
+def test_row_capture_owners_by_own_parameters_in_module_order():
+    """A module is classified by its own parameters (not its children's); modules after an unhandled one are
+    still scanned; a module with parameters but no `weight` is unhandled; a handled module whose output is not
+    a tensor is not recorded."""
+    from rlx.alignment.rowgrad import RowCapture
+
+    class GatedRMSNorm(_ToyRMSNorm):  # an RMSNorm with a child Linear
+        def __init__(self, d):
+            super().__init__(d)
+            self.gate = torch.nn.Linear(d, d)
+
+    norm = GatedRMSNorm(4)
+    cap = RowCapture(norm, [norm.gate.weight], None)  # only the child's weight is trained
+    assert cap.owners == [(norm.gate, "linear", 0, None)] and cap.supported
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = torch.nn.Parameter(torch.ones(1))
+
+    seq = torch.nn.ModuleDict({"ln": torch.nn.LayerNorm(4), "scale": Scale(), "lin": torch.nn.Linear(4, 4)})
+    cap = RowCapture(seq, list(seq.parameters()), None)
+    assert cap.owners == [(seq["lin"], "linear", 3, 4)] and not cap.supported
+
+    class TupleRMSNorm(_ToyRMSNorm):
+        def forward(self, x):
+            return (super().forward(x),)
+
+    tnorm = TupleRMSNorm(4)
+    cap = RowCapture(tnorm, [tnorm.weight], None)
+    cap.attach()
+    cap.start()
+    tnorm(torch.randn(2, 4))
+    assert cap.records == []
