@@ -10,7 +10,7 @@ evaluates its share of the held-out prompts with the policy being trained and th
   prompts are spread over ranks and training's random streams are untouched.
 
 So a 2-process run reports the numbers a 1-process run does. Under DeepSpeed ZeRO-3 the partitioned weights are
-gathered for generation (as TRL does for rollouts); under FSDP every rank makes the same number of generate
+gathered for generation (as TRL does for rollouts); under FSDP and ZeRO-3 every rank makes the same number of generate
 calls in lockstep (`synced_gpus`). Each evaluation logs `eval/greedy_accuracy`, `eval/greedy_mean_reward`,
 `eval/pass@k` for `eval.ks`, `eval/sample_mean_reward` to every logger (metrics.jsonl, TensorBoard, W&B) and
 writes every completion to `diagnostics/eval/step_NNNNNN.parquet` (schema below).
@@ -130,7 +130,14 @@ def evaluate_sharded(
     max_new = (
         max_new_tokens or getattr(trainer.args, "max_completion_length", None) or task.max_completion_length
     )
-    lockstep = acc.distributed_type.name == "FSDP"
+    # Sharded weights (FSDP, DeepSpeed ZeRO-3) make every forward a collective: each rank makes the same number of
+    # generate calls (fillers are discarded) and generates in lockstep. Under ZeRO-3 TRL's unwrap gathers the
+    # weights and removes its hooks, yet the post-training evaluation was seen blocked in the hooks' collective when
+    # one rank had fewer calls, so ZeRO-3 is kept in lockstep too.
+    from trl.distributed import DistributedBackend
+
+    backend = DistributedBackend(acc)
+    lockstep = world > 1 and (backend.is_fsdp or backend.is_zero3)
 
     def gen(model, input_ids, attention_mask, **kw):
         if generate_fn is not None:
@@ -171,7 +178,7 @@ def evaluate_sharded(
         unwrap_model_for_generation(trainer.model_wrapped, acc, gather_deepspeed3_params=True) as model,
         torch.random.fork_rng(devices=devices),
     ):
-        for c in range(greedy_calls):  # FSDP: the same number of calls on every rank; fillers are discarded
+        for c in range(greedy_calls):  # lockstep: the same number of calls on every rank
             real = c < len(my_batches)
             if not (real or lockstep):
                 break
