@@ -203,3 +203,122 @@ def test_prefill_length_mismatch_raises_and_cleans_up(pair):
         with inject(rl, state):
             rl.generate(input_ids=ids[:, 1:], attention_mask=mask[:, 1:], **GREEDY)
     assert count_hooks(rl) == before
+
+
+# ---- unit contracts of the hook helpers (mutation testing, docs/testing.md) --------------------------------
+
+
+class _ToyLM(torch.nn.Module):
+    """model.layers / model.norm / lm_head layout without transformers; config says whether it is a VLM."""
+
+    def __init__(self, n_layers=1, image_token_id=None, rope_index=False):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(n_layers)])
+        self.model.norm = torch.nn.LayerNorm(2)
+        self.lm_head = torch.nn.Linear(2, 3)
+        self.config = SimpleNamespace(image_token_id=image_token_id, video_token_id=None)
+        if rope_index:
+            self.get_rope_index = lambda *a, **k: None
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+class _PeftWrapper(torch.nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def get_base_model(self):
+        return self.base
+
+
+def test_decoder_parts_one_layer_peft_bare_and_empty_layouts():
+    from rlx.replay.hooks import decoder_parts
+
+    one = _ToyLM(n_layers=1)
+    assert decoder_parts(one).depth == 1 and decoder_parts(one).layers is one.model.layers
+    # PEFT: the layers are looked up in get_base_model(); an attribute that is not callable is ignored
+    assert decoder_parts(_PeftWrapper(one)).layers is one.model.layers
+    odd = _ToyLM(n_layers=2)
+    odd.get_base_model = "not callable"
+    assert decoder_parts(odd).layers is odd.model.layers
+
+    class Bare(torch.nn.Module):  # a bare decoder: `layers` and `norm` on the model itself
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+            self.norm = torch.nn.LayerNorm(2)
+            self.head = torch.nn.Linear(2, 3)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    bare = Bare()
+    parts = decoder_parts(bare)
+    assert parts.layers is bare.layers and parts.norm is bare.norm and parts.head is bare.head
+    with pytest.raises(UserError, match="cannot find decoder layers"):
+        decoder_parts(_ToyLM(n_layers=0))  # an empty layer list is not a decoder
+
+
+def test_hidden_and_output_helpers_positional_and_keyword():
+    from rlx.replay.hooks import hidden_from, layer_output, with_hidden
+
+    h, h2, extra = torch.zeros(1), torch.ones(1), torch.full((1,), 7.0)
+    assert hidden_from((h, extra), {}) is h
+    assert hidden_from((), {"hidden_states": h}) is h
+    args, kwargs = with_hidden((h, extra), {"k": 1}, h2)
+    assert args[0] is h2 and args[1] is extra and len(args) == 2 and kwargs == {"k": 1}
+    args, kwargs = with_hidden((), {"hidden_states": h, "k": 1}, h2)
+    assert args == () and kwargs["hidden_states"] is h2 and kwargs["k"] == 1
+    assert layer_output((h, extra)) is h and layer_output([h, extra]) is h and layer_output(h) is h
+
+
+class _Cache:
+    def __init__(self, n, takes_layer=True):
+        self.n, self.takes_layer = n, takes_layer
+
+    def get_seq_length(self, *layer):
+        if layer and not self.takes_layer:
+            raise TypeError("get_seq_length() takes no layer index")
+        return self.n
+
+
+def test_is_prefill_reads_the_layer_cache():
+    from rlx.replay.hooks import is_prefill
+
+    assert is_prefill({}, 0) and is_prefill({"past_key_values": None}, 0)
+    assert is_prefill({"past_key_values": _Cache(0)}, 0)
+    assert not is_prefill({"past_key_values": _Cache(5)}, 0)
+    assert not is_prefill({"past_key_value": _Cache(5)}, 0)  # older transformers: singular keyword
+    assert is_prefill({"past_key_value": _Cache(0)}, 0)
+    assert is_prefill({"past_key_values": _Cache(0, takes_layer=False)}, 1)
+    assert not is_prefill({"past_key_values": _Cache(1, takes_layer=False)}, 1)
+
+
+def test_hookset_post_with_kwargs_and_unremovable_hooks_raise():
+    lin = torch.nn.Linear(2, 2)
+    seen = []
+    with HookSet() as hooks:
+        hooks.post(lin, lambda m, a, k, o: seen.append(sorted(k)), with_kwargs=True)
+        lin(input=torch.zeros(1, 2))
+    assert seen == [["input"]] and count_hooks(lin) == 0
+    hooks = HookSet()
+    handle = hooks.pre(lin, lambda m, a, k: None)
+    handle.remove = lambda: None  # a hook that cannot be taken off
+    with pytest.raises(RuntimeError, match="could not be removed"):
+        hooks.remove_all()
+    lin._forward_pre_hooks.clear()
+
+
+def test_prefill_position_ids_text_models_and_vlms():
+    from rlx.replay.hooks import prefill_position_ids
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert prefill_position_ids(_ToyLM(), mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert prefill_position_ids(_ToyLM(image_token_id=9), mask) is None  # a VLM: M-RoPE positions of its own
+    assert prefill_position_ids(_ToyLM(rope_index=True), mask) is None
+    assert prefill_position_ids(_PeftWrapper(_ToyLM(rope_index=True)), mask) is None
