@@ -10,9 +10,19 @@ import pytest
 import torch
 from torch import nn
 
+import rlx.replay.learnable as learnable
 import rlx.replay.packing as packing
+import rlx.replay.streams as streams
 from rlx.replay.learnable import learnable_replay
-from rlx.replay.logit_lens import entropy_topk, row_logits, topk_kl, topk_kl_fused
+from rlx.replay.logit_lens import (
+    entropy_topk,
+    row_logits,
+    rows_kl,
+    sparse_head_kl,
+    sparse_pattern,
+    topk_kl,
+    topk_kl_fused,
+)
 from rlx.replay.packing import packed_layout, padded_layout, replay_layout
 from rlx.replay.streams import LayerCalls, layer_streams, rerun_streams
 from rlx.replay.tiny import left_padded_batch, tiny_pair
@@ -79,6 +89,85 @@ def test_fused_topk_kl_and_row_logits_match_autograd(dtype):
         assert torch.autograd.gradcheck(lambda v: row_logits(v, rows), (x.clone().requires_grad_(True),))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("cache_bytes", [1, 3000, 1 << 20], ids=["block1", "block2", "one_block"])
+def test_blocked_rows_kl_matches_autograd(bias, cache_bytes):
+    """Blocked KL with the gradient formed in the forward = autograd through gathered logits, at logit scales
+    whose softmax underflows (floored exponentials in the gradient)."""
+    g = torch.Generator().manual_seed(4)
+    n, k, d = 7, 6, 16
+    logp = (torch.randn(n, k, generator=g) * 5).log_softmax(-1)
+    rows = torch.randn(n, k, d, generator=g) * 20
+    b = torch.randn(n, k, generator=g) if bias else None
+    x = torch.randn(n, d, generator=g)
+    w = torch.rand(n, generator=g)
+    p = logp.exp()
+
+    x1 = x.clone().requires_grad_(True)
+    z = torch.einsum("nd,nkd->nk", x1, rows) + (b if bias else 0)
+    ref = topk_kl(logp, z)
+    (g1,) = torch.autograd.grad((ref * w).sum(), x1)
+    x2 = x.clone().requires_grad_(True)
+    got = rows_kl(x2, rows, b, logp, p, p.sum(-1), cache_bytes=cache_bytes)
+    (g2,) = torch.autograd.grad((got * w).sum(), x2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-5)
+    x64 = x.double().requires_grad_(True)
+    p64 = logp.double().exp()
+    assert torch.autograd.gradcheck(
+        lambda v: rows_kl(v, rows.double(), None, logp.double(), p64, p64.sum(-1), cache_bytes=cache_bytes),
+        (x64,),
+    )
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_head_kl_matches_autograd(bias):
+    """The head read in place (sampled logits, embedding_bag gradient) = autograd through gathered rows."""
+    g = torch.Generator().manual_seed(5)
+    m, k, d, v = 9, 6, 16, 300
+    w = torch.randn(v, d, generator=g) * 3
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(m)]).sort(-1).values
+    b = torch.randn(v, generator=g)[ids] if bias else None
+    logp = (torch.randn(m, k, generator=g) * 5).log_softmax(-1)
+    x = torch.randn(m, d, generator=g)
+    wt = torch.rand(m, generator=g)
+    x1 = x.clone().requires_grad_(True)
+    ref = topk_kl(logp, torch.einsum("nd,nkd->nk", x1, w[ids]) + (b if bias else 0))
+    (g1,) = torch.autograd.grad((ref * wt).sum(), x1)
+    x2 = x.clone().requires_grad_(True)
+    p = logp.exp()
+    got = sparse_head_kl(x2, w, sparse_pattern(ids, v, x.dtype), ids, b, logp, p, p.sum(-1))
+    (g2,) = torch.autograd.grad((got * wt).sum(), x2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_with_the_head_read_in_place_equals_plain_path():
+    """A vocabulary large enough that the per-layer union of top-k ids exceeds 16 k: the loss reads the head in
+    place for all layers at once; the plain path streams cached (N, k, d) rows layer by layer."""
+    base, rl = tiny_pair("qwen2", layers=3, hidden=32, vocab=3000, noise=0.2)
+    ids, mask = left_padded_batch([12, 18, 15], vocab=3000, seed=9)
+    seen = []
+    orig = learnable.LossPlan.__init__
+
+    def spy(self, *a, **kw):
+        orig(self, *a, **kw)
+        seen.append(len(self.sparse))
+
+    learnable.LossPlan.__init__ = spy
+    try:
+        fast = learnable_replay(rl, base, ids, mask, mask.bool(), steps=4, lr=0.3, top_k=10)
+    finally:
+        learnable.LossPlan.__init__ = orig
+    assert seen == [3]
+    with _plain_path():
+        plain = learnable_replay(rl, base, ids, mask, mask.bool(), steps=4, lr=0.3, top_k=10)
+    scale = float(plain.offsets.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(fast.losses, plain.losses, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast.offsets, plain.offsets, rtol=1e-4, atol=1e-5 * scale)
+
+
 def test_packed_layout_places_every_real_token_once():
     _, rl = tiny_pair("qwen2", layers=2, hidden=32)
     ids, mask = left_padded_batch([5, 11, 8, 3], seed=1)
@@ -125,14 +214,35 @@ def _costs(value):
 
 @contextlib.contextmanager
 def _plain_path():
-    """The straightforward path: padded batch, full forward at every step, no row trimming."""
-    old_pack, old_ready = packing.can_pack, LayerCalls.ready
+    """The straightforward path: padded batch, full forward at every step, no row trimming, full last MLP."""
+    old = (
+        packing.can_pack,
+        LayerCalls.ready,
+        streams.restrict_mlp,
+        learnable.sparse_head_supported,
+        learnable.LossPlan.__init__,
+    )
+    init = old[-1]
+
+    def per_layer(self, *args, **kwargs):  # no layers computed together
+        init(self, *args, **kwargs)
+        self.others, self.union = self.union + self.others, []
+
     packing.can_pack = lambda model, inputs: False
     LayerCalls.ready = property(lambda self: False)
+    streams.restrict_mlp = lambda hooks, layer, rows: False
+    learnable.sparse_head_supported = lambda device, dtype: False  # cached (N, k, d) rows instead
+    learnable.LossPlan.__init__ = per_layer
     try:
         yield
     finally:
-        packing.can_pack, LayerCalls.ready = old_pack, old_ready
+        (
+            packing.can_pack,
+            LayerCalls.ready,
+            streams.restrict_mlp,
+            learnable.sparse_head_supported,
+            learnable.LossPlan.__init__,
+        ) = old
 
 
 @pytest.mark.parametrize("align", ["code", "paper"])
@@ -212,3 +322,47 @@ def test_replay_layout_keeps_vlm_and_extra_inputs_padded():
     ids, mask = left_padded_batch([5, 3], seed=6)
     assert replay_layout(rl, ids, mask).packed
     assert not replay_layout(rl, ids, mask, model_inputs={"pixel_values": torch.zeros(1)}).packed
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_naive_benchmark_arm_computes_the_same_offsets(arch):
+    """benchmarks/bench_replay.py's naive arm (the paper's procedure: one prompt at a time, full forwards with
+    all hidden states, full-vocabulary lens) and rlx's prepare_replay give the same losses and offsets, so the
+    benchmark compares the cost of one computation done two ways."""
+    from benchmarks.bench_replay import naive_replay
+    from rlx.replay import prepare_replay
+
+    base, rl = tiny_pair(arch, layers=3, hidden=32, noise=0.2)
+    ids, mask = left_padded_batch([5, 11, 8], seed=7)
+    offsets, losses = naive_replay(rl, base, ids, mask, steps=4, lr=0.3, top_k=10)
+    state = prepare_replay(rl, base, ids, mask, dict(mode="learnable", steps=4, lr=0.3, top_k=10))
+    torch.testing.assert_close(state.losses, losses, rtol=1e-5, atol=1e-7)
+    scale = float(offsets.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(state.offsets, offsets, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_last_layer_mlp_runs_at_read_positions_only():
+    base, rl = tiny_pair("qwen2", layers=3, hidden=32, noise=0.2)
+    ids, mask = left_padded_batch([7, 9], seed=8)
+    rows_seen = []
+    handle = rl.model.layers[1].mlp.up_proj.register_forward_pre_hook(
+        lambda m, a: rows_seen.append(a[0].shape)
+    )
+    try:
+        state = learnable_replay(rl, base, ids, mask, mask.bool(), steps=2, lr=0.3)  # code: layers 0, 1 run
+    finally:
+        handle.remove()
+    n_last = int(state.num_selected[-1].sum())
+    assert rows_seen == [torch.Size([1, n_last, 32])] * 2 and n_last < int(mask.sum())
+
+
+def test_small_vocabulary_layers_are_computed_together():
+    base, rl = tiny_pair("qwen2", layers=3, hidden=32, noise=0.2)
+    ids, mask = left_padded_batch([7, 9], seed=10)
+    from rlx.replay.hooks import decoder_parts
+
+    targets = learnable.base_targets(base, ids, mask, mask.bool(), 3, top_k=20)
+    learnable.cache_rl_head(targets, decoder_parts(rl), 20)
+    plan = learnable.LossPlan(targets, decoder_parts(rl), 2)
+    assert len(plan.union) == 3 and not plan.others and not plan.sparse

@@ -143,10 +143,14 @@ def test_prepare_works_under_inference_mode(pair):
     assert got.offsets.abs().sum() > 0 and all(p.requires_grad is False for p in rl.parameters())
 
 
-@pytest.mark.parametrize("max_gathered", [1 << 30, 0], ids=["cached_rows", "per_step_gather"])
-def test_head_row_caching_does_not_change_the_result(pair, monkeypatch, max_gathered):
-    """The (N, U) union matmul (default for a small vocabulary), the cached (N, k, d) rows and the per-step
-    gather give the same losses and offsets."""
+@pytest.mark.parametrize(
+    "max_gathered, sparse",
+    [(1 << 30, False), (0, False), (0, True)],
+    ids=["cached_rows", "per_step_gather", "head_in_place"],
+)
+def test_head_row_caching_does_not_change_the_result(pair, monkeypatch, max_gathered, sparse):
+    """The (N, U) union matmul (default for a small vocabulary), the cached (N, k, d) rows, the per-step
+    gather and the head read in place (sparse, all layers batched) give the same losses and offsets."""
     base, rl = pair
     ids, mask = left_padded_batch([5, 11, 8], seed=3)
 
@@ -156,11 +160,12 @@ def test_head_row_caching_does_not_change_the_result(pair, monkeypatch, max_gath
     ref = run()
     assert ref.offsets.abs().sum() > 0
 
-    def no_union(targets, rl_parts, top_k):
+    def no_union(targets, rl_parts, top_k, dtype=None):
         for t in targets:
             if t.rows.numel():
-                t.cache_head(rl_parts.head, 0, max_gathered)
-                assert t.head_rows is None and (t.gathered_rows is not None) == (max_gathered > 0)
+                t.cache_head(rl_parts.head, 0, max_gathered, sparse)
+                assert t.head_rows is None and t.sparse == sparse
+                assert (t.gathered_rows is not None) == (max_gathered > 0 and not sparse)
 
     monkeypatch.setattr(learnable_module, "cache_rl_head", no_union)
     other = run()

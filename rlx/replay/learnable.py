@@ -28,7 +28,17 @@ import torch
 from torch import nn
 
 from rlx.replay.hooks import DecoderParts, decoder_parts
-from rlx.replay.logit_lens import entropy_topk, head_rows_at, rms_norm, row_logits, topk_kl_fused
+from rlx.replay.logit_lens import (
+    entropy_topk,
+    head_rows_at,
+    rms_norm,
+    row_logits,
+    rows_kl,
+    sparse_head_kl,
+    sparse_head_supported,
+    sparse_pattern,
+    topk_kl_fused,
+)
 from rlx.replay.packing import Layout, replay_layout
 from rlx.replay.streams import LayerCalls, frozen, layer_streams, rerun_streams
 
@@ -62,6 +72,8 @@ class LayerTargets:
     index: torch.Tensor | None = None
     """(N,) where the selected positions sit in the flattened RL streams of the optimisation loop's layout
     (`rlx.replay.packing`); None = the (B, S) batch as given, index rows · S + cols."""
+    sparse: bool = False
+    """The loss reads the head rows in place (`sparse_head_kl`), batched with the other sparse layers."""
     _cast: dict = field(default_factory=dict, repr=False)
     """Per-prompt constants in the dtype of the RL streams (P = exp(log P), Σ P, head rows and bias), made at
     the first step and reused by the others."""
@@ -104,19 +116,23 @@ class LayerTargets:
     def kl(self, x: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """KL(P ‖ Q) (N,) at the selected positions, Q from normed RL streams `x` (N, d)."""
         c = self.constants(x.dtype)
+        if self.local_ids is None and c["gathered_rows"] is not None:  # cached rows: blocked, one read/step
+            return rows_kl(x, c["gathered_rows"], c["gathered_bias"], c["logp"], c["p"], c["p_sum"])
         return topk_kl_fused(self.rl_logits(x, head), c["logp"], c["p"], c["p_sum"])
 
-    def cache_head(self, head: nn.Module, max_union: int, max_gathered: int) -> None:
+    def cache_head(self, head: nn.Module, max_union: int, max_gathered: int, sparse: bool = False) -> None:
         """Precompute the head rows the loss reads, once per prompt (the weights are frozen during the loop).
 
         |U| <= max_union: the union's rows, one (N, U) matmul per step (the top-k ids of nearby positions overlap
-        heavily). Else, when N·k·d <= max_gathered elements: the (N, k, d) rows themselves, so no step gathers
-        from the (|V|, d) head again (under the profiler that gather was a third of the preparation time at 7B
-        depth ratios).
+        heavily). Else, with `sparse`: nothing (the loss reads the head in place, `sparse_head_kl`: at the
+        7B-depth bench shape half the time of streaming cached rows, and no copy). Else, when N·k·d <=
+        max_gathered elements: the (N, k, d) rows themselves, so no step gathers from the (|V|, d) head again.
         """
         union, local = torch.unique(self.top_ids, return_inverse=True)
         if union.numel() <= max_union:
             (self.head_rows, self.head_bias), self.local_ids = head_rows_at(head, union), local
+        elif sparse:
+            self.sparse = True
         elif self.top_ids.numel() * head.weight.shape[1] <= max_gathered:
             self.gathered_rows, self.gathered_bias = head_rows_at(head, self.top_ids)
 
@@ -201,16 +217,118 @@ MAX_GATHERED_ELEMENTS = 1 << 28
 
 
 def cache_rl_head(
-    targets: list[LayerTargets], rl: DecoderParts, top_k: int, max_gathered: int = MAX_GATHERED_ELEMENTS
+    targets: list[LayerTargets],
+    rl: DecoderParts,
+    top_k: int,
+    max_gathered: int = MAX_GATHERED_ELEMENTS,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Per layer, cache the RL head rows the loss reads: the union of base top-k ids if it is small (<= 16 k),
-    else the per-position rows while the `max_gathered`-element budget lasts."""
+    else read the head in place when the loss runs in the head's own dtype (`dtype`, default the head's) and
+    the device supports it, else the per-position rows while the `max_gathered`-element budget lasts."""
+    w = rl.head.weight
+    sparse = (dtype or w.dtype) == w.dtype and sparse_head_supported(w.device, w.dtype)
     budget = max_gathered
     for t in targets:
         if t.rows.numel():
-            t.cache_head(rl.head, 16 * top_k, budget)
+            t.cache_head(rl.head, 16 * top_k, budget, sparse)
             if t.gathered_rows is not None:
                 budget -= t.gathered_rows.numel()
+
+
+class LossPlan:
+    """The per-sample loss of the optimisation loop, with everything that does not change across steps made
+    once. Layers are computed together where they can be (one gather of their streams, one norm, one KL call
+    over all their positions): those that read the head in place (`sparse_head_kl`), and those with a small
+    union of top-k ids when the union over all of them is still small (one (M, U) matmul, e.g. every layer
+    of a character-vocabulary model); the others layer by layer (`LayerTargets.kl`)."""
+
+    def __init__(self, targets: list[LayerTargets], rl: DecoderParts, batch: int, fp32: bool = False):
+        self.rl, self.batch, self.fp32 = rl, batch, fp32
+        live = [t for t in targets if t.rows.numel()]
+        self.sparse = [t for t in live if t.sparse]
+        self.others = [t for t in live if not t.sparse]
+        self.union: list[LayerTargets] = []
+        small = [t for t in self.others if t.local_ids is not None]
+        if len(small) > 1:
+            ids = torch.unique(torch.cat([t.top_ids for t in small]))
+            if ids.numel() <= 16 * small[0].top_ids.shape[1]:
+                self.union = small
+                self.others = [t for t in self.others if t.local_ids is None]
+        self._group: dict | None = None
+        self._union: dict | None = None
+
+    def _union_constants(self, dtype: torch.dtype) -> dict[str, Any]:
+        if self._union is None:
+            ts = self.union
+            ids, local = torch.unique(torch.cat([t.top_ids for t in ts]), return_inverse=True)
+            rows, bias = head_rows_at(self.rl.head, ids)
+            logp = torch.cat([t.logp for t in ts]).to(dtype)
+            p = logp.exp()
+            self._union = dict(
+                head_rows=rows.to(dtype),
+                bias=bias.to(dtype) if bias is not None else None,
+                local=local,
+                logp=logp,
+                p=p,
+                p_sum=p.sum(-1),
+                rows=torch.cat([t.rows for t in ts]),
+                weight=torch.cat([t.weight for t in ts]),
+            )
+        return self._union
+
+    def _constants(self, dtype: torch.dtype) -> dict[str, Any]:
+        if self._group is None:
+            ts = self.sparse
+            top = torch.cat([t.top_ids for t in ts])
+            order = top.argsort(-1)
+            ids = top.gather(1, order)
+            logp = torch.cat([t.logp for t in ts]).gather(1, order).to(dtype)
+            p = logp.exp()
+            bias = getattr(self.rl.head, "bias", None)
+            self._group = dict(
+                ids=ids,
+                pattern=sparse_pattern(ids, self.rl.head.weight.shape[0], dtype),
+                bias=bias.detach()[ids].to(dtype) if bias is not None else None,
+                logp=logp,
+                p=p,
+                p_sum=p.sum(-1),
+                rows=torch.cat([t.rows for t in ts]),
+                weight=torch.cat([t.weight for t in ts]),
+            )
+        return self._group
+
+    def _stream_rows(self, streams: dict[int, torch.Tensor], t: LayerTargets) -> torch.Tensor:
+        h = streams[t.layer]
+        return h[t.rows, t.cols] if t.index is None else h.reshape(-1, h.shape[-1])[t.index]
+
+    def __call__(self, streams: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per-sample loss 𝓛_i (B,) from RL streams {l: (B, S, d)} (or the layout's (R, W, d))."""
+        device = streams[next(iter(streams))].device if streams else self.rl.head.weight.device
+        loss = torch.zeros(self.batch, dtype=torch.float32, device=device)
+        if self.sparse:
+            x = rms_norm(
+                self.rl.norm, torch.cat([self._stream_rows(streams, t) for t in self.sparse]), self.fp32
+            )
+            g = self._constants(x.dtype)
+            kl = sparse_head_kl(
+                x, self.rl.head.weight, g["pattern"], g["ids"], g["bias"], g["logp"], g["p"], g["p_sum"]
+            )
+            loss = loss.index_add(0, g["rows"], kl.float() * g["weight"])
+        if self.union:
+            x = rms_norm(
+                self.rl.norm, torch.cat([self._stream_rows(streams, t) for t in self.union]), self.fp32
+            )
+            u = self._union_constants(x.dtype)
+            z = x @ u["head_rows"].T
+            if u["bias"] is not None:
+                z = z + u["bias"]
+            kl = topk_kl_fused(z.gather(1, u["local"]), u["logp"], u["p"], u["p_sum"])
+            loss = loss.index_add(0, u["rows"], kl.float() * u["weight"])
+        for t in self.others:
+            kl = t.kl(rms_norm(self.rl.norm, self._stream_rows(streams, t), self.fp32), self.rl.head)
+            loss = loss.index_add(0, t.rows, kl.float() * t.weight)
+        return loss
 
 
 def replay_loss(
@@ -220,21 +338,9 @@ def replay_loss(
     batch: int,
     fp32: bool = False,
 ) -> torch.Tensor:
-    """Per-sample loss 𝓛_i (B,) from RL streams {l: (B, S, d)}; rows with no selected position contribute 0."""
-    loss = None
-    for t in targets:
-        if t.rows.numel() == 0:
-            continue
-        h = streams[t.layer]
-        h = h[t.rows, t.cols] if t.index is None else h.reshape(-1, h.shape[-1])[t.index]
-        kl = t.kl(rms_norm(rl.norm, h, fp32), rl.head)
-        term = torch.zeros(batch, dtype=torch.float32, device=kl.device).index_add(
-            0, t.rows, kl.float() * t.weight
-        )
-        loss = term if loss is None else loss + term
-    if loss is None:
-        return torch.zeros(batch, dtype=torch.float32, device=streams[next(iter(streams))].device)
-    return loss
+    """Per-sample loss 𝓛_i (B,) from RL streams {l: (B, S, d)}; rows with no selected position contribute 0.
+    (The loop builds one `LossPlan` and reuses it across steps.)"""
+    return LossPlan(targets, rl, batch, fp32)(streams)
 
 
 @torch.inference_mode(False)  # callable from evaluation code running under inference mode
@@ -277,7 +383,8 @@ def learnable_replay(
     targets = base_targets(
         base_model, input_ids, attention_mask, eligible, n_layers, rho, top_k, fp32, chunk, model_inputs
     )
-    cache_rl_head(targets, rl, top_k)
+    loss_dtype = torch.float32 if fp32 else emb.dtype
+    cache_rl_head(targets, rl, top_k, dtype=loss_dtype)
     num_selected = torch.stack([torch.bincount(t.rows, minlength=b) for t in targets])
     # The loop runs each row only up to the last position a loss term reads (later positions cannot change the
     # loss under causal attention, so their offsets would get exactly zero gradient), packed when possible.
@@ -289,9 +396,15 @@ def learnable_replay(
     layout = replay_layout(rl_model, input_ids, attention_mask, keep=keep, model_inputs=model_inputs)
     for t in targets:
         t.index = layout.flat[t.rows, t.cols]
+    # the deepest stream (input of layer L-1 in code mode, output of layer L-1 in paper mode) is the last run
+    # layer's output and is read at S_{L-1} only: that layer's MLP runs there only
+    last_rows = targets[-1].index if targets[-1].rows.numel() else None
+    if n_layers == 1 and align == "code":
+        last_rows = None  # the l = 0 stream is the embeddings: no layer runs
     mask_l = layout.place(eligible)[..., None].to(emb.dtype)
     delta_l = torch.zeros(*mask_l.shape[:2], emb.shape[1], dtype=emb.dtype, device=emb.device)
     losses = []
+    plan = LossPlan(targets, rl, b, fp32)
     record = LayerCalls()
     with frozen(rl_model), torch.enable_grad():
         for step in range(steps + (1 if log_final_loss else 0)):
@@ -305,7 +418,7 @@ def learnable_replay(
                 offsets=delta_l * mask_l,
             )
             if record.ready:  # steps after the first: the recorded layer calls only
-                ins, outs = rerun_streams(rl_model, record, **streams)
+                ins, outs = rerun_streams(rl_model, record, last_rows=last_rows, **streams)
             else:
                 record = LayerCalls() if step == 0 else record
                 ins, outs = layer_streams(
@@ -315,10 +428,11 @@ def learnable_replay(
                     model_inputs=model_inputs,
                     position_ids=layout.position_ids,
                     record=record if step == 0 else None,
+                    last_rows=last_rows,
                     **streams,
                 )
                 record.release()
-            per_sample = replay_loss(ins if align == "code" else outs, targets, rl, b, fp32)
+            per_sample = plan(ins if align == "code" else outs)
             losses.append(per_sample.detach())
             if step == steps or not per_sample.requires_grad:
                 break

@@ -11,6 +11,7 @@ online log-sum-exp, so no (N, |V|) tensor larger than (N, chunk) is ever materia
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,60 @@ class _TopkKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logq, p, p_sum = ctx.saved_tensors
-        return grad[:, None] * (logq.exp() * p_sum[:, None] - p), None, None, None
+        return grad[:, None] * _kl_grad(logq, p, p_sum), None, None, None
+
+
+def _kl_grad(logq: torch.Tensor, p: torch.Tensor, p_sum: torch.Tensor) -> torch.Tensor:
+    """d KL(P‖Q) / d logits = q · Σ p − p, q = exp(log q) with log q floored at `exp_floor` (a q below e · tiny
+    changes the gradient by less than e · tiny, and avoids `exp`'s slow subnormal path)."""
+    return logq.clamp_min(exp_floor(logq.dtype)).exp_().mul_(p_sum[:, None]).sub_(p)
+
+
+class _RowsKL(torch.autograd.Function):
+    """KL(P‖Q) (N,) for Q = softmax over logits z[n, j] = <x[n], rows[n, j]> (+ bias), with constant rows
+    (N, k, d), computed in blocks of positions whose rows fit in cache: per block the logits, the KL and its
+    gradient w.r.t. x, ∂KL_n/∂x_n = Σ_j (q_nj Σp_n − p_nj) rows[n, j], while the block's rows are still in cache.
+    The backward scales that per-position gradient (KL_n depends on x_n only), so the rows are read from
+    memory once per step instead of twice (forward and backward), a memory-bound cost at |V| >> k.
+    """
+
+    @staticmethod
+    def forward(ctx, x, rows, bias, logp, p, p_sum, block):
+        kl = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+        jac = torch.empty_like(x)
+        for lo in range(0, x.shape[0], block):
+            hi = lo + block
+            r = rows[lo:hi]
+            z = torch.bmm(x[lo:hi, None, :], r.transpose(1, 2)).squeeze(1)
+            if bias is not None:
+                z = z + bias[lo:hi]
+            logq = torch.log_softmax(z, -1)
+            kl[lo:hi] = (p[lo:hi] * (logp[lo:hi] - logq)).sum(-1)
+            g = _kl_grad(logq, p[lo:hi], p_sum[lo:hi])
+            jac[lo:hi] = torch.bmm(g[:, None, :], r).squeeze(1)
+        ctx.save_for_backward(jac)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        (jac,) = ctx.saved_tensors
+        return grad[:, None] * jac, None, None, None, None, None, None
+
+
+def rows_kl(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    bias: torch.Tensor | None,
+    logp: torch.Tensor,
+    p: torch.Tensor,
+    p_sum: torch.Tensor,
+    cache_bytes: int = 1 << 20,
+) -> torch.Tensor:
+    """KL(P‖Q) (N,) at positions `x` (N, d) against per-position head rows (N, k, d) (and bias (N, k)), all
+    constants but x in x's dtype; same value and gradient as `topk_kl_fused(row_logits(x, rows) + bias, ...)`.
+    Blocks of positions hold about `cache_bytes` of rows."""
+    block = max(1, cache_bytes // max(1, rows.shape[1] * rows.shape[2] * rows.element_size()))
+    return _RowsKL.apply(x, rows.detach(), bias, logp, p, p_sum, block)
 
 
 def topk_kl_fused(
@@ -211,3 +265,81 @@ class _RowLogits(torch.autograd.Function):
 def row_logits(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Logits (N, k) of `x` (N, d) against per-row head rows (N, k, d) that carry no gradient."""
     return _RowLogits.apply(x, rows.detach())
+
+
+class _SparseHeadKL(torch.autograd.Function):
+    """KL(P‖Q) (M,) with Q = softmax over z[m, j] = <x[m], W[ids[m, j]]> (+ bias), reading the head rows in
+    place: the logits by a sampled dense-dense product on the (M, |V|) pattern of `ids` (sorted per row), the
+    gradient w.r.t. x, Σ_j (q Σp − p)[m, j] · W[ids[m, j]], by `embedding_bag` with per-sample weights, both in
+    the forward (KL_m depends on x_m only); the backward scales it. No (M, k, d) copy of the rows is made or
+    streamed: the head (|V| · d) stays in cache across the positions and layers of a step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, pattern, ids, bias, logp, p, p_sum):
+        z = torch.sparse.sampled_addmm(pattern, x, weight.T).values().view(ids.shape)
+        if bias is not None:
+            z = z + bias
+        logq = torch.log_softmax(z, -1)
+        kl = (p * (logp - logq)).sum(-1)
+        g = _kl_grad(logq, p, p_sum)
+        ctx.save_for_backward(F.embedding_bag(ids, weight, per_sample_weights=g, mode="sum"))
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        (jac,) = ctx.saved_tensors
+        return grad[:, None] * jac, None, None, None, None, None, None, None
+
+
+def sparse_pattern(ids: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """(M, vocab) CSR pattern with the (M, k) ids (sorted, distinct per row) as its columns, zero values."""
+    m, k = ids.shape
+    crow = torch.arange(0, m * k + 1, k, device=ids.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the two ops used here are tested
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow,
+            ids.reshape(-1),
+            torch.zeros(m * k, dtype=dtype, device=ids.device),
+            size=(m, vocab),
+            check_invariants=False,
+        )
+
+
+def sparse_head_kl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    pattern: torch.Tensor,
+    ids: torch.Tensor,
+    bias: torch.Tensor | None,
+    logp: torch.Tensor,
+    p: torch.Tensor,
+    p_sum: torch.Tensor,
+) -> torch.Tensor:
+    """KL(P‖Q) (M,) at normed RL streams `x` (M, d) for head `weight` (|V|, d) at sorted `ids` (M, k) (pattern
+    from `sparse_pattern`), constants in x's dtype; same value and gradient as
+    `topk_kl_fused(row_logits(x, weight[ids]) + bias, logp, p, p_sum)`."""
+    return _SparseHeadKL.apply(x, weight.detach(), pattern, ids, bias, logp, p, p_sum)
+
+
+_SPARSE_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def sparse_head_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `sparse_head_kl` runs for this device type and dtype (probed once on a tiny example)."""
+    key = (torch.device(device).type, dtype)
+    if key not in _SPARSE_OK:
+        try:
+            w = torch.randn(7, 3, device=device).to(dtype)
+            ids = torch.tensor([[1, 4], [0, 6]], device=device)
+            lp = torch.zeros(2, 2, device=device, dtype=dtype)
+            x = torch.randn(2, 3, device=device).to(dtype)
+            got = sparse_head_kl(
+                x, w, sparse_pattern(ids, 7, dtype), ids, None, lp, lp.exp(), lp.exp().sum(-1)
+            )
+            ref = topk_kl_fused(torch.einsum("nd,nkd->nk", x, w[ids]), lp)
+            _SPARSE_OK[key] = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-3))
+        except (RuntimeError, NotImplementedError, TypeError):
+            _SPARSE_OK[key] = False
+    return _SPARSE_OK[key]

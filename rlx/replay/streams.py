@@ -36,6 +36,7 @@ def layer_streams(
     model_inputs: dict[str, Any] | None = None,
     position_ids: torch.Tensor | None = None,
     record: LayerCalls | None = None,
+    last_rows: torch.Tensor | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """One forward over the prompt; returns ({l: input of layer l}, {l: output of layer l}), each (B, S, d).
 
@@ -44,7 +45,9 @@ def layer_streams(
     requested stream, so later layers and the LM head are never run. Gradients flow if the caller enables them.
     `position_ids` default to the ones `generate` uses at prefill; a packed batch (`rlx.replay.packing`) passes
     its own with `attention_mask=None`. `record` (a fresh `LayerCalls`) keeps what the forward handed each layer
-    it ran, so `rerun_streams` can repeat the same layers with other offsets.
+    it ran, so `rerun_streams` can repeat the same layers with other offsets. `last_rows` (flat indices into
+    the (B·S) positions): the only positions at which the caller reads the last layer run's output; that
+    layer's MLP then runs at those positions only (`restrict_mlp`).
     """
     parts = decoder_parts(model)
     need_in, need_out = sorted(set(inputs)), sorted(set(outputs))
@@ -79,9 +82,12 @@ def layer_streams(
     def stop_post(module, args, output):
         raise StopForward
 
+    n_run = max(last_in, last_out + 1)
     with HookSet() as hooks:
         if record is not None:
-            record.arm(hooks, parts, max(last_in, last_out + 1))
+            record.arm(hooks, parts, n_run)
+        if last_rows is not None and n_run > 0:
+            restrict_mlp(hooks, parts.layers[n_run - 1], last_rows)
         if offsets is not None:
             hooks.pre(parts.layers[0], add_offsets)
         for i in need_in:
@@ -106,6 +112,34 @@ def layer_streams(
     if missing:
         raise RuntimeError(f"layer streams {missing} were not captured; the model did not run those layers")
     return got_in, got_out
+
+
+def restrict_mlp(hooks: HookSet, layer: nn.Module, rows: torch.Tensor) -> bool:
+    """Run `layer`'s MLP only at the flat positions `rows`, zero elsewhere (hooks on the MLP module).
+
+    For the last layer a forward runs, whose output the caller reads at `rows` only: the MLP is position-wise,
+    so its value at those positions is unchanged, and the other positions' outputs (residual + 0 instead of
+    residual + MLP) are never read, nor do they reach anything that is (no later layer runs). Gradients flow
+    to the same places as through the full MLP at the read positions. Only MLP modules called with one
+    (..., d) tensor and returning one (Llama/Qwen2/Qwen3 `*MLP`); False (nothing registered) otherwise.
+    """
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None or not type(mlp).__name__.endswith("MLP"):
+        return False
+    shape: list[torch.Size] = []
+
+    def pre(module, args):
+        x = args[0]
+        shape[:] = [x.shape]
+        return (x.reshape(-1, x.shape[-1]).index_select(0, rows).unsqueeze(0), *args[1:])
+
+    def post(module, args, out):
+        full = out.new_zeros(shape[0].numel() // shape[0][-1], out.shape[-1])
+        return full.index_copy(0, rows, out[0]).view(*shape[0][:-1], out.shape[-1])
+
+    hooks.pre(mlp, pre, with_kwargs=False)
+    hooks.post(mlp, post)
+    return True
 
 
 class LayerCalls:
@@ -167,6 +201,7 @@ def rerun_streams(
     inputs: Sequence[int] = (),
     outputs: Sequence[int] = (),
     offsets: torch.Tensor | None = None,
+    last_rows: torch.Tensor | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """`layer_streams` for the batch `record` was made on, with new offsets: the recorded layer calls only."""
     layers = decoder_parts(model).layers
@@ -174,13 +209,17 @@ def rerun_streams(
     h = record.embeds if offsets is None else record.embeds + offsets.to(record.embeds.dtype)
     got_in: dict[int, torch.Tensor] = {}
     got_out: dict[int, torch.Tensor] = {}
-    for i, (positional, rest, kwargs) in enumerate(record.calls):
-        if i in need_in:
-            got_in[i] = h
-        out = layers[i](h, *rest, **kwargs) if positional else layers[i](*rest, hidden_states=h, **kwargs)
-        h = layer_output(out)
-        if i in need_out:
-            got_out[i] = h
+    with HookSet() as hooks:
+        if last_rows is not None and record.calls:
+            restrict_mlp(hooks, layers[len(record.calls) - 1], last_rows)
+        for i, (positional, rest, kwargs) in enumerate(record.calls):
+            if i in need_in:
+                got_in[i] = h
+            layer = layers[i]
+            out = layer(h, *rest, **kwargs) if positional else layer(*rest, hidden_states=h, **kwargs)
+            h = layer_output(out)
+            if i in need_out:
+                got_out[i] = h
     if len(record.calls) in need_in:
         got_in[len(record.calls)] = h
     missing = [i for i in need_in if i not in got_in] + [i for i in need_out if i not in got_out]
