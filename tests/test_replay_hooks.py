@@ -322,3 +322,31 @@ def test_prefill_position_ids_text_models_and_vlms():
     assert prefill_position_ids(_ToyLM(image_token_id=9), mask) is None  # a VLM: M-RoPE positions of its own
     assert prefill_position_ids(_ToyLM(rope_index=True), mask) is None
     assert prefill_position_ids(_PeftWrapper(_ToyLM(rope_index=True)), mask) is None
+
+
+def test_decoder_parts_skips_layouts_without_norm_or_head():
+    """A layer list whose owner has no `norm`, or a model without an output embedding, is not a decoder layout;
+    the lookup goes on to the next path and fails with a UserError when none fits."""
+    from rlx.replay.hooks import decoder_parts
+
+    no_norm = _ToyLM()
+    del no_norm.model.norm
+    with pytest.raises(UserError, match="cannot find decoder layers"):
+        decoder_parts(no_norm)
+
+    class NoHead(torch.nn.Module):
+        def __init__(self, with_getter):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+            self.norm = torch.nn.LayerNorm(2)
+            if with_getter:
+                self.get_output_embeddings = lambda: None
+
+    for with_getter in (False, True):
+        with pytest.raises(UserError, match="cannot find decoder layers"):
+            decoder_parts(NoHead(with_getter))
+    # model.language_model.layers without a norm beside it, then model.layers with one: the second is used
+    vlm_like = _ToyLM(n_layers=2)
+    vlm_like.model.language_model = torch.nn.Module()
+    vlm_like.model.language_model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    assert decoder_parts(vlm_like).layers is vlm_like.model.layers
