@@ -198,7 +198,12 @@ def test_two_processes_give_the_one_process_numbers(tmp_path, tiny_model_dir):
         keys = [k for k in a[step] if k.startswith(("eval/", "eval_replay/")) and not is_cost_metric(k)]
         assert "eval_replay/pass@4" in keys and "eval_replay/prompts" in keys
         for key in keys:
-            assert b[step][key] == a[step][key], (step, key)
+            if "/loss_" in key:
+                # replay's optimisation loss is a float sum over each rank's packed prompts: the packing (and so
+                # the summation order) depends on which prompts a rank holds, so it agrees to round-off only
+                assert b[step][key] == pytest.approx(a[step][key], rel=1e-6), (step, key)
+            else:
+                assert b[step][key] == a[step][key], (step, key)
         ta = pd.read_parquet(one / "diagnostics" / "eval" / f"step_{step:06d}.parquet")
         tb = pd.read_parquet(two / "diagnostics" / "eval" / f"step_{step:06d}.parquet")
         pd.testing.assert_frame_equal(ta, tb)
