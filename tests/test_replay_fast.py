@@ -366,3 +366,39 @@ def test_small_vocabulary_layers_are_computed_together():
     learnable.cache_rl_head(targets, decoder_parts(rl), 20)
     plan = learnable.LossPlan(targets, decoder_parts(rl), 2)
     assert len(plan.union) == 3 and not plan.others and not plan.sparse
+
+
+def test_bench_replay_gates_cpu_time_at_both_shapes(monkeypatch, capsys):
+    """bench_replay exits 1 when a gated shape's learnable CPU-time prefill-equivalents exceed its limit (FLOPs
+    and the naive and direct arms are reported, not gated)."""
+    import benchmarks.bench_replay as bench
+
+    def row(model, mode, cpu, flops=10.0):
+        return {
+            "model": model,
+            "mode": mode,
+            "layers": 4,
+            "hidden": 8,
+            "batch": 4,
+            "prompt_len": 64,
+            "prefill_s": 0.01,
+            "prepare_s": 0.01 * cpu,
+            "prefill_equivalents": cpu,
+            "prefill_equivalents_min": cpu,
+            "prefill_equivalents_max": cpu,
+            "prefill_equivalents_flops": flops,
+        }
+
+    ok = [
+        row("qwen7b_depth", "learnable", 29.0),
+        row("qwen7b_depth", "naive", 120.0),
+        row("embedded_shape", "learnable", 41.0, flops=100.0),
+        row("embedded_shape", "direct", 2.0),
+    ]
+    assert bench.gate(ok) == []
+    over = [row("qwen7b_depth", "learnable", 30.5), row("embedded_shape", "learnable", 42.5)]
+    assert len(bench.gate(over)) == 2
+    for rows, code in [(ok, 0), (over, 1)]:
+        monkeypatch.setattr(bench, "run", lambda *a, rows=rows, **k: rows)
+        assert bench.main([]) == code
+    assert "FAIL" in capsys.readouterr().out
