@@ -38,6 +38,9 @@ BENCHMARKS = {
     ),
 }
 NOT_IN_ALL = {"scaling"}
+# Benchmarks on the training harness share its options (--rounds, --steps, --width, ...); `all` passes the
+# extra arguments to these only, since storage and replay take options of their own.
+HARNESS = {"overhead", "alignment", "relax", "eval", "scaling"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if n not in BENCHMARKS:
             print(f"error: unknown benchmark '{n}'. Available: {', '.join(BENCHMARKS)}.", file=sys.stderr)
             return 2
-        print(f"=== {n}: {BENCHMARKS[n][1]}", flush=True)
-        result = importlib.import_module(BENCHMARKS[n][0]).main(rest)
+        args = rest if name != "all" or n in HARNESS else []
+        print(f"=== {n}: {BENCHMARKS[n][1]}" + (f" (args: {' '.join(args)})" if args else ""), flush=True)
+        result = importlib.import_module(BENCHMARKS[n][0]).main(args)
         status = max(status, result if isinstance(result, int) else 0)
     return status
 

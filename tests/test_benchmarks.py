@@ -197,3 +197,32 @@ def test_harness_smoke_one_round_two_steps(tmp_path, tiny_model_dir):
     assert all(b["ratio"] > 0 for b in res["budgets"][:2])  # step 2 is the only step after 1, and it logs
     assert res["budgets"][2]["verdict"] == "NO DATA"  # no step after 1 that does not log
     assert json.loads((tmp_path / "r.json").read_text())["bench"] == "alignment"
+
+
+def test_run_all_passes_harness_options_to_harness_benchmarks_only(monkeypatch):
+    """`benchmarks.run all --rounds 7` hands --rounds to the harness benchmarks, not to storage or replay
+    (which take options of their own and reject it), and exits with the worst status."""
+    import types
+
+    from benchmarks import run as runner
+
+    seen: dict[str, list[str]] = {}
+
+    def fake_import(module: str):
+        name = next(n for n, (m, _) in runner.BENCHMARKS.items() if m == module)
+
+        def main(args):
+            seen[name] = list(args)
+            return 1 if name == "relax" else 0
+
+        return types.SimpleNamespace(main=main)
+
+    monkeypatch.setattr(runner.importlib, "import_module", fake_import)
+    status = runner.main(["all", "--rounds", "7"])
+    assert set(seen) == set(runner.BENCHMARKS) - runner.NOT_IN_ALL
+    for name, args in seen.items():
+        assert args == (["--rounds", "7"] if name in runner.HARNESS else []), name
+    assert status == 1  # relax "failed"
+    seen.clear()
+    runner.main(["storage", "--x"])
+    assert seen == {"storage": ["--x"]}
