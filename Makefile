@@ -42,7 +42,7 @@ bench: $(STAMP)  ## benchmarks run with OMP_NUM_THREADS=1 unless set
 	$(PY) -m benchmarks.run all
 
 # Mutation testing of the math (docs/testing.md); not part of `make test`, and long (hours for everything on 2
-# cores). MUTANTS narrows it by mutant name, e.g. make mutants MUTANTS='rlx.alignment.math.*'; results persist
+# cores). MUTANTS narrows it by mutant name, e.g. make mutants MUTANTS='rlx.alignment.functional.*'; results persist
 # in mutants/ and only changed code is re-checked. One OpenMP thread per worker: mutmut forks workers from a
 # process that has imported torch, and a forked OpenMP thread pool can hang.
 MUTANTS ?=

@@ -45,7 +45,7 @@ def evaluate(
     model, tokenizer, task, cfg, generate_fn=None, progress: bool = True
 ) -> tuple[dict[str, Any], list[dict]]:
     """Greedy accuracy and pass@k of `model` on `task` with the settings in `cfg.eval`."""
-    from rlx.evaluation import evaluate_policy
+    from rlx.heldout import evaluate_policy
 
     e = cfg.eval
     if e.num_samples and max(e.ks) > e.num_samples:

@@ -27,7 +27,7 @@ DEFAULT_RECIPE = "grpo_tiny"
 
 def _greedy_accuracy(trainer, tokenizer, task, cfg) -> dict:
     """On every rank (a collective: the prompts are split over ranks, ZeRO-3 weights gathered)."""
-    from rlx.evaluation import greedy_accuracy_all_ranks
+    from rlx.heldout import greedy_accuracy_all_ranks
 
     return greedy_accuracy_all_ranks(
         trainer,

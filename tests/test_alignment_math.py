@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2ForCausalLM
 
-from rlx.alignment.math import (
+from rlx.alignment.functional import (
     component_weights,
     cosine,
     dot,
@@ -525,7 +525,7 @@ def test_weighted_grad_unused_params_and_dtypes():
 )
 def test_tiers_sizes_by_hand(n, expected):
     """Units sorted by score (descending) are cut into thirds whose sizes differ by at most one, top first."""
-    from rlx.alignment.math import _tiers
+    from rlx.alignment.functional import _tiers
 
     score = torch.arange(n, 0, -1, dtype=torch.float64)  # already descending: rank = index
     assert _tiers(score).tolist() == expected
@@ -533,14 +533,14 @@ def test_tiers_sizes_by_hand(n, expected):
 
 
 def test_tiers_break_ties_by_unit_id():
-    from rlx.alignment.math import _tiers
+    from rlx.alignment.functional import _tiers
 
     tied = torch.ones(120, dtype=torch.float64)  # enough ties for an unstable sort to reorder them
     assert _tiers(tied).tolist() == [0] * 40 + [1] * 40 + [2] * 40
 
 
 def test_token_tiers_mean_score_gather_and_unscored_tokens():
-    from rlx.alignment.math import token_tiers
+    from rlx.alignment.functional import token_tiers
 
     # unit 0: one token |w| = 1.0 (mean 1.0); unit 1: two tokens of 0.8 (mean 0.8, sum 1.6); unit 2: 0.1 each
     w = torch.tensor([[1.0, 0.0, 0.0], [0.8, -0.8, 0.0], [0.1, 0.1, -0.1]])
@@ -588,7 +588,7 @@ def test_component_weights_ignores_w_kl_outside_the_mask_and_empty_batches():
 
 
 def test_per_param_dot_accumulates_in_float64_and_handles_no_tensors():
-    from rlx.alignment.math import per_param_dot
+    from rlx.alignment.functional import per_param_dot
 
     a = [torch.tensor([1e8, 1.0, -1e8], dtype=torch.float32)]
     b = [torch.ones(3, dtype=torch.float32)]
@@ -644,7 +644,7 @@ def test_component_weights_at_exactly_the_tolerance_is_round_off():
 
 def test_tiers_and_reweighting_units_stay_on_the_input_device():
     """Meta tensors (a device without data): a helper tensor created on the default device would clash or leak."""
-    from rlx.alignment.math import _tiers
+    from rlx.alignment.functional import _tiers
 
     assert _tiers(torch.empty(7, device="meta")).device.type == "meta"
     mask = torch.empty(2, 3, device="meta")

@@ -141,8 +141,8 @@ def pos_neg_cosine(run: Run) -> pd.DataFrame:
 
 def classify(run: Run) -> pd.DataFrame:
     """One row per target: n_steps, frac_positive, sign_flip_rate, mean_G, std_G (population), cv, regime,
-    rule; computed by `rlx.alignment.math.run_summary`, the function the instrument's own summary uses."""
-    from rlx.alignment.math import run_summary
+    rule; computed by `rlx.alignment.functional.run_summary`, the function the instrument's own summary uses."""
+    from rlx.alignment.functional import run_summary
 
     comp = components(run)
     cols = [

@@ -510,7 +510,7 @@ def replay(
     """Recompute the instrument's rows at every saved step of `run_dir` against D' (module doc); returns the table."""
     from tqdm.auto import tqdm
 
-    from rlx.alignment import math as am
+    from rlx.alignment import functional as am
     from rlx.alignment.final_responses import DEFAULT_N, check_run_dir
     from rlx.alignment.instrument import SCHEMA_VERSION
     from rlx.config.loader import load_config

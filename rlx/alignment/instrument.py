@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rlx.alignment import math as am
+from rlx.alignment import functional as am
 from rlx.alignment.rowgrad import RowCapture, row_alignment
 from rlx.alignment.sketch import CountSketch
 from rlx.alignment.target import (

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlx.alignment.math import Vec, head_grad_from_activations
+from rlx.alignment.functional import Vec, head_grad_from_activations
 from rlx.errors import UserError
 
 

@@ -149,7 +149,7 @@ class KLCov(_CovRegularizer):
         ref = ctx.extras.get("ref_logps")
         if ctx.algo != "grpo" or beta == 0.0 or ref is None:
             return w  # PPO folds its KL into the reward: w is all policy gradient
-        from rlx.alignment.math import kl_token_weights
+        from rlx.alignment.functional import kl_token_weights
 
         w_kl = kl_token_weights(
             w,
