@@ -13,11 +13,9 @@ from rlx.algorithms.ppo import (
     clipped_value_loss,
     explained_variance,
     gae,
-    kl_estimate,
-    masked_mean,
-    masked_whiten,
     token_level_rewards,
 )
+from rlx.algorithms.stats import masked_mean
 
 f64 = dict(dtype=torch.float64)
 
@@ -93,23 +91,6 @@ def test_gae_mask_holes_are_skipped():
     assert adv[0, 1] == 0
 
 
-# ---- whitening -----------------------------------------------------------------------------------------
-
-
-def test_masked_whiten_by_hand():
-    # masked entries 1, 2, 3, 4: mean 2.5, unbiased var = 5/3
-    x = t([[1.0, 2.0, 3.0], [4.0, 100.0, -50.0]])
-    mask = t([[1, 1, 1], [1, 0, 0]])
-    s = math.sqrt(5 / 3)
-    expected = t([[-1.5 / s, -0.5 / s, 0.5 / s], [1.5 / s, 0.0, 0.0]])
-    torch.testing.assert_close(masked_whiten(x, mask), expected, rtol=0, atol=1e-8)
-    torch.testing.assert_close(expected[0, 0], t(-1.1618950038622251))
-    w = masked_whiten(x, mask)
-    assert abs(masked_mean(w, mask).item()) < 1e-12
-    unshifted = masked_whiten(x, mask, shift_mean=False)
-    torch.testing.assert_close(unshifted, (expected + 2.5) * mask, rtol=0, atol=1e-8)
-
-
 # ---- losses --------------------------------------------------------------------------------------------
 
 # rows of (A, rho): inside range, outside high, outside low, large rho with A<0 (unclipped pessimistic branch),
@@ -169,16 +150,7 @@ def test_clipped_value_loss_by_hand():
     assert clipped_nc.sum() == 0
 
 
-# ---- KL, rewards, EV, controller -----------------------------------------------------------------------
-
-
-def test_kl_estimators_by_hand():
-    lp, ref = t([math.log(0.5)]), t([math.log(0.25)])
-    torch.testing.assert_close(kl_estimate(lp, ref, "k1"), t([math.log(2)]))
-    torch.testing.assert_close(kl_estimate(lp, ref, "k2"), t([0.5 * math.log(2) ** 2]))
-    torch.testing.assert_close(kl_estimate(lp, ref, "k3"), t([0.5 - 1 + math.log(2)]))
-    with pytest.raises(ValueError):
-        kl_estimate(lp, ref, "k9")
+# ---- rewards, EV, controller ---------------------------------------------------------------------------
 
 
 def test_token_level_rewards_by_hand():
@@ -209,44 +181,12 @@ def test_adaptive_kl_controller_by_hand():
 # ---- edge cases and defaults (each pins a line a mutation test showed unchecked; docs/testing.md) ----------
 
 
-def test_masked_reductions_per_row_and_bessel_edges():
-    from rlx.algorithms.ppo import masked_sum, masked_var
-
-    x = t([[1.0, 2.0, 7.0], [3.0, 5.0, 5.0], [4.0, 4.0, 4.0]])
-    m = t([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
-    torch.testing.assert_close(masked_sum(x, m, 1), t([3.0, 3.0, 0.0]))
-    torch.testing.assert_close(masked_sum(x, m), t(6.0))
-    # per-row means: a one-token row divides by 1, an empty row by max(0, 1) = 1 (never by zero)
-    torch.testing.assert_close(masked_mean(x, m, 1), t([1.5, 3.0, 0.0]))
-    # three masked entries 1, 2, 3: mean 2, sum of squares 2 -> unbiased 1, biased 2/3
-    torch.testing.assert_close(masked_var(x, m), t(1.0))
-    torch.testing.assert_close(masked_var(x, m, unbiased=False), t(2.0 / 3))
-    two = t([[1.0, 3.0]])  # N = 2: unbiased divides by 1
-    torch.testing.assert_close(masked_var(two, torch.ones_like(two)), t(2.0))
-    one = t([[5.0, 9.0]])  # N = 1: no Bessel correction, variance 0 (not 0/0)
-    torch.testing.assert_close(masked_var(one, t([[1, 0]])), t(0.0))
-
-
-def test_masked_whiten_eps_and_given_moments():
-    x, m = t([[1.0, 2.0, 3.0, 4.0]]), t([[1, 1, 1, 1]])
-    # eps enters as sqrt(var + eps): var = 5/3, eps = 1 -> divide by sqrt(8/3)
-    torch.testing.assert_close(masked_whiten(x, m, eps=1.0), (x - 2.5) / math.sqrt(8 / 3))
-    # moments from elsewhere (e.g. reduced over ranks) replace the local ones
-    out = masked_whiten(x, m, eps=0.0, moments=(t(1.0), t(4.0)))
-    torch.testing.assert_close(out, (x - 1.0) / 2.0)
-
-
 def test_gae_accepts_a_bool_mask():
     r, v = t([[0.3, 0.5, 1.0]]), t([[0.1, 0.2, 0.4]])
     adv_f, ret_f = gae(r, v, t([[1, 1, 0]]), 0.99, 0.95)
     adv_b, ret_b = gae(r, v, torch.tensor([[True, True, False]]), 0.99, 0.95)
     torch.testing.assert_close(adv_b, adv_f)
     torch.testing.assert_close(ret_b, ret_f)
-
-
-def test_kl_estimate_default_is_k1():
-    lp, ref = t([math.log(0.5), math.log(0.1)]), t([math.log(0.25), math.log(0.3)])
-    torch.testing.assert_close(kl_estimate(lp, ref), lp - ref)
 
 
 def test_token_level_rewards_one_token_rows_and_more_rows_than_columns():
@@ -292,6 +232,14 @@ def test_explained_variance_constant_returns_and_unit_variance():
     ret = t([[0.0, 1.0, 2.0]])  # Var[R] = 1 exactly: an ordinary value
     v = ret - t([[0.5, -0.5, 0.5]])  # Var[R - V] = 1/3
     assert explained_variance(v, ret, m).item() == pytest.approx(2 / 3)
+
+
+def test_explained_variance_from_given_variances():
+    """PPO passes the variances reduced over all ranks; the tensors then only give the dtype."""
+    ret, m = t([[0.0, 1.0, 2.0]]), t([[1, 1, 1]])
+    assert explained_variance(ret, ret, m, variances=(t(1.0), t(4.0))).item() == 0.75
+    ev = explained_variance(ret, ret, m, variances=(t(1.0), t(0.0)))  # Var[R] = 0: undefined
+    assert math.isnan(ev.item()) and ev.dtype == torch.float64
 
 
 def test_kl_controllers_by_hand_and_bad_settings():

@@ -14,7 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rlx.algorithms.ppo import kl_estimate, masked_mean, masked_whiten
+from rlx.algorithms.ppo import explained_variance
+from rlx.algorithms.stats import kl_estimate, masked_mean, masked_whiten
 from rlx.config.schema import EmbeddedModelConfig, TaskConfig
 from rlx.instruments.base import Instrument, InstrumentSet, LossTerm
 
@@ -150,6 +151,20 @@ def test_rollout_advantages_are_whitened_gae(trained):
     kl_last = kl_estimate(cat("old_logps"), cat("ref_logps"), "k1")[rows, last]
     score = ret[rows, last] + BETA * kl_last
     assert ((score > -1e-5) & (score < 2 + 1e-5)).all()
+
+
+@pytest.mark.slow
+def test_explained_variance_metric_is_the_rollouts(trained):
+    """value/explained_variance is `explained_variance` of the rollout's critic values and returns (one process:
+    the variances over all ranks are this rollout's, up to the one-pass sums the trainer reduces)."""
+    trainer, rec, _ = trained
+    first = rec.seen[:2]  # epoch 0 = the whole rollout
+    cat = lambda k: torch.cat([s[k] for s in first])  # noqa: E731
+    ev = explained_variance(cat("values"), cat("returns"), cat("mask"))
+    logged = [
+        h["value/explained_variance"] for h in trainer.state.log_history if "value/explained_variance" in h
+    ]
+    assert logged[0] == pytest.approx(float(ev), rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from rlx.algorithms.stats import kl_k3
 from rlx.config.schema import RelaxConfig
 from rlx.diagnostics.manifest import DiagnosticsWriter, read_manifest
 from rlx.errors import UserError  # noqa: F401
 from rlx.instruments.base import InstrumentSet, LossContext, registered_instruments
 from rlx.regularizers.dsd import dynamic_spectral_dispersion
 from rlx.regularizers.koopman import dictionary_features, koopman_operator
-from rlx.regularizers.loss import k3_kl
 from rlx.run import RunContext
 
 B, S, C, D = 8, 14, 10, 16
@@ -163,7 +163,7 @@ def test_adaptive_kl_applies_above_xi(tmp_path):
     lengths = ctx.completion_mask.sum(1)
     m = ((a > 0) & (lengths > 1)).float()  # DSD > 0 = xi for every trajectory with a transition
     assert term.metrics["relax/masked_frac"] == pytest.approx(float(m.mean()))
-    kl = k3_kl(ctx.completion_logps.detach(), ctx.extras["ref_logps"]).clamp(-10, 10)
+    kl = kl_k3(ctx.completion_logps.detach(), ctx.extras["ref_logps"]).clamp(-10, 10)
     expected = (kl * ctx.completion_mask * m[:, None]).sum() / ctx.completion_mask.sum()
     assert term.metrics["relax/kl"] == pytest.approx(float(expected), rel=1e-5)
     torch.testing.assert_close(term.loss.detach(), 0.5 * expected)

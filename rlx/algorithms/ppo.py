@@ -4,8 +4,8 @@ References: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arX
 surrogate); Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
 Estimation" (arXiv 1506.02438, Eq. 16); Ziegler et al. 2019, "Fine-Tuning Language Models from Human
 Preferences" (arXiv 1909.08593, Eq. 2 KL-shaped reward, adaptive KL controller); Ye et al. 2020, "Mastering
-Complex Control in MOBA Games with Deep RL" (arXiv 1912.09729, dual clip); Schulman 2020, "Approximating KL
-divergence" (k1/k2/k3 estimators).
+Complex Control in MOBA Games with Deep RL" (arXiv 1912.09729, dual clip). Masked statistics (`masked_mean`,
+`masked_whiten`) and the KL estimators (`kl_estimate`) are in rlx/algorithms/stats.py.
 
 Conventions: B sequences, C completion positions, right-padded. `mask` is (B, C) with 1 on completion tokens
 (it may be ragged: each row has its own length). Every reduction goes through the mask; padded positions of
@@ -18,71 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-# ---- masked statistics ---------------------------------------------------------------------------------
+from rlx.algorithms.stats import masked_var
 
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """sum_t m_t x_t over `dim` (all dims when None). Shapes: x, mask (B, C)."""
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """mean_m(x) = sum_t m_t x_t / max(sum_t m_t, 1). Shapes: x, mask (B, C); result scalar or reduced over `dim`."""
-    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """var_m(x) = sum_t m_t (x_t - mean_m(x))^2 / (N - 1) with N = sum_t m_t (N when `unbiased=False`).
-
-    Scalar over all masked entries of x (B, C). Bessel's correction is applied when N > 1.
-    """
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    ss = masked_sum((x - mean) ** 2, mask)
-    denom = (n - 1) if (unbiased and n > 1) else n.clamp(min=1)
-    return ss / denom
-
-
-def masked_whiten(
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Whitening over the mask: x_hat_t = (x_t - mu) / sqrt(sigma^2 + eps), with mu, sigma^2 = masked mean and
-    unbiased variance of x over all masked entries (or the given `moments`, e.g. reduced across ranks).
-
-    With `shift_mean=False` the mean is added back: x_hat_t = (x_t - mu) / sqrt(sigma^2 + eps) + mu.
-    Shapes: x, mask (B, C) -> (B, C); padded positions are 0.
-    """
-    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-
-
-# ---- rewards and KL ------------------------------------------------------------------------------------
-
-
-def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from a token a_t ~ pi, with log r_t = log pi_ref(a_t) - log pi(a_t):
-
-    k1 = -log r_t = log pi(a_t) - log pi_ref(a_t)        (unbiased, can be negative)
-    k2 = (log r_t)^2 / 2                                  (biased, low variance)
-    k3 = r_t - 1 - log r_t                               (unbiased, >= 0; Schulman 2020)
-
-    Shapes: (B, C) -> (B, C). Not masked: multiply by the mask before reducing.
-    """
-    log_r = ref_logps - logps
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k2":
-        return 0.5 * log_r**2
-    if estimator == "k3":
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator '{estimator}': expected k1, k2 or k3")
+# ---- rewards ------------------------------------------------------------------------------------------
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -218,15 +156,23 @@ def clipped_value_loss(
     return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).to(values.dtype)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    variances: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """EV = 1 - Var_m[R - V] / Var_m[R] over masked tokens (1 = perfect critic, 0 = constant, < 0 = worse).
 
-    Shapes: (B, C) -> scalar; NaN when Var_m[R] = 0.
+    `variances` = (Var_m[R - V], Var_m[R]) given instead of computed from the tensors (e.g. reduced across
+    ranks). Shapes: (B, C) -> scalar; NaN when Var_m[R] = 0.
     """
-    var_r = masked_var(returns, mask)
+    if variances is None:
+        variances = (masked_var(returns - values, mask), masked_var(returns, mask))
+    var_res, var_r = variances
     if var_r.item() == 0:
         return torch.tensor(float("nan"), dtype=values.dtype)
-    return 1.0 - masked_var(returns - values, mask) / var_r
+    return 1.0 - var_res / var_r
 
 
 # ---- KL coefficient ------------------------------------------------------------------------------------

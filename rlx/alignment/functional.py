@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from rlx.algorithms.stats import kl_k3
+
 Vec = list[torch.Tensor]
 """A gradient-shaped vector: one tensor per trainable parameter, in a fixed order."""
 
@@ -74,8 +76,7 @@ def kl_token_weights(
         not_clipped = not_clipped.double()
     q = 1.0 - torch.exp(ref - logps)
     if bias_correction:
-        k3 = torch.exp(ref - logps) - (ref - logps) - 1.0
-        q = rho * (q + k3)
+        q = rho * (q + kl_k3(logps, ref))
     u = (-not_clipped * rho * adv + beta * q) * mask
     c = (w * u * mask).sum(-1) / (u * u).sum(-1).clamp_min(1e-300)
     w_kl = (c[:, None] * beta * q * mask).to(torch.float32)

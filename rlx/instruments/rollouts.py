@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from rlx.algorithms.stats import masked_mean
+
 SCHEMA_VERSION = 1
 COLUMNS = {
     "sample_id": "int64 (round << 32) | global index in the generation batch; joins ReLaX trajectory rows",
@@ -54,8 +56,7 @@ def _masked_mean(x: torch.Tensor | None, mask: torch.Tensor) -> list[float] | No
         return None
     if x.dim() == 1:
         return x.float().tolist()
-    m = mask.to(x.dtype)
-    return ((x * m).sum(-1) / m.sum(-1).clamp(min=1)).float().tolist()
+    return masked_mean(x, mask.to(x.dtype), -1).float().tolist()
 
 
 def rollout_rows(

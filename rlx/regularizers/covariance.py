@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+from rlx.algorithms.stats import masked_mean
 
 
 def token_covariance(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -27,7 +25,7 @@ def token_covariance(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.
     adv = advantages.detach().float()
     if adv.dim() == 1:
         adv = adv.unsqueeze(1).expand_as(logps)
-    cov = (logps - _masked_mean(logps, mask)) * (adv - _masked_mean(adv, mask))
+    cov = (logps - masked_mean(logps, mask)) * (adv - masked_mean(adv, mask))
     return cov * mask
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from rlx.algorithms.stats import kl_k3
+
 
 def positive_advantage(
     advantages: torch.Tensor, lengths: torch.Tensor | None = None, max_length: int | None = None
@@ -63,16 +65,10 @@ def exploration_loss(
     return (weights * lme).sum(), z
 
 
-def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 (TRL's and verl's)."""
-    diff = ref_logps - logps
-    return torch.exp(diff) - diff - 1
-
-
 def adaptive_kl(
     logps: torch.Tensor, ref_logps: torch.Tensor, token_mask: torch.Tensor, traj_mask: torch.Tensor
 ) -> torch.Tensor:
     """token-mean(M_i * clamp(k3, -10, 10)). logps, ref_logps, token_mask (B, C); traj_mask (B,) bool."""
-    kl = k3_kl(logps.float(), ref_logps.float()).clamp(-10.0, 10.0)
+    kl = kl_k3(logps.float(), ref_logps.float()).clamp(-10.0, 10.0)
     w = token_mask.float() * traj_mask.float().unsqueeze(1)
     return (kl * w).sum() / token_mask.float().sum().clamp_min(1.0)

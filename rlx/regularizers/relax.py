@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from rlx.algorithms.stats import masked_mean
 from rlx.errors import UserError
 from rlx.instruments.base import (
     Instrument,
@@ -68,7 +69,7 @@ def sequence_advantages(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) advantages; token-level (B, C) ones are averaged over each completion's valid tokens."""
     if adv.dim() == 1:
         return adv.float()
-    return (adv.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return masked_mean(adv.float(), mask, 1)
 
 
 def group_ids_of(ctx: LossContext, n: int) -> torch.Tensor:

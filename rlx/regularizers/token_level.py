@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from rlx.algorithms.stats import masked_mean
 from rlx.errors import UserError
 from rlx.instruments.base import Instrument, LossContext, LossTerm, register_instrument
 from rlx.regularizers.covariance import clip_cov_selection, kl_cov_selection, token_covariance
@@ -43,7 +44,7 @@ class EntropyBonus(Instrument):
             raise RuntimeError("the entropy regularizer needs per-token entropies; this trainer passes none")
         ent = ctx.entropy[:, -ctx.completion_len :]
         mask = ctx.completion_mask
-        mean_ent = (ent * mask).sum() / mask.sum().clamp_min(1.0)
+        mean_ent = masked_mean(ent, mask)
         return LossTerm(-self.cfg.coef * mean_ent, {"entropy_bonus/entropy": float(mean_ent.detach())})
 
 

@@ -30,12 +30,11 @@ from rlx.algorithms.ppo import (
     FixedKLController,
     clipped_policy_loss,
     clipped_value_loss,
+    explained_variance,
     gae,
-    kl_estimate,
-    masked_mean,
-    masked_whiten,
     token_level_rewards,
 )
+from rlx.algorithms.stats import kl_estimate, masked_mean, masked_whiten
 from rlx.errors import UserError
 from rlx.instruments.base import backbone_of, unwrap_policy
 from rlx.trainers.common import bind
@@ -208,8 +207,9 @@ class RLXPPOTrainer(RLXGRPOTrainer):
         self._log(mode, "advantages/std_raw", adv_var.sqrt())
         self._log(mode, "returns/mean", ret_mean)
         self._log(mode, "values/mean", val_mean)
-        # EV = 1 - Var[R - V] / Var[R] of the rollout-time critic (rlx.algorithms.ppo.explained_variance, all ranks)
-        self._log(mode, "value/explained_variance", 1.0 - res_var / ret_var if ret_var > 0 else float("nan"))
+        # of the rollout-time critic, from the variances over all ranks
+        ev = explained_variance(values, returns, mask, variances=(res_var, ret_var))
+        self._log(mode, "value/explained_variance", ev)
         if mode == "train":
             self.kl_ctl.update(seq_kl.item(), n_global)
 
