@@ -16,6 +16,10 @@ column, tensor files are returned one per rank. A table written as shards (every
 under one `name`, e.g. `grad_alignment/step_NNNNNN.parquet`) is concatenated the same way.
 `load_runs([...])` loads several runs for comparison;
 `RunSet.metrics(...)` aligns them on `step`.
+
+What each file holds is declared in `rlx.dumps`; `Run.read(dump)` and `Run.find_dump(dump)` select a declared
+dump's files. A directory whose manifest lists only standalone dumps (the output of `python -m
+rlx.replay.analysis out=DIR`) opens without `config.yaml` and `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -31,25 +35,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rlx import dumps
 from rlx.diagnostics.manifest import (
     LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
     MANIFEST_VERSION,
+    read_manifest,
     read_manifest_lines,
 )
 from rlx.errors import UserError
 
-# Newest schema version of each instrument's files this package understands. An instrument that is not
-# listed is read generically and must be at schema version 1.
-SUPPORTED_SCHEMA: dict[str, int] = {
-    "grad_alignment": 1,
-    "relax": 2,  # dictionary_fit.json and the spectra files v2; trajectories v1
-    "activations": 1,
-    "activation_replay": 1,
-    "activation_replay_positions": 1,
-    "replay": 1,
-    "eval": 2,  # eval.every's step parquets; v2 adds the `replay` column (eval.replay)
-}
+SUPPORTED_SCHEMA: dict[str, int] = {}
+"""Newest schema version of each instrument's files this package reads (from `rlx.dumps`; a file of a declared
+dump is checked against its own dump's version). An instrument rlx does not declare must be at version 1."""
+for _d in dumps.DUMPS.values():
+    SUPPORTED_SCHEMA[_d.instrument] = max(SUPPORTED_SCHEMA.get(_d.instrument, 0), _d.version)
 DEFAULT_SUPPORTED_SCHEMA = 1
 _RANK_RE = re.compile(r"\.rank(\d+)(?=\.[^.]+$|$)")
 
@@ -204,7 +204,7 @@ def _read_jsonl(path: Path, lenient: bool = False) -> pd.DataFrame:
             RunLoadWarning,
             stacklevel=3,
         )
-    if not rows:  # e.g. the out/ dir of `python -m rlx.replay.analysis` (no training)
+    if not rows:  # a run killed before its first logged step
         return pd.DataFrame({"step": pd.Series([], dtype=int)})
     df = pd.DataFrame(rows)
     if "step" not in df.columns:
@@ -243,9 +243,13 @@ class Run:
             raise RunLoadError(
                 f"{self.path}: not a directory; expected an rlx run directory (with config.yaml)."
             )
-        self.config = self._guard(self.path / "config.yaml", self._load_config, required=True)
+        self.standalone = _standalone(self.path)
+        """No training run: the manifest lists only standalone dumps (e.g. `python -m rlx.replay.analysis out=DIR`)."""
+        self.config = self._guard(self.path / "config.yaml", self._load_config, required=not self.standalone)
         self.metrics = self._guard(
-            self.path / "metrics.jsonl", lambda p: _read_jsonl(p, lenient=not strict), required=True
+            self.path / "metrics.jsonl",
+            lambda p: _read_jsonl(p, lenient=not strict),
+            required=not self.standalone,
         )
         if self.metrics is None:
             self.metrics = pd.DataFrame({"step": pd.Series([], dtype=int)})
@@ -328,7 +332,7 @@ class Run:
         for entry in manifest["files"]:
             path = diag / entry["path"]
             inst = entry.get("instrument", "")
-            supported = SUPPORTED_SCHEMA.get(inst, DEFAULT_SUPPORTED_SCHEMA)
+            supported = dumps.newest_version(entry)
             version = int(entry.get("schema_version", 0))
             if not path.exists():
                 self._fail(f"{path}: listed in {diag / mname} but missing; the run was copied incompletely.")
@@ -389,10 +393,21 @@ class Run:
     def has(self, instrument: str | None = None, name: str | None = None) -> bool:
         return bool(self.find(instrument, name))
 
+    def find_dump(self, dump: dumps.Dump) -> list[DiagFile]:
+        """The files of one declared dump (sorted by path, ranks adjacent)."""
+        return [f for f in self.find(dump.instrument) if dump.matches(f.entry)]
+
+    def read(self, dump: dumps.Dump) -> pd.DataFrame | None:
+        """A declared parquet dump: its shards and ranks concatenated (`rank` column added when absent)."""
+        return self._concat(self.find_dump(dump))
+
     def table(self, instrument: str | None = None, name: str | None = None) -> pd.DataFrame | None:
         """All matching parquet files concatenated; per-rank and per-step files merged (`rank` column added)."""
+        return self._concat(self.find(instrument, name, "parquet"))
+
+    def _concat(self, files: list[DiagFile]) -> pd.DataFrame | None:
         frames = []
-        for f in self.find(instrument, name, "parquet"):
+        for f in files:
             try:
                 df = f.load()
             except RunLoadError as e:
@@ -408,8 +423,15 @@ class Run:
 
     def tensors(self, instrument: str | None = None, name: str | None = None) -> list[TensorFile]:
         """All matching safetensors files, each with its rank, in manifest-path order."""
+        return self._tensors(self.find(instrument, name, "safetensors"))
+
+    def read_tensors(self, dump: dumps.Dump) -> list[TensorFile]:
+        """The files of a declared safetensors dump, each with its rank, in manifest-path order."""
+        return self._tensors(self.find_dump(dump))
+
+    def _tensors(self, files: list[DiagFile]) -> list[TensorFile]:
         out = []
-        for f in self.find(instrument, name, "safetensors"):
+        for f in files:
             try:
                 tf = f.load()
             except RunLoadError as e:
@@ -433,6 +455,18 @@ class Run:
         return (
             f"Run({str(self.path)!r}, algo={self.algo}, steps={len(self.metrics)}, files={len(self.files)})"
         )
+
+
+def _standalone(path: Path) -> bool:
+    """Whether `path` holds no training run but only standalone dumps (`rlx.dumps`, e.g. the Activation Replay
+    finding written with `out=DIR`): then config.yaml and metrics.jsonl are not expected."""
+    if (path / "config.yaml").exists():
+        return False
+    try:
+        files = read_manifest(path)["files"]
+    except (OSError, ValueError):
+        return False
+    return bool(files) and all((d := dumps.dump_of(f)) is not None and d.standalone for f in files)
 
 
 def _read_json(path: Path) -> Any:

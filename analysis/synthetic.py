@@ -1,7 +1,8 @@
 """Synthetic run directories written through the real `DiagnosticsWriter` (tests, docs, notebook smoke runs).
 
 `make_run(path, algo, ...)` writes config.yaml, metrics.jsonl, eval_before_after.json and, on request,
-the files each instrument writes, with planted structure the analyses must recover (e.g. a correctness
+the files each instrument writes, each through its declaration in `rlx.dumps` (so a fixture cannot drift from
+what the writers emit), with planted structure the analyses must recover (e.g. a correctness
 direction along a known axis, positive G for DPO, a low-entropy-heavy activation shift).
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from rlx import dumps
 from rlx.config.schema import RunConfig
 from rlx.diagnostics import DiagnosticsWriter
 
@@ -160,58 +162,48 @@ def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
             f"loss/{s:06d}": torch.tensor(rng.standard_normal(64) + offset, dtype=torch.float16),
             f"target/{s:06d}": torch.tensor(rng.standard_normal(64), dtype=torch.float16),
         }
-        w.write_tensors(
-            f"grad_alignment_sketches/step_{s:06d}.safetensors",
-            sk,
-            schema_version=1,
-            instrument="grad_alignment",
-            description="synthetic",
-            metadata={"step": str(s)},
-        )
-        w.write_parquet(
-            f"grad_alignment/step_{s:06d}.parquet",
-            rows,
-            name="grad_alignment",
-            schema_version=1,
-            instrument="grad_alignment",
-            description="synthetic",
-        )
+        w.write(dumps.GRAD_ALIGNMENT_SKETCHES, sk, step=s, metadata={"step": str(s)}, description="synthetic")
+        w.write(dumps.GRAD_ALIGNMENT, rows, step=s, description="synthetic")
 
 
 def _relax(w: DiagnosticsWriter, steps: int, rng, per_rank: bool) -> None:
-    rows = []
+    """The layout of rlx/regularizers/relax.py: per step a trajectory shard and the full spectra (one micro-batch
+    of 16 trajectories per rank)."""
     for s in range(1, steps + 1):
         adv = rng.standard_normal(16)
         dsd = np.exp(rng.standard_normal(16)) * (1 + s)
-        rows += [
+        rows = [
             {
                 "step": s,
-                "traj": i,
-                "dsd": float(d),
+                "micro_step": 0,
+                "index": i,
+                "sample_id": -1,
+                "group_id": i // 4,
                 "advantage": float(a),
+                "a": float(max(a, 0.0)),
+                "length": 8,
+                "dsd": float(d),
                 "masked": bool(d > 8 and a > 0),
                 "xi": 8.0,
             }
             for i, (d, a) in enumerate(zip(dsd, adv))
         ]
+        w.write(dumps.RELAX_TRAJECTORIES, rows, step=s, per_rank=per_rank, description="synthetic")
         sv = np.sort(np.abs(rng.standard_normal((16, 10))) * (1 + s / steps), axis=1)[:, ::-1].copy()
-        w.write_tensors(
-            f"relax/spectra_{s:06d}.safetensors",
-            {"singular_values": torch.tensor(sv)},
-            schema_version=1,
-            instrument="relax",
-            description="synthetic",
-            metadata={"step": str(s)},
+        w.write(
+            dumps.RELAX_SPECTRA,
+            {
+                "singular_values": torch.tensor(sv, dtype=torch.float32),
+                "step": torch.full((16,), s),
+                "micro_step": torch.zeros(16, dtype=torch.long),
+                "index": torch.arange(16),
+                "dsd": torch.tensor(dsd, dtype=torch.float32),
+            },
+            step=s,
             per_rank=per_rank,
+            metadata={"step": str(s), "spectrum": "svd"},
+            description="synthetic",
         )
-    w.write_parquet(
-        "relax/trajectories.parquet",
-        rows,
-        schema_version=1,
-        instrument="relax",
-        description="synthetic",
-        per_rank=per_rank,
-    )
     if w.rank == 0:  # two dictionary fits with decaying residuals (schema 2 of dictionary_fit.json)
         fits = []
         for fit_step in (0, 50):
@@ -230,12 +222,8 @@ def _relax(w: DiagnosticsWriter, steps: int, rng, per_rank: bool) -> None:
                     "losses": losses,
                 }
             )
-        w.write_json(
-            "relax/dictionary_fit.json",
-            {"xi": 8.0, "xi_median": 0.32, "fits": fits},
-            schema_version=2,
-            instrument="relax",
-            description="synthetic",
+        w.write(
+            dumps.RELAX_DICTIONARY_FIT, {"xi": 8.0, "xi_median": 0.32, "fits": fits}, description="synthetic"
         )
 
 
@@ -254,8 +242,8 @@ def _activations(
             h[:, layer] += np.outer(2 * reward - 1, axis) * layer
         lens = rng.integers(2, 6, len(pid))
         tok_sample = np.repeat(np.arange(len(pid)), lens)
-        w.write_tensors(
-            f"activations/step_{s:06d}.safetensors",
+        w.write(
+            dumps.ACTIVATIONS,
             {
                 "last": torch.tensor(h, dtype=torch.float16),
                 "mean": torch.tensor(h * 0.5, dtype=torch.float16),
@@ -268,34 +256,35 @@ def _activations(
                     rng.random(len(tok_sample)) * 3 / (1 + 0.1 * s), dtype=torch.float32
                 ),
                 "token_sample": torch.tensor(tok_sample, dtype=torch.long),
+                "token_id": torch.tensor(rng.integers(0, 32, len(tok_sample)), dtype=torch.long),
             },
-            schema_version=1,
-            instrument="activations",
+            step=s,
             description="synthetic",
-            metadata={"step": str(s), "pooling": "last,mean"},
+            metadata={"step": str(s), "pooling": "last,mean", "num_layers": str(layers)},
             per_rank=world_size > 1,
         )
 
 
 def _activation_shift(w: DiagnosticsWriter, rng) -> None:
+    """The bucket table of `python -m rlx.replay.analysis` (absolute bucketing, 4 buckets)."""
     rows = []
     edges = [0.0, 1.0, 2.0, 3.0, 4.5]
     for layer in range(4):
         for b in range(4):
             rows.append(
                 {
+                    "schema_version": dumps.REPLAY_KL_BUCKETS.version,
                     "layer": layer,
                     "bucket": b,
+                    "bucketing": "absolute",
+                    "bucket_lo": edges[b],
+                    "bucket_hi": edges[b + 1],
                     "entropy_lo": edges[b],
                     "entropy_hi": edges[b + 1],
-                    "kl_mean": float((4 - b) * 0.1 * (1 + layer) + 0.01 * rng.random()),
                     "n_positions": 50,
+                    "kl_mean": float((4 - b) * 0.1 * (1 + layer) + 0.01 * rng.random()),
+                    "base_model": "base",
+                    "rl_model": "rl",
                 }
             )
-    w.write_parquet(
-        "activation_shift.parquet",
-        rows,
-        schema_version=1,
-        instrument="activation_replay",
-        description="synthetic",
-    )
+    w.write(dumps.REPLAY_KL_BUCKETS, rows, description="synthetic")

@@ -25,6 +25,7 @@ import pandas as pd
 
 from analysis.diagnostics._util import auroc, empty
 from analysis.loader import Run
+from rlx import dumps
 
 COLUMNS = [
     "step",
@@ -45,7 +46,7 @@ COLUMNS = [
 def activation_steps(run: Run) -> list[tuple[int, dict[str, np.ndarray]]]:
     """[(step, tensors)] from the activations files, per-rank files concatenated, sorted by step."""
     by_step: dict[int, list] = {}
-    for tf in run.tensors(instrument="activations"):
+    for tf in run.read_tensors(dumps.ACTIVATIONS):
         step = int(tf.metadata.get("step", -1))
         by_step.setdefault(step, []).append(tf)
     out = []

@@ -1,8 +1,8 @@
 """Gradient alignment tables (arXiv 2512.00778; docs/gradient_alignment.md).
 
-Input: the `grad_alignment` instrument's table (rows per logged step and component: `step`,
-`component`, `G`, `cos`, `norm`, `n_tokens`, `target`, `variant`; rlx/alignment/instrument.py) and its
-gradient sketches (safetensors). G is the raw inner product <grad NLL(D'), grad L_component>: G > 0 means
+Input: the `grad_alignment` instrument's table (rows per logged step and component; columns declared in
+`rlx.dumps.GRAD_ALIGNMENT`, the same for the offline `alignment-exact` tables) and its gradient sketches
+(`rlx.dumps.GRAD_ALIGNMENT_SKETCHES`). G is the raw inner product <grad NLL(D'), grad L_component>: G > 0 means
 a descent step on L lowers the NLL of the target responses D' (moves the model toward them).
 
 - `components`: G, cos and norm of total / positive / negative / KL learning over steps;
@@ -16,54 +16,28 @@ a descent step on L lowers the NLL of the target responses D' (moves the model t
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 
-from analysis.diagnostics._util import empty, pick
+from analysis.diagnostics._util import empty
 from analysis.loader import Run
+from rlx import dumps
 
-INSTRUMENT = "grad_alignment"
+INSTRUMENT = dumps.GRAD_ALIGNMENT.instrument
 MAIN = ("total", "pos", "neg", "kl", "update")
 TERTILES = ("top", "mid", "bot")
-_SYNONYMS = {
-    "all": "total",
-    "loss": "total",
-    "positive": "pos",
-    "negative": "neg",
-    "regularization": "kl",
-    "reg": "kl",
-    "tertile_top": "top",
-    "tertile_mid": "mid",
-    "tertile_bot": "bot",
-    "bottom": "bot",
-    "middle": "mid",
-}
 SL_FRAC_POSITIVE = 0.9
 SL_MAX_CV = 1.0
 RULE = f"supervised-like iff G_total > 0 on >= {SL_FRAC_POSITIVE:.0%} of logged steps and CV = std/|mean| < {SL_MAX_CV:g}"
 
 
-def _canon(c: str) -> str:
-    c = str(c)
-    return _SYNONYMS.get(c.lower(), c.lower() if c.lower() in MAIN + TERTILES else c)
-
-
 def table(run: Run) -> pd.DataFrame | None:
-    """The instrument's rows with canonical component names and `target`/`variant` filled; None if absent."""
+    """The instrument's rows (the training shards and any alignment-exact table, one `target` each); None if
+    absent."""
     df = run.table(instrument=INSTRUMENT)
     if df is None or not len(df):
         return None
-    df = df.copy()
-    if "component" not in df.columns:
-        return None
-    df["component"] = df["component"].map(_canon)
-    for col, default in (("target", "default"), ("variant", "param")):
-        if col not in df.columns:
-            df[col] = default
-        df[col] = df[col].fillna(default).astype(str)
-    if "rank" in df.columns and df["rank"].nunique() > 1:
+    if df["rank"].nunique() > 1:
         df = df[df["rank"] == df["rank"].min()]  # globally reduced values are identical on every rank
     return df.sort_values("step").reset_index(drop=True)
 
@@ -73,9 +47,7 @@ def _subset(run: Run, comps: tuple[str, ...]) -> pd.DataFrame:
     cols = ["step", "target", "variant", "component", "G", "cos", "norm", "n_tokens"]
     if df is None:
         return empty(cols)
-    df = df[df["component"].isin(comps)]
-    keep = [c for c in cols if c in df.columns]
-    return df[keep].reset_index(drop=True)
+    return df.loc[df["component"].isin(comps), cols].reset_index(drop=True)
 
 
 def components(run: Run) -> pd.DataFrame:
@@ -90,30 +62,16 @@ def tertiles(run: Run) -> pd.DataFrame:
     return _subset(run, TERTILES)
 
 
-_GROUP_RE = re.compile(r"^(?:layer|layers|group|lg)[:/_=]?(.+)$")
-
-
 def layer_groups(run: Run) -> pd.DataFrame:
-    """step, target, group, G, cos: G per layer group (embeddings, decoder blocks i-j, head)."""
+    """step, target, group, G, cos: G per layer group (embeddings, decoder blocks i-j, head), from the
+    components `layer:<group>`."""
     df = table(run)
     cols = ["step", "target", "group", "G", "cos"]
     if df is None:
         return empty(cols)
-    gcol = pick(df, "layer_group", "group")
-    if gcol is not None:  # a group column next to the component
-        sub = df[df[gcol].notna() & ~df[gcol].astype(str).isin(["", "all", "None", "nan"])].copy()
-        sub["group"] = sub[gcol].astype(str)
-        if (sub["component"] == "total").any():
-            sub = sub[sub["component"] == "total"]
-    else:  # rlx/alignment/instrument.py: component "layer:<group>"
-        m = df["component"].astype(str).str.extract(_GROUP_RE)[0]
-        sub = df[m.notna()].copy()
-        sub["group"] = m[m.notna()]
-    if not len(sub):
-        return empty(cols)
-    if "cos" not in sub.columns:
-        sub["cos"] = np.nan
-    return sub[cols].reset_index(drop=True)
+    group = df["component"].str.extract(r"^layer:(.+)$")[0]
+    sub = df[group.notna()].assign(group=group[group.notna()])
+    return sub[cols].reset_index(drop=True) if len(sub) else empty(cols)
 
 
 def pos_neg_cosine(run: Run) -> pd.DataFrame:
@@ -121,19 +79,12 @@ def pos_neg_cosine(run: Run) -> pd.DataFrame:
     cols = ["step", "target", "cos_pos_neg"]
     df = table(run)
     if df is not None:
-        col = pick(df, "cos_pos_neg")
-        if col is not None:
-            out = df.dropna(subset=[col]).groupby(["step", "target"], as_index=False)[col].first()
-            return out.rename(columns={col: "cos_pos_neg"})[cols]
-        sub = df[df["component"].isin(("pos_neg", "pos_vs_neg", "cos_pos_neg", "entanglement"))]
-        if len(sub):
-            val = pick(sub, "cos", "value", "G")
-            return sub.rename(columns={val: "cos_pos_neg"})[cols].reset_index(drop=True)
-    s = None
-    for name in ("grad_align/cos_pos_neg", "grad_alignment/cos_pos_neg"):
-        s = run.metric(name)
-        if s is not None:
-            break
+        return (
+            df.dropna(subset=["cos_pos_neg"])
+            .groupby(["step", "target"], as_index=False)["cos_pos_neg"]
+            .first()[cols]
+        )
+    s = run.metric("grad_align/cos_pos_neg")  # the instrument's logged metric, when its files are absent
     if s is None:
         return empty(cols)
     return pd.DataFrame({"step": s.index, "target": "default", "cos_pos_neg": s.to_numpy()})
@@ -186,7 +137,7 @@ def realised(run: Run) -> pd.DataFrame:
     G_update > 0 should go with delta_R < 0)."""
     cols = ["step", "target", "G_update", "delta_R"]
     df = table(run)
-    if df is None or "delta_R" not in df.columns:
+    if df is None:
         return empty(cols)
     sub = df[(df["component"] == "update") & df["delta_R"].notna()]
     return sub.rename(columns={"G": "G_update"})[cols].reset_index(drop=True)
@@ -194,31 +145,17 @@ def realised(run: Run) -> pd.DataFrame:
 
 # ---- sketches ----------------------------------------------------------------------------------------------
 
-_STEP_RE = re.compile(r"(\d+)")
-
 
 def sketches(run: Run, kind: str | None = None) -> pd.DataFrame:
     """Long list of saved sketch vectors: columns step, kind, vector (np.ndarray).
 
-    Reads every grad_alignment safetensors file: 2-D tensors (n_steps, k) paired with a `steps` tensor,
-    or 1-D tensors whose step is in the file metadata (`step`) or in the tensor name (`total/000010`).
-    `kind` is the tensor name with digits and separators stripped (e.g. `loss`, `target`, `pos`)."""
+    Reads the sketch files (`rlx.dumps.GRAD_ALIGNMENT_SKETCHES`): tensors `<kind>/<step>` (kind `loss`,
+    `target` or a component)."""
     rows = []
-    for tf in run.tensors(instrument=INSTRUMENT):
-        steps = tf.tensors.get("steps", tf.tensors.get("step"))
+    for tf in run.read_tensors(dumps.GRAD_ALIGNMENT_SKETCHES):
         for key, arr in tf.tensors.items():
-            if key in ("steps", "step") or arr.dtype.kind not in "fc":
-                continue
-            base = _STEP_RE.sub("", key).strip("/_.:") or "sketch"
-            if arr.ndim == 2 and steps is not None and len(steps) == arr.shape[0]:
-                rows += [
-                    {"step": int(s), "kind": base, "vector": arr[i].astype(np.float64)}
-                    for i, s in enumerate(steps)
-                ]
-            elif arr.ndim == 1:
-                m = _STEP_RE.search(key)
-                step = int(m.group(1)) if m else int(tf.metadata.get("step", -1))
-                rows.append({"step": step, "kind": base, "vector": arr.astype(np.float64)})
+            kind_, step = key.rsplit("/", 1)
+            rows.append({"step": int(step), "kind": kind_, "vector": arr.astype(np.float64)})
     df = pd.DataFrame(rows, columns=["step", "kind", "vector"])
     if kind is not None:
         df = df[df["kind"] == kind]
@@ -227,10 +164,7 @@ def sketches(run: Run, kind: str | None = None) -> pd.DataFrame:
 
 def _default_kind(sk: pd.DataFrame) -> str | None:
     kinds = list(sk["kind"].unique())
-    for k in ("loss", "total", "grad", "update", "sketch"):
-        if k in kinds:
-            return k
-    return kinds[0] if kinds else None
+    return "loss" if "loss" in kinds else (kinds[0] if kinds else None)
 
 
 def sketch_similarity(run: Run, kind: str | None = None) -> pd.DataFrame:
@@ -259,16 +193,9 @@ def drift(run: Run, lag: int = 1, kind: str | None = None) -> pd.DataFrame:
     """step, drift_cos = cos(grad L(t), grad L(t - lag logged steps)): from the table when logged, else sketches."""
     cols = ["step", "drift_cos", "source"]
     df = table(run)
-    if df is not None:
-        col = pick(df, "drift", "drift_cos")
-        if col is not None:
-            sub = df.dropna(subset=[col]).groupby("step", as_index=False)[col].first()
-            return pd.DataFrame({"step": sub["step"], "drift_cos": sub[col], "source": "logged"})[cols]
-        sub = df[df["component"] == "drift"]
-        if len(sub):
-            val = pick(sub, "cos", "value")
-            out = sub.groupby("step", as_index=False)[val].first()
-            return pd.DataFrame({"step": out["step"], "drift_cos": out[val], "source": "logged"})[cols]
+    if df is not None and df["drift"].notna().any():  # the param variant logs it on the total row
+        sub = df.dropna(subset=["drift"]).groupby("step", as_index=False)["drift"].first()
+        return pd.DataFrame({"step": sub["step"], "drift_cos": sub["drift"], "source": "logged"})[cols]
     sim = sketch_similarity(run, kind)
     if not len(sim):
         return empty(cols)

@@ -19,16 +19,17 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.loader import Run
+from rlx import dumps
 from rlx.algorithms.passk import pass_at_k
 
-INSTRUMENT = "eval"
+INSTRUMENT = dumps.EVAL.instrument
 CURVE_COLUMNS = ["step", "k", "pass_at_k", "num_prompts"]
 
 
 def eval_samples(run: Run, replay: str | None = "off") -> pd.DataFrame | None:
     """The saved completions of one pass (`replay`: off, learnable, direct), or of every pass (None), with a
     `replay` column in every case (schema-1 files, which have none, are plain: off)."""
-    df = run.table(instrument=INSTRUMENT)
+    df = run.read(dumps.EVAL)
     if df is None or not len(df):
         return None
     mode = df["replay"].fillna("off").astype(str) if "replay" in df.columns else "off"

@@ -2,9 +2,10 @@
 
 DSD(x) = sample variance of the smoothed singular values r_j = sqrt(s_j^2 + eps) of the per-trajectory
 Koopman matrix K fitted on the last-layer states (the code's variant; `spectrum: eig` uses eigenvalue
-moduli, paper Eq. 6). Input: the `relax` instrument's per-trajectory table (step, DSD, advantage,
-masked flag), its spectrum summaries and full spectra (safetensors); `relax/*` metrics from metrics.jsonl as a
-fallback.
+moduli, paper Eq. 6). Input: the `relax` instrument's per-trajectory table (step, dsd, advantage, masked,
+xi; `rlx.dumps.RELAX_TRAJECTORIES`), its spectrum summaries and full spectra (`RELAX_SPECTRA_SUMMARY`,
+`RELAX_SPECTRA`); the `relax/dsd_mean`, `relax/dsd_pos_mean` and `relax/masked_frac` metrics from metrics.jsonl
+when the table is absent.
 
 - `dsd_over_steps`: DSD mean and quantiles per step over all trajectories and over positive-advantage
   ones (the only ones the loss pushes);
@@ -16,36 +17,22 @@ fallback.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 
-from analysis.diagnostics._util import empty, pick
+from analysis.diagnostics._util import empty
 from analysis.loader import Run
+from rlx import dumps
 
-INSTRUMENT = "relax"
+INSTRUMENT = dumps.RELAX_TRAJECTORIES.instrument
+DSD_METRICS = {"relax/dsd_mean": "all", "relax/dsd_pos_mean": "positive"}
+"""The instrument's logged DSD means (rlx/regularizers/relax.py) by subset: the fallback without the table."""
 
 
 def trajectories(run: Run) -> pd.DataFrame | None:
-    """Per-trajectory rows (step, dsd, advantage, masked, ...), canonical names; None when not recorded."""
-    df = run.table(instrument=INSTRUMENT)
-    if df is None or not len(df):
-        return None
-    df = df.copy()
-    ren = {}
-    for canon, cands in (
-        ("dsd", ("dsd", "DSD", "spectral_dispersion")),
-        ("advantage", ("advantage", "adv", "A")),
-        ("masked", ("masked", "kl_mask", "mask", "over_xi")),
-    ):
-        c = pick(df, *cands)
-        if c is not None and c != canon:
-            ren[c] = canon
-    df = df.rename(columns=ren)
-    if "dsd" not in df.columns or "step" not in df.columns:
-        return None
-    return df
+    """Per-trajectory rows (`rlx.dumps.RELAX_TRAJECTORIES`, all ranks); None when not recorded."""
+    df = run.read(dumps.RELAX_TRAJECTORIES)
+    return df if df is not None and len(df) else None
 
 
 def _quantile_rows(step: int, subset: str, x: np.ndarray) -> dict:
@@ -65,7 +52,7 @@ def _quantile_rows(step: int, subset: str, x: np.ndarray) -> dict:
 def dsd_over_steps(run: Run) -> pd.DataFrame:
     """step, subset in (all, positive), n, mean, q10, median, q90 of per-trajectory DSD.
 
-    Falls back to logged `relax/*dsd*` metrics (subset from the metric name, only `mean` filled)."""
+    Falls back to the logged `DSD_METRICS` (only `mean` filled)."""
     cols = ["step", "subset", "n", "mean", "q10", "median", "q90"]
     df = trajectories(run)
     rows = []
@@ -73,15 +60,11 @@ def dsd_over_steps(run: Run) -> pd.DataFrame:
         for step, g in df.groupby("step"):
             dsd = g["dsd"].to_numpy(float)
             rows.append(_quantile_rows(int(step), "all", dsd))
-            if "advantage" in g.columns:
-                rows.append(_quantile_rows(int(step), "positive", dsd[g["advantage"].to_numpy(float) > 0]))
+            rows.append(_quantile_rows(int(step), "positive", dsd[g["advantage"].to_numpy(float) > 0]))
         return pd.DataFrame(rows, columns=cols)
-    for c in run.metrics.columns:
-        if c.startswith("relax/") and "dsd" in c.lower():
-            s = run.metric(c)
-            if s is None:
-                continue
-            subset = "positive" if ("pos" in c.lower()) else "all"
+    for c, subset in DSD_METRICS.items():
+        s = run.metric(c)
+        if s is not None:
             rows += [{"step": int(k), "subset": subset, "n": np.nan, "mean": float(v)} for k, v in s.items()]
     return pd.DataFrame(rows, columns=cols) if rows else empty(cols)
 
@@ -90,12 +73,12 @@ def masked_fraction(run: Run) -> pd.DataFrame:
     """step, masked_fraction (of all trajectories), masked_fraction_positive, xi (when logged)."""
     cols = ["step", "masked_fraction", "masked_fraction_positive", "xi"]
     df = trajectories(run)
-    if df is not None and "masked" in df.columns:
+    if df is not None:
         rows = []
         for step, g in df.groupby("step"):
             m = g["masked"].astype(float).to_numpy()
-            pos = g["advantage"].to_numpy(float) > 0 if "advantage" in g.columns else np.ones(len(g), bool)
-            xi = float(g["xi"].iloc[-1]) if "xi" in g.columns else np.nan
+            pos = g["advantage"].to_numpy(float) > 0
+            xi = float(g["xi"].iloc[-1])
             rows.append(
                 {
                     "step": int(step),
@@ -105,22 +88,18 @@ def masked_fraction(run: Run) -> pd.DataFrame:
                 }
             )
         return pd.DataFrame(rows, columns=cols)
-    for name in ("relax/masked_frac", "relax/masked_fraction", "relax/kl_mask_frac"):
-        s = run.metric(name)
-        if s is not None:
-            xi = run.metric("relax/xi")
-            return pd.DataFrame(
-                {
-                    "step": s.index.astype(int),
-                    "masked_fraction": s.to_numpy(float),
-                    "masked_fraction_positive": np.nan,
-                    "xi": xi.reindex(s.index).to_numpy(float) if xi is not None else np.nan,
-                }
-            )[cols]
+    s = run.metric("relax/masked_frac")
+    if s is not None:
+        xi = run.metric("relax/xi")
+        return pd.DataFrame(
+            {
+                "step": s.index.astype(int),
+                "masked_fraction": s.to_numpy(float),
+                "masked_fraction_positive": np.nan,
+                "xi": xi.reindex(s.index).to_numpy(float) if xi is not None else np.nan,
+            }
+        )[cols]
     return empty(cols)
-
-
-_STEP_RE = re.compile(r"(\d+)")
 
 
 def spectra(run: Run) -> pd.DataFrame:
@@ -134,28 +113,11 @@ def spectra(run: Run) -> pd.DataFrame:
     rows: list[dict] = []
     blocks: dict[int, list[np.ndarray]] = {}
     summaries: dict[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
-    for tf in run.tensors(instrument=INSTRUMENT):
-        if "quantiles" in tf.tensors and "levels" in tf.tensors:
-            _collect_summary(tf, summaries)
-            continue
-        key = pick(
-            pd.DataFrame(columns=list(tf.tensors)), "singular_values", "spectrum", "spectra", "sv", "S"
-        )
-        if key is None:
-            continue
-        sv = np.asarray(tf.tensors[key], dtype=np.float64)
-        if sv.ndim == 1:
-            sv = sv[None]
-        steps = tf.tensors.get("step", tf.tensors.get("steps"))
-        if steps is not None and len(steps) == len(sv):
-            step_of_row = np.asarray(steps).astype(int)
-        else:
-            meta_step = tf.metadata.get("step")
-            if meta_step is None:
-                m = _STEP_RE.search(tf.path.stem)
-                meta_step = m.group(1) if m else -1
-            step_of_row = np.full(len(sv), int(meta_step))
-        sv = -np.sort(-np.abs(sv), axis=1)
+    for tf in run.read_tensors(dumps.RELAX_SPECTRA_SUMMARY):
+        _collect_summary(tf, summaries)
+    for tf in run.read_tensors(dumps.RELAX_SPECTRA):  # v1 and v2: singular_values (N, m), step (N,)
+        sv = -np.sort(-np.abs(np.asarray(tf["singular_values"], dtype=np.float64)), axis=1)
+        step_of_row = np.asarray(tf["step"]).astype(int)
         for step in np.unique(step_of_row):
             blocks.setdefault(int(step), []).append(sv[step_of_row == step])
     for step, parts in sorted(blocks.items()):  # ranks' trajectories of one step merged

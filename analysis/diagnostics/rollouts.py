@@ -12,8 +12,9 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.loader import Run
+from rlx import dumps
 
-INSTRUMENT = "rollouts"
+INSTRUMENT = dumps.ROLLOUTS.instrument
 SHOWN = [
     "round",
     "step",
@@ -28,12 +29,11 @@ SHOWN = [
 
 
 def rollout_samples(run: Run) -> pd.DataFrame | None:
-    frames = [f.load() for f in run.find(INSTRUMENT, fmt="parquet") if f.name.startswith("round_")]
-    if not frames:
+    """Every dumped completion (`rlx.dumps.ROLLOUTS`, all rounds and ranks); None when none was dumped."""
+    df = run.read(dumps.ROLLOUTS)
+    if df is None:
         return None
-    return pd.concat(frames, ignore_index=True).sort_values(
-        ["round", "group_id", "sample_id"], ignore_index=True
-    )
+    return df.sort_values(["round", "group_id", "sample_id"], ignore_index=True)
 
 
 def best_worst_groups(samples: pd.DataFrame, rounds: list[int] | None = None) -> pd.DataFrame:
@@ -57,5 +57,6 @@ def best_worst_groups(samples: pd.DataFrame, rounds: list[int] | None = None) ->
 
 
 def preference_pairs(run: Run) -> pd.DataFrame | None:
-    files = [f for f in run.find(INSTRUMENT, fmt="parquet") if f.name == "preference_pairs"]
+    """The DPO pairs (`rlx.dumps.PREFERENCE_PAIRS`); None when the run wrote none."""
+    files = run.find_dump(dumps.PREFERENCE_PAIRS)
     return files[0].load() if files else None

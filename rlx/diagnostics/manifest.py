@@ -21,7 +21,9 @@ File writes are atomic (temp file + rename), so a crash never leaves a truncated
 entry; the manifest is appended under a file lock so ranks never interleave lines, and a line torn by a kill
 is dropped by the reader (`torn` counts them). The analysis package reads only files the manifest lists.
 
-`DiagnosticsWriter.stats` counts the bytes and files each writer wrote (payload and manifest separately).
+What each file holds (path, version, columns and dtypes) is declared in `rlx.dumps`; `DiagnosticsWriter.write`
+checks the data against its declaration. `DiagnosticsWriter.stats` counts the bytes and files each writer wrote
+(payload and manifest separately).
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from rlx.dumps import Dump
 
 MANIFEST_NAME = "manifest.jsonl"
 LEGACY_MANIFEST_NAME = "manifest.json"
@@ -173,10 +180,43 @@ class DiagnosticsWriter:
 
     # ---- typed writers -----------------------------------------------------------------------------
 
+    def write(
+        self,
+        dump: Dump,
+        data: Any,
+        *,
+        metadata: dict[str, str] | None = None,
+        description: str | None = None,
+        per_rank: bool | None = None,
+        **path_fields: Any,
+    ) -> Path:
+        """Write one file of a declared dump (`rlx.dumps`) and register it: its path (the pattern filled with
+        `path_fields`, `.rank{r}` for a per-rank dump), version, instrument and name come from the declaration,
+        and `data` is checked against it (ValueError on an undeclared column, tensor or key). Parquet: `data` is
+        a list of row dicts or a DataFrame, written with the declared arrow schema; safetensors: a dict of
+        tensors (+ `metadata`); json: an object. `per_rank` overrides the declaration's (e.g. a file that carries
+        `.rank{r}` only under multi-process training)."""
+        from rlx import dumps
+
+        relpath, desc = dump.relpath(**path_fields), description or dump.description
+        per_rank = dump.per_rank if per_rank is None else per_rank
+        kw = dict(schema_version=dump.version, instrument=dump.instrument, description=desc)
+        if dump.format == "parquet":
+            return self.write_parquet(
+                relpath, dumps.arrow_table(dump, data), per_rank=per_rank, name=dump.name, **kw
+            )
+        if dump.format == "safetensors":
+            dumps.check_tensors(dump, data, metadata)
+            return self.write_tensors(
+                relpath, data, metadata=metadata, per_rank=per_rank, name=dump.name, **kw
+            )
+        dumps.check_json(dump, data)
+        return self.write_json(relpath, data, per_rank=per_rank, **kw)
+
     def write_parquet(
         self,
         relpath: str,
-        rows: list[dict[str, Any]],
+        rows: list[dict[str, Any]] | pa.Table,
         *,
         schema_version: int,
         instrument: str,
@@ -184,15 +224,22 @@ class DiagnosticsWriter:
         per_rank: bool = False,
         name: str | None = None,
     ) -> Path:
-        """Write `rows` atomically as one parquet file and register it (under `name`, default the file stem).
+        """Write `rows` (row dicts, or a pyarrow Table) atomically as one parquet file and register it (under
+        `name`, default the file stem). Declared dumps go through `write`, which builds the Table.
 
         A table that grows over a run is written as shards under one `name` (the analysis loader
         concatenates them), so each write costs the new rows only."""
-        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
         path = self.path(relpath, per_rank)
         with atomic_path(path) as tmp:
-            pd.DataFrame(rows).to_parquet(tmp, index=False)
+            if isinstance(rows, pa.Table):
+                pq.write_table(rows, tmp)
+            else:
+                import pandas as pd
+
+                pd.DataFrame(rows).to_parquet(tmp, index=False)
         self._count(path)
         name = name or path.stem.split(".rank")[0]
         self.register(name, path, "parquet", schema_version, instrument, description)
