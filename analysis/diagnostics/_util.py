@@ -1,4 +1,4 @@
-"""Small shared helpers: column lookup, AUROC, quantiles."""
+"""Small shared helpers: metric columns, AUROC, empty tables (columns are named in `rlx.dumps`)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
-
-
-def pick(df: pd.DataFrame, *candidates: str) -> str | None:
-    """The first of `candidates` that is a column of `df` (instrument formats differ slightly in naming)."""
-    for c in candidates:
-        if c in df.columns:
-            return c
-    return None
 
 
 def metric_columns(df: pd.DataFrame, prefixes: Iterable[str]) -> list[str]:
