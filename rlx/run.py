@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from rlx import checkpoint as ckpt
 from rlx.diagnostics import DiagnosticsWriter
 from rlx.errors import UserError
-from rlx.instruments.base import Instrument, InstrumentSet, registered_instruments
+from rlx.instruments.base import Instrument, InstrumentSet
+from rlx.instruments.catalog import registered_instruments
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from rlx.config.schema import CovConfig, EntropyBonusConfig, RunConfig
-from rlx.instruments.base import InstrumentSet, LossContext, registered_instruments
+from rlx.instruments.base import InstrumentSet, LossContext
+from rlx.instruments.catalog import registered_instruments
 from rlx.regularizers.covariance import clip_cov_selection, kl_cov_selection, token_covariance
 
 

@@ -21,7 +21,7 @@ from analysis.loader import Run, RunLoadError, RunLoadWarning
 from analysis.synthetic import make_run
 from rlx.config.schema import GradAlignmentConfig, RunConfig
 from rlx.diagnostics import DiagnosticsWriter, read_manifest, read_table
-from rlx.instruments.base import registered_instruments
+from rlx.instruments.catalog import registered_instruments
 from rlx.run import RunContext
 from tests.test_relax_instrument import B, fake_trainer, make, make_ctx
 

@@ -7,7 +7,6 @@ from rlx.instruments.base import (
     LossTerm,
     capture_loss_forward,
     register_instrument,
-    registered_instruments,
 )
 
 __all__ = [
@@ -17,5 +16,4 @@ __all__ = [
     "LossTerm",
     "capture_loss_forward",
     "register_instrument",
-    "registered_instruments",
 ]

@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 _REGISTRY: dict[str, type[Instrument]] = {}
+"""Filled by `register_instrument` as instrument modules are imported; read it through
+`rlx.instruments.catalog.registered_instruments`, which imports every built-in one first (base imports none:
+each instrument imports base)."""
 
 
 def register_instrument(name: str) -> Callable[[type[Instrument]], type[Instrument]]:
@@ -43,12 +46,6 @@ def register_instrument(name: str) -> Callable[[type[Instrument]], type[Instrume
         return cls
 
     return deco
-
-
-def registered_instruments() -> dict[str, type[Instrument]]:
-    import rlx.instruments.catalog  # noqa: F401  (registers the built-in instruments)
-
-    return dict(_REGISTRY)
 
 
 @dataclass

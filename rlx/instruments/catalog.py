@@ -1,6 +1,16 @@
-"""Importing this module registers every built-in instrument. Add one import per instrument module."""
+"""The built-in instruments: importing this module registers every one. Add one import per instrument module.
 
-import rlx.alignment.instrument  # noqa: F401,E402
-import rlx.instruments.activations  # noqa: F401,E402
-import rlx.regularizers.relax  # noqa: F401,E402
-import rlx.regularizers.token_level  # noqa: F401,E402
+Imported by the factory that builds instruments (`rlx.run.build_instruments`), never by `rlx.instruments.base`,
+which every instrument imports.
+"""
+
+import rlx.alignment.instrument  # noqa: F401
+import rlx.instruments.activations  # noqa: F401
+import rlx.regularizers.relax  # noqa: F401
+import rlx.regularizers.token_level  # noqa: F401
+from rlx.instruments.base import _REGISTRY, Instrument
+
+
+def registered_instruments() -> dict[str, type[Instrument]]:
+    """Name -> class of every registered instrument: the built-in ones and any registered before the call."""
+    return dict(_REGISTRY)
