@@ -355,7 +355,8 @@ RELAX_SPECTRA = Dump(
     "ReLaX spectrum of each trajectory's Koopman operator at step 1 and every full_spectra_every steps.",
     per_rank=True,
     metadata=("step", "spectrum"),
-    history="v1 (every recorded step, no micro_step/index) is read as well",
+    history="v2: full spectra only at step 1 and every full_spectra_every steps, with micro_step/index, next to "
+    "the summaries; v1 (the full spectrum of every recorded trajectory, no micro_step/index) is read as well",
 )
 RELAX_DICTIONARY = Dump(
     "relax_dictionary",

@@ -39,21 +39,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from rlx import dumps
 from rlx.algorithms.passk import pass_at_k
 from rlx.generation import generate_texts
 
-SCHEMA_VERSION = 2
-"""2: the `replay` column (version 1 files have none: every row is a plain evaluation)."""
-SAMPLE_COLUMNS = {
-    "step": "optimizer step the policy had taken (0 = base policy)",
-    "prompt_index": "row of the held-out split",
-    "kind": "greedy | sample",
-    "sample": "sample number within the prompt (0 for greedy)",
-    "completion": "decoded completion",
-    "reward": "the task's reward (task.score) of the completion",
-    "correct": "reward >= 1",
-    "replay": "off (the plain evaluation) | learnable | direct (the same prompts and seeds with Activation Replay)",
-}
 COST_KEYS = ("seconds", "cpu_seconds")
 """Logged per evaluation under eval/ and eval_replay/: timings, which differ between otherwise identical runs."""
 
@@ -339,11 +328,10 @@ class EvalCallback(TrainerCallback):
             self.cost["replay_cpu_seconds"] += replay_cpu
         self.last_step = step
         if self.trainer.accelerator.is_main_process and self.run.writer is not None:
-            self.run.writer.write_parquet(
-                f"eval/step_{step:06d}.parquet",
+            self.run.writer.write(
+                dumps.EVAL,
                 rows,
-                schema_version=SCHEMA_VERSION,
-                instrument="eval",
+                step=step,
                 description="every held-out completion of the in-training evaluation at this step"
                 + (f" (replay = off, and {self.replay}: Activation Replay)" if self.replay != "off" else ""),
             )

@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
+from rlx import dumps
 from rlx.instruments.base import Instrument, register_instrument, unwrap_policy
-
-SCHEMA_VERSION = 1
 
 
 @register_instrument("activations")
@@ -89,12 +88,10 @@ class ActivationsInstrument(Instrument):
                 max_new_tokens=self._max_new_tokens(trainer),
                 seed=int(self.run.cfg.seed) * 1_000_003 + step,
             )
-        self.run.writer.write_tensors(
-            f"activations/step_{step:06d}.safetensors",
+        self.run.writer.write(
+            dumps.ACTIVATIONS,
             tensors,
-            schema_version=SCHEMA_VERSION,
-            instrument="activations",
-            description="pooled per-layer states, rewards and token log-probs/entropies of the probe set",
+            step=step,
             metadata={
                 "step": str(step),
                 "pooling": "last,mean",

@@ -10,6 +10,7 @@ Kept: `diagnostics.rollouts.fraction` of the completions (1 = all), chosen by a 
 choice does not depend on the world size; every `diagnostics.rollouts.every`-th round. One parquet shard per
 rank and round, `diagnostics/rollouts/round_NNNNNN.rank{r}.parquet`, written when the round is generated
 (nothing is buffered, so a kill loses nothing; a resume puts the directory back as it was at the checkpoint).
+Columns and dtypes: `rlx.dumps.ROLLOUTS`.
 """
 
 from __future__ import annotations
@@ -19,23 +20,6 @@ from typing import Any
 import torch
 
 from rlx.algorithms.stats import masked_mean
-
-SCHEMA_VERSION = 1
-COLUMNS = {
-    "sample_id": "int64 (round << 32) | global index in the generation batch; joins ReLaX trajectory rows",
-    "round": "generation round (0-based over the run)",
-    "step": "the first optimizer step trained on this rollout (1-based)",
-    "rank": "process that generated it",
-    "group_id": "prompt group (the num_generations completions of one prompt share it)",
-    "prompt": "prompt text (special tokens dropped)",
-    "completion": "completion text (special tokens dropped)",
-    "completion_length": "completion tokens (mask)",
-    "reward": "weighted sum of the reward functions (NaN when every function returned NaN/None)",
-    "reward/<name>": "each reward function's value",
-    "advantage": "the advantage the loss uses (PPO: mean of the whitened per-token GAE advantages)",
-    "old_logp_mean": "mean per-token log-prob under the sampling policy, when the trainer computed it",
-    "ref_logp_mean": "mean per-token log-prob under the reference, when the trainer computed it",
-}
 
 
 def sample_ids(round_: int, rank: int, n: int, device: Any = None) -> torch.Tensor:
@@ -71,7 +55,7 @@ def rollout_rows(
     rank: int,
     keep: torch.Tensor,
 ) -> list[dict[str, Any]]:
-    """The rows of this rank's completions selected by `keep` (see COLUMNS)."""
+    """The rows of this rank's completions selected by `keep` (columns: `rlx.dumps.ROLLOUTS`)."""
     idx = keep.nonzero(as_tuple=True)[0].cpu()
     if not len(idx):
         return []

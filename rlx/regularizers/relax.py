@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from rlx import dumps
 from rlx.algorithms.stats import masked_mean
 from rlx.errors import UserError
 from rlx.instruments.base import (
@@ -52,17 +53,9 @@ from rlx.regularizers.koopman import dictionary_features, koopman_operator
 from rlx.regularizers.loss import adaptive_kl, exploration_loss, kl_mask, positive_advantage
 from rlx.regularizers.reference import LazyReference
 
-SCHEMA_VERSION = 1
-SPECTRA_SCHEMA_VERSION = 2
-"""Spectra files v2: full spectra (`spectra_step*`) only at step 1 and every `full_spectra_every` steps, with
-`micro_step`/`index` to join the trajectory rows; a compact summary (`spectra_summary_step*`) of every recorded
-micro-batch. v1 held the full spectrum of every recorded trajectory."""
 SUMMARY_LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 """Quantile levels over a micro-batch's trajectories kept for each sorted singular value in the summary."""
-DICT_FILE = "relax/dictionary.safetensors"
-FIT_FILE = "relax/dictionary_fit.json"
-FIT_SCHEMA_VERSION = 2
-"""dictionary_fit.json v2: {"xi", "xi_median", "fits": [one record per fit]} (v1 held one fit's losses)."""
+DICT_FILE = dumps.RELAX_DICTIONARY.path
 
 
 def sequence_advantages(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -402,21 +395,14 @@ class Relax(Instrument):
     def _save_dictionary(self) -> None:
         if self.run is None or self.run.writer is None or self.run.rank != 0:
             return
-        self.run.writer.write_tensors(
-            DICT_FILE,
+        self.run.writer.write(
+            dumps.RELAX_DICTIONARY,
             {"W": self.weight.cpu()},
-            schema_version=SCHEMA_VERSION,
-            instrument="relax",
-            description="ReLaX Koopman dictionary W (m, d), psi(h) = sigmoid(W h); reused on resume.",
             metadata={"fit_step": str(self.fit_step), "xi": str(self.xi)},
         )
-        self.run.writer.write_json(
-            FIT_FILE,
+        self.run.writer.write(
+            dumps.RELAX_DICTIONARY_FIT,
             {"xi": self.xi, "xi_median": self.xi_median, "fits": self.fits},
-            schema_version=FIT_SCHEMA_VERSION,
-            instrument="relax",
-            description="ReLaX dictionary fits: per fit the step, trajectories, Adam steps, residual per step "
-            "and on the whole fitting set before/after, relative change of W; calibrated xi.",
         )
 
     def _max_len(self, ctx: LossContext) -> int:
@@ -477,20 +463,13 @@ class Relax(Instrument):
             return
         step = rows[-1]["step"]  # a shard holds the recorded steps since the last flush, up to this one
         w = self.run.writer
-        w.write_parquet(
-            f"relax/trajectories_step{step:06d}.parquet",
-            rows,
-            schema_version=SCHEMA_VERSION,
-            instrument="relax",
-            description="ReLaX per-trajectory DSD, advantage, length and KL mask at one optimizer step.",
-            per_rank=True,
-        )
+        w.write(dumps.RELAX_TRAJECTORIES, rows, step=step)
         meta = {"step": str(step), "spectrum": self.cfg.spectrum}
         if summaries:
             m = max(r["mean"].shape[0] for r in summaries)
             pad = lambda t: torch.nn.functional.pad(t, (0, m - t.shape[-1]), value=float("nan"))  # noqa: E731
-            w.write_tensors(
-                f"relax/spectra_summary_step{step:06d}.safetensors",
+            w.write(
+                dumps.RELAX_SPECTRA_SUMMARY,
                 {
                     "step": torch.tensor([r["step"] for r in summaries]),
                     "micro_step": torch.tensor([r["micro_step"] for r in summaries]),
@@ -499,18 +478,14 @@ class Relax(Instrument):
                     "quantiles": torch.stack([pad(r["quantiles"]) for r in summaries]),
                     "mean": torch.stack([pad(r["mean"]) for r in summaries]),
                 },
-                schema_version=SPECTRA_SCHEMA_VERSION,
-                instrument="relax",
-                description="ReLaX spectrum summary per recorded micro-batch: fp16 quantiles (levels) and mean over "
-                "its trajectories of each sorted singular value of K.",
+                step=step,
                 metadata={**meta, "levels": ",".join(map(str, SUMMARY_LEVELS))},
-                per_rank=True,
             )
         if spectra:
             keep = {(r["step"], r["micro_step"]) for r in spectra}
             full = [r for r in rows if (r["step"], r["micro_step"]) in keep]
-            w.write_tensors(
-                f"relax/spectra_step{step:06d}.safetensors",
+            w.write(
+                dumps.RELAX_SPECTRA,
                 {
                     "singular_values": torch.cat([r["values"] for r in spectra]),
                     "step": torch.tensor([r["step"] for r in full]),
@@ -518,10 +493,6 @@ class Relax(Instrument):
                     "index": torch.tensor([r["index"] for r in full]),
                     "dsd": torch.tensor([r["dsd"] for r in full]),
                 },
-                schema_version=SPECTRA_SCHEMA_VERSION,
-                instrument="relax",
-                description="ReLaX spectrum of each trajectory's Koopman operator at step 1 and every "
-                "full_spectra_every steps (rows join the parquet on step, micro_step, index).",
+                step=step,
                 metadata=meta,
-                per_rank=True,
             )

@@ -13,10 +13,11 @@ what learnable replay selects; `quantile` uses per-layer quantiles; `absolute` u
     python -m rlx.replay.analysis run_dir=runs/grpo_tiny/DIR           # rl = DIR/final, base from run_info.json
     python -m rlx.replay.analysis base=PATH rl=PATH task.name=arithmetic out=DIR
 
-Writes, through `DiagnosticsWriter` (registered in `<dir>/diagnostics/manifest.jsonl`, schema version 1):
-`replay_kl_buckets.parquet` (instrument `activation_replay`, read by analysis.diagnostics.activation_shift)
-and `replay_kl_positions.parquet` (instrument `activation_replay_positions`, one row per position and layer).
-Schema: docs/activation_replay.md.
+Writes, through `DiagnosticsWriter` (registered in `<dir>/diagnostics/manifest.jsonl`):
+`replay_kl_buckets.parquet` (`rlx.dumps.REPLAY_KL_BUCKETS`, instrument `activation_replay`, read by
+analysis.diagnostics.activation_shift) and `replay_kl_positions.parquet` (`rlx.dumps.REPLAY_KL_POSITIONS`, one
+row per position and layer). Both are standalone dumps: `analysis.loader.Run` opens an `out=DIR` that holds
+only them. Schema: docs/activation_replay.md.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from typing import Any
 
 import torch
 
+from rlx import dumps
 from rlx.errors import UserError, exit_on_user_error
 from rlx.replay.hooks import decoder_parts
 from rlx.replay.logit_lens import kl_entropies, rms_norm
 from rlx.replay.streams import eligible_positions, layer_streams
 
-SCHEMA_VERSION = 1
-INSTRUMENT = "activation_replay"
+SCHEMA_VERSION = dumps.REPLAY_KL_BUCKETS.version
+INSTRUMENT = dumps.REPLAY_KL_BUCKETS.instrument
 
 
 @dataclass
@@ -326,38 +328,10 @@ def run_analysis(cfg: KLAnalysisConfig, loaded: tuple[Any, Any, Any] | None = No
     positions = _bucket(pd.concat(records, ignore_index=True), cfg)
     positions.insert(0, "schema_version", SCHEMA_VERSION)
     table = bucket_table(positions, cfg, str(base_path), str(rl_path))
-    _ensure_run_dir(Path(out_dir), str(base_path), str(rl_path))
     writer = DiagnosticsWriter(out_dir)
-    writer.write_parquet(
-        "replay_kl_buckets.parquet",
-        table.to_dict("records"),
-        schema_version=SCHEMA_VERSION,
-        instrument=INSTRUMENT,
-        description="Activation Replay finding: mean KL(base||RL) of logit-lens distributions per layer and "
-        "base-entropy bucket (layer -1 = all layers)",
-    )
-    writer.write_parquet(
-        "replay_kl_positions.parquet",
-        positions.to_dict("records"),
-        schema_version=SCHEMA_VERSION,
-        instrument=INSTRUMENT + "_positions",
-        description="Activation Replay finding: per input position and layer, base/RL logit-lens entropy and KL",
-    )
+    writer.write(dumps.REPLAY_KL_BUCKETS, table)
+    writer.write(dumps.REPLAY_KL_POSITIONS, positions)
     return positions, table, writer.dir
-
-
-def _ensure_run_dir(out_dir: Path, base: str, rl: str) -> None:
-    """A standalone output dir gets config.yaml and an empty metrics.jsonl so `analysis.loader.Run` opens it."""
-    from omegaconf import OmegaConf
-
-    from rlx.config.schema import RunConfig
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / "config.yaml").exists():
-        cfg = OmegaConf.structured(RunConfig)
-        cfg.recipe, cfg.model.name_or_path, cfg.replay.base_model = "replay_kl", rl, base
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (out_dir / "metrics.jsonl").touch()
 
 
 @exit_on_user_error
