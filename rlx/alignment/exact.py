@@ -510,9 +510,9 @@ def replay(
     """Recompute the instrument's rows at every saved step of `run_dir` against D' (module doc); returns the table."""
     from tqdm.auto import tqdm
 
+    from rlx import dumps
     from rlx.alignment import functional as am
     from rlx.alignment.final_responses import DEFAULT_N, check_run_dir
-    from rlx.alignment.instrument import SCHEMA_VERSION
     from rlx.config.loader import load_config
     from rlx.diagnostics import DiagnosticsWriter
     from rlx.instruments.base import LossContext, capture_loss_forward, unwrap_policy
@@ -624,21 +624,19 @@ def replay(
             "n_target": int(batch.input_ids.shape[0]),
         }
     )
-    stem = TABLES[target]
+    table = TABLES[target].removeprefix("grad_alignment_")
     writer = DiagnosticsWriter(run_dir)
-    path = writer.write_parquet(
-        f"{stem}.parquet",
+    path = writer.write(
+        dumps.ALIGNMENT_EXACT,
         rows,
-        schema_version=SCHEMA_VERSION,
-        instrument="grad_alignment",
+        table=table,
         description=f"gradient alignment recomputed offline at the saved steps against D' = {batch.name} "
         "(python -m analysis alignment-exact; docs/gradient_alignment.md)",
     )
-    writer.write_json(
-        f"{stem}_summary.json",
+    writer.write(
+        dumps.ALIGNMENT_EXACT_SUMMARY,
         summary,
-        schema_version=SCHEMA_VERSION,
-        instrument="grad_alignment",
+        table=table,
         description=f"run summary of the offline alignment against D' = {batch.name}",
     )
     print(

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from rlx import dumps
 from rlx.alignment import functional as am
 from rlx.alignment.rowgrad import RowCapture, row_alignment
 from rlx.alignment.sketch import CountSketch
@@ -47,10 +48,8 @@ from rlx.alignment.target import (
 from rlx.errors import UserError
 from rlx.instruments.base import Instrument, LossContext, register_instrument, unwrap_policy
 
-SCHEMA_VERSION = 1
-TABLE = "grad_alignment"
-"""The table's manifest name: one shard per logged step, `grad_alignment/step_NNNNNN.parquet` (runs before the
-shards wrote the whole table to `grad_alignment.parquet` at every logged step; readers take both)."""
+TABLE = dumps.GRAD_ALIGNMENT.name
+"""The table's manifest name: one shard per logged step (`rlx.dumps.GRAD_ALIGNMENT`)."""
 TERTILE_LEVEL = {"dpo": "pair", "ppo": "token", "grpo": "sequence", "sft": "sequence"}
 ROW_ALGOS = ("grpo", "dpo", "sft")
 """Algorithms whose w_t has one sign per row (sequence-level advantage, chosen/rejected, SFT): fast path."""
@@ -876,22 +875,14 @@ class GradAlignment(Instrument):
         if not self.run.is_main:
             return
         w = self.run.writer
-        w.write_parquet(  # this step's rows only: earlier shards are never rewritten
-            f"{TABLE}/step_{cur.step:06d}.parquet",
-            rows,
-            name=TABLE,
-            schema_version=SCHEMA_VERSION,
-            instrument=self.name,
-            description="gradient alignment G = <g_T, grad L_c> per logged step and component (docs/gradient_alignment.md)",
-        )
+        # this step's rows only: earlier shards are never rewritten
+        w.write(dumps.GRAD_ALIGNMENT, rows, step=cur.step)
         if sk and int(self.cfg.sketch_dim) > 0:
             tensors = {f"{k}/{cur.step:06d}": v.to(torch.float16) for k, v in sk.items()}
-            w.write_tensors(
-                f"grad_alignment_sketches/step_{cur.step:06d}.safetensors",
+            w.write(
+                dumps.GRAD_ALIGNMENT_SKETCHES,
                 tensors,
-                schema_version=SCHEMA_VERSION,
-                instrument=self.name,
-                description="CountSketch of grad L (loss), g_T (target) and components",
+                step=cur.step,
                 metadata={
                     "step": str(cur.step),
                     "sketch_dim": str(self.cfg.sketch_dim),
@@ -901,15 +892,13 @@ class GradAlignment(Instrument):
         if cur.tok:
             B = max(t["w"].shape[1] for t in cur.tok)
             pad = lambda x: torch.nn.functional.pad(x, (0, B - x.shape[1]))  # noqa: E731
-            w.write_tensors(
-                f"grad_alignment_tokens/step_{cur.step:06d}.safetensors",
+            w.write(
+                dumps.GRAD_ALIGNMENT_TOKENS,
                 {
                     **{k: torch.cat([pad(t[k]) for t in cur.tok]) for k in ("w", "w_kl", "mask")},
                     "sample_id": torch.cat([t["sample_id"] for t in cur.tok]),
                 },
-                schema_version=SCHEMA_VERSION,
-                instrument=self.name,
-                description="per-token w_t (and KL part) of the logged step; sample_id per row (GRPO/PPO)",
+                step=cur.step,
                 metadata={"step": str(cur.step)},
             )
 
@@ -933,13 +922,7 @@ class GradAlignment(Instrument):
             }
         )
         self.summary = summary
-        self.run.writer.write_json(
-            "grad_alignment_summary.json",
-            summary,
-            schema_version=SCHEMA_VERSION,
-            instrument=self.name,
-            description="run summary: fraction of logged steps with G_total > 0, sign-flip rate, CV, regime",
-        )
+        self.run.writer.write(dumps.GRAD_ALIGNMENT_SUMMARY, summary)
 
     # ---- exact resume -------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
+from rlx import dumps
 from rlx.trainers.common import InstrumentedMixin, bind
 
 
@@ -53,10 +54,4 @@ class PreferencePairsDump(TrainerCallback):
                         "rejected_source": r.get("rejected_source"),
                     }
                 )
-        self.run.writer.write_parquet(
-            "rollouts/preference_pairs.parquet",
-            rows,
-            schema_version=1,
-            instrument="rollouts",
-            description="the preference pairs rlx sampled from the policy and verified, train and held-out",
-        )
+        self.run.writer.write(dumps.PREFERENCE_PAIRS, rows)

@@ -134,6 +134,7 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
         return inputs
 
     def _rlx_dump_rollout(self, round_: int, batch: dict) -> None:
+        from rlx import dumps
         from rlx.instruments import rollouts
 
         run = getattr(self, "rlx_run", None)
@@ -156,14 +157,7 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
             keep=keep,
         )
         if rows:
-            run.writer.write_parquet(
-                f"rollouts/round_{round_:06d}.parquet",
-                rows,
-                schema_version=rollouts.SCHEMA_VERSION,
-                instrument="rollouts",
-                description="completions of one generation round with rewards, advantages and sample ids",
-                per_rank=True,
-            )
+            run.writer.write(dumps.ROLLOUTS, rows, round=round_)
 
     def _loss_extras(self, inputs):
         return {
