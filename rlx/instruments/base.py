@@ -249,6 +249,7 @@ class Captured:
     _ent: list = field(default_factory=list)
     _mask: list = field(default_factory=list)
     _hid: list = field(default_factory=list)
+    _forwards: int = 0
 
     def finish(self) -> Captured:
         # TRL may chunk one loss forward over sub-batches; concatenate them back.
@@ -264,6 +265,8 @@ def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Capt
 
     Only forwards called with `fused_lm_head=True` (TRL's loss path) or `rlx_capture=True` are
     recorded, so generation, reference and no-grad passes are ignored. Hooks are always removed.
+    Raises RuntimeError when the block ends normally without such a forward returning `log_probs`, or, with
+    `hidden`, without the backbone running inside it: instruments would otherwise see None and record nothing.
     """
     policy = unwrap_policy(model)
     cap = Captured()
@@ -277,6 +280,7 @@ def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Capt
         if not (kwargs.get("fused_lm_head") or kwargs.get("rlx_capture")):
             return
         depth["n"] -= 1
+        cap._forwards += 1
         if getattr(out, "log_probs", None) is not None:
             cap._logps.append(out.log_probs)
             if getattr(out, "entropy", None) is not None:
@@ -301,3 +305,26 @@ def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Capt
         for h in handles:
             h.remove()
         cap.finish()
+    _check_captured(cap, policy, hidden)
+
+
+def _check_captured(cap: Captured, policy: nn.Module, hidden: bool) -> None:
+    name = type(policy).__name__
+    if cap.token_logps is None:
+        if cap._forwards == 0:
+            raise RuntimeError(
+                f"capture_loss_forward saw no loss forward of {name}: expected the loss to call the policy with "
+                "fused_lm_head=True (TRL's fused LM head path) or rlx_capture=True inside the block. A loss computed "
+                "another way (from the backbone's outputs, or with a trainer option that replaces the fused head) "
+                "cannot be instrumented: turn that option off or the instruments."
+            )
+        raise RuntimeError(
+            f"capture_loss_forward saw {cap._forwards} loss forward(s) of {name} but none returned log_probs: "
+            "expected the output of TRL's fused LM head (trl add_fused_lm_head on the policy)."
+        )
+    if hidden and cap.hidden is None:
+        raise RuntimeError(
+            f"capture_loss_forward saw no hidden states: the backbone {type(backbone_of(policy)).__name__} of "
+            f"{name} did not run inside the loss forward, but an instrument needs them (needs_hidden). Expected "
+            "the LM head's input to come from `backbone_of(policy)` (the module at policy.base_model_prefix)."
+        )
