@@ -102,21 +102,21 @@ def _plain(value: Any) -> Any:
 def effective_trainer_args(cfg) -> tuple[str, dict[str, Any]]:
     """The TRL config class for `cfg.algo` and every field of it that rlx or the recipe sets, as the trainer gets it.
 
-    Built the way `rlx.trainers.build` builds it (rlx's defaults, the algo's defaults, then `trainer.*`), without
+    Built the way the build functions build it (rlx's defaults, the algo's defaults, then `trainer.*`), without
     creating the run directory: fields that TRL's `__post_init__` derives are read back from the built object.
     """
     from rlx.run import RunContext
     from rlx.tasks import get_task
-    from rlx.trainers.build import default_trainer_args, make_trainer_config
+    from rlx.trainers.catalog import trainer_spec
+    from rlx.trainers.construction import default_trainer_args, make_trainer_config
 
     run_dir = Path(cfg.output_dir or Path("runs", cfg.recipe or "run", "<timestamp>")).absolute()
     run = RunContext(cfg=cfg, run_dir=run_dir)
-    algo_defaults = {}
-    if cfg.algo in ("grpo", "ppo"):  # as in build_trainer / build_ppo_trainer
-        algo_defaults["max_completion_length"] = get_task(cfg.task).max_completion_length
+    task = get_task(cfg.task)
+    algo_defaults = trainer_spec(cfg.algo).trainer_defaults(task)
     saved = os.environ.get("TENSORBOARD_LOGGING_DIR")
     try:
-        args = make_trainer_config(cfg, run, **algo_defaults)
+        args = make_trainer_config(cfg, run, task)
     finally:  # make_trainer_config points TensorBoard at the run dir for the run it is about to start
         if saved is None:
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)

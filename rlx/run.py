@@ -17,6 +17,7 @@ from rlx.diagnostics import DiagnosticsWriter
 from rlx.errors import UserError
 from rlx.instruments.base import Instrument, InstrumentSet
 from rlx.instruments.catalog import registered_instruments
+from rlx.trainers.catalog import trainer_names, trainer_spec
 
 
 @dataclass
@@ -248,9 +249,11 @@ def check_trainer_numbers(cfg: Any) -> None:
     every = cfg.eval.get("every", 0)
     if every is None or int(every) < 0:
         raise UserError(f"eval.every={every}: expected 0 (off) or a number of optimizer steps >= 1.")
-    if int(every) > 0 and cfg.task.name == "ultrafeedback":
+    from rlx.tasks import task_class
+
+    if int(every) > 0 and not task_class(cfg.task.name).verifiable:
         raise UserError(
-            "eval.every needs a verifiable task (held-out answers to score); ultrafeedback has none. Set eval.every=0."
+            f"eval.every needs a verifiable task (held-out answers to score); {cfg.task.name} has none. Set eval.every=0."
         )
     check_eval_replay(cfg)
     ro = cfg.diagnostics.rollouts
@@ -260,11 +263,12 @@ def check_trainer_numbers(cfg: Any) -> None:
             "every >= 1 (diagnostics.rollouts.enabled=false turns the dumps off)."
         )
     strategy = str(t.get("eval_strategy", "no") or "no")
-    if strategy not in ("no", "NO") and cfg.algo != "dpo":
+    if strategy not in ("no", "NO") and not trainer_spec(cfg.algo).hf_eval_dataset:
+        with_eval = [n for n in trainer_names() if trainer_spec(n).hf_eval_dataset]
         raise UserError(
             f"trainer.eval_strategy={strategy}: HF's loss evaluation needs an eval dataset, which rlx passes only "
-            f"to DPO (held-out pairs), not to {cfg.algo}. Use eval.every=N for held-out accuracy and pass@k "
-            "during training."
+            f"to {', '.join(with_eval)} (held-out pairs), not to {cfg.algo}. Use eval.every=N for held-out accuracy "
+            "and pass@k during training."
         )
     for key in ("save_steps", "logging_steps"):
         v = t.get(key)
@@ -315,11 +319,13 @@ def build_instruments(cfg: Any, run: RunContext) -> InstrumentSet:
                 f"unknown regularizer '{name}' in regularizers=[...]: expected some of {', '.join(known)}."
             )
         chosen.append(registry[name](getattr(cfg.regularizers, name, None), run))
+    defaults = trainer_spec(cfg.algo).default_instruments  # on in every run of the algorithm
+    unknown = sorted(set(defaults) - {n for n, c in registry.items() if not c.changes_loss})
+    if unknown:
+        raise ValueError(f"algo {cfg.algo}'s default_instruments name no diagnostic instrument: {unknown}")
     for name in sorted(n for n, c in registry.items() if not c.changes_loss):
         inst_cls = registry[name]
         section = getattr(cfg.diagnostics, name, None)
-        if getattr(inst_cls, "always_on", None) and inst_cls.always_on(cfg):
-            chosen.append(inst_cls(section, run))
-        elif section is not None and getattr(section, "enabled", False):
+        if name in defaults or (section is not None and getattr(section, "enabled", False)):
             chosen.append(inst_cls(section, run))
     return InstrumentSet(chosen)

@@ -77,14 +77,14 @@ def run_training(cfg) -> Path:
     trainer, task = built.trainer, built.task
     from rlx.eval_loop import EvalCallback
 
-    if cfg.eval.every > 0 and cfg.task.name != "ultrafeedback":
+    if cfg.eval.every > 0 and task.verifiable:
         trainer.add_callback(
             EvalCallback(trainer, built.tokenizer, task, cfg, run, model_dir=built.model_dir)
         )
     with claim_run_dir(cfg, run_dir, resume):
         if state.is_main_process:
             print(f"run dir: {run_dir}", flush=True)
-        verifiable = cfg.task.name != "ultrafeedback" and cfg.eval.before_after
+        verifiable = task.verifiable and cfg.eval.before_after
         before = _greedy_accuracy(trainer, built.tokenizer, task, cfg) if verifiable else None
         _train(trainer, resume, cfg)
         final_dir = run_dir / "final"

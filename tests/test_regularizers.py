@@ -210,12 +210,17 @@ def test_entropy_bonus():
     assert term.metrics["entropy_bonus/entropy"] > 0
 
 
-def test_entropy_cov_diagnostic_always_on_for_grpo():
+def test_entropy_cov_diagnostic_always_on_for_grpo(tmp_path):
+    from rlx.run import RunContext, build_instruments
+
     cls = registered_instruments()["entropy_cov"]
-    cfg = OmegaConf.structured(RunConfig)
-    assert cls.always_on(cfg) and not cls.changes_loss
+    cfg = OmegaConf.structured(
+        RunConfig
+    )  # diagnostics.entropy_cov is not a config section: on by the spec only
+    built = lambda: [i.name for i in build_instruments(cfg, RunContext(cfg=cfg, run_dir=tmp_path))]  # noqa: E731
+    assert built() == ["entropy_cov"] and not cls.changes_loss
     cfg.algo = "dpo"
-    assert not cls.always_on(cfg)
+    assert built() == []
     ctx = make_ctx()
     term = cls(None, None).on_loss(ctx)
     assert term.loss is None

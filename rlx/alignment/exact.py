@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from rlx.errors import UserError
+from rlx.trainers.registry import TrainerSpec
 
 EXACT_DIR = "grad_alignment_exact"
 FORMAT_VERSION = 1
@@ -131,10 +132,10 @@ def load_params(folder: Path, stem: str) -> dict[str, torch.Tensor] | None:
     return out
 
 
-def fused_head_settings(policy: torch.nn.Module, trainer: Any, algo: str) -> dict[str, Any]:
-    """Temperature and fp32 cast of TRL's fused LM head on `policy`, read from the installed head when possible."""
-    temp = float(getattr(trainer, "temperature", 1.0) or 1.0) if algo in ("grpo", "ppo") else 1.0
-    cast = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False)) if algo in ("grpo", "ppo") else False
+def fused_head_settings(policy: torch.nn.Module, trainer: Any, spec: TrainerSpec) -> dict[str, Any]:
+    """Temperature and fp32 cast of TRL's fused LM head on `policy`, read from the installed head when possible
+    (else what the trainer's spec says its loss uses)."""
+    temp, cast = spec.temperature(trainer), spec.lm_head_fp32(trainer)
     fn = getattr(getattr(policy, "forward", None), "__func__", None)
     try:
         nonlocal_vars = inspect.getclosurevars(fn).nonlocals if fn is not None else {}
@@ -291,7 +292,7 @@ class ExactSaver:
             "save_every": self.every,
             "save_update": bool(self.cfg.save_update),
             "online_target": inst.target.name,
-            "fused_head": fused_head_settings(policy, trainer, inst.algo),
+            "fused_head": fused_head_settings(policy, trainer, inst.spec),
             "trainer": _scalars(
                 {
                     k: getattr(trainer, k, None)
@@ -403,7 +404,7 @@ def _load_policy(run_dir: Path, cfg: Any, info: dict, device: torch.device) -> t
     if info.get("peft"):
         from peft import get_peft_model
 
-        from rlx.trainers.build import peft_config
+        from rlx.trainers.construction import peft_config
 
         base = info.get("base_model")
         if not base or not Path(base).exists():

@@ -47,16 +47,13 @@ from rlx.alignment.target import (
 )
 from rlx.errors import UserError
 from rlx.instruments.base import Instrument, LossContext, register_instrument, unwrap_policy
+from rlx.trainers.catalog import spec_of, trainer_spec
+from rlx.trainers.registry import TrainerSpec
 
 TABLE = dumps.GRAD_ALIGNMENT.name
 """The table's manifest name: one shard per logged step (`rlx.dumps.GRAD_ALIGNMENT`)."""
-TERTILE_LEVEL = {"dpo": "pair", "ppo": "token", "grpo": "sequence", "sft": "sequence"}
-ROW_ALGOS = ("grpo", "dpo", "sft")
-"""Algorithms whose w_t has one sign per row (sequence-level advantage, chosen/rejected, SFT): fast path."""
 EXCLUDED_MODULES = ("rlx_critic", "v_head", "value_head")
 """Trainable modules outside the policy (their gradient does not move log pi): left out of the scope."""
-DEFAULT_TARGET = "heldout_chosen"
-"""target=auto for every algorithm: every task has verified reference solutions (or chosen answers)."""
 
 
 def _dist():
@@ -143,6 +140,13 @@ class GradAlignment(Instrument):
     """Use the one-backward row path (rowgrad.py) where it applies; False forces per-component backwards."""
     _needs_hidden = False
     _trainer = None
+    algo = ""
+    """The trainer's registered name, set in `_setup`."""
+
+    @property
+    def spec(self) -> TrainerSpec:
+        """What the instrument knows about the trainer: its registered facts (never tests of its name)."""
+        return trainer_spec(self.algo)
 
     @property
     def needs_hidden(self) -> bool:  # type: ignore[override]
@@ -225,16 +229,14 @@ class GradAlignment(Instrument):
             self.sketch = CountSketch(
                 [p.shape for p in self.params], int(self.cfg.sketch_dim), seed=int(self.run.cfg.seed)
             )
-        self.algo = getattr(trainer, "rlx_algo", "") or self.run.cfg.algo
-        self.kl_unmodelled = unmodelled_kl_terms(trainer.args) if self.algo == "grpo" else []
+        self.algo = spec_of(
+            trainer, default=self.run.cfg.algo
+        ).name  # an unregistered trainer is an error here
+        self.kl_unmodelled = unmodelled_kl_terms(trainer.args) if self.spec.kl_coef(trainer) != 0.0 else []
         self.kl_bias_correction = bool(getattr(trainer.args, "use_bias_correction_kl", False))
-        if self.algo == "ppo":  # num_iterations = ppo_epochs, steps_per_generation = num_minibatches * GA
-            args = trainer.args
-            ga = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
-            spg = int(getattr(args, "steps_per_generation", None) or ga)
-            self._rollout_steps = max(1, int(getattr(args, "num_iterations", 1) or 1) * spg // ga)
+        self._rollout_steps = self.spec.steps_per_rollout(trainer.args)
         self.rowcap = None
-        if self.variant == "param" and self.allow_fast and self.algo in ROW_ALGOS:
+        if self.variant == "param" and self.allow_fast and self.spec.row_fast_path:
             head = policy.get_output_embeddings()
             rowcap = RowCapture(policy, self.params, head)
             if rowcap.supported:
@@ -296,7 +298,7 @@ class GradAlignment(Instrument):
 
     def _target_name(self) -> str:
         t = str(self.cfg.target)
-        return DEFAULT_TARGET if t == "auto" else t
+        return self.spec.default_alignment_target if t == "auto" else t
 
     def _build_target(self, ctx: LossContext) -> TargetBatch:
         name, tok, size = self._target_name(), self._tokenizer(ctx.trainer), int(self.cfg.target_size)
@@ -324,18 +326,19 @@ class GradAlignment(Instrument):
     # ---- per micro-batch ----------------------------------------------------------------------------------
 
     def _logged(self, step: int) -> bool:
-        """Step 1 and every `every`-th step; PPO: only on-policy steps (see `_rollout_steps`)."""
+        """Step 1 and every `every`-th step; a trainer that reuses rollouts: only on-policy steps (`_rollout_steps`)."""
         every, k = int(self.cfg.every), self._rollout_steps
         if k <= 1:
             return step == 1 or step % every == 0
-        # PPO reuses each rollout for k optimizer steps and only the first (epoch 0, minibatch 0) has
-        # rho = 1: log that step whenever (previous rollout start, step] holds a multiple of `every`.
+        # Each rollout is reused for k optimizer steps (PPO: epochs x minibatches) and only the first (epoch 0,
+        # minibatch 0) has rho = 1: log that step whenever (previous rollout start, step] holds a multiple of `every`.
         if (step - 1) % k != 0:
             return False
         return step == 1 or step // every > (step - k) // every
 
     _rollout_steps = 1
-    """Optimizer steps per PPO rollout (ppo_epochs * num_minibatches), set in `_setup`; 1 otherwise."""
+    """Optimizer steps per rollout (the spec's `steps_per_rollout`; PPO: ppo_epochs * num_minibatches), set in
+    `_setup`."""
 
     def on_loss(self, ctx: LossContext) -> None:
         trainer = ctx.trainer
@@ -362,7 +365,7 @@ class GradAlignment(Instrument):
         if self.exact is not None:
             self.exact.on_micro(self, ctx, w)
         comps = am.component_weights(w, mask, w_kl)
-        units = am.reweighting_units(TERTILE_LEVEL.get(self.algo, "sequence"), mask, self._pair_index(ctx))
+        units = am.reweighting_units(self.spec.tertile_level, mask, self._pair_index(ctx))
         terts = am.tertile_weights(comps["pos"] + comps["neg"], units, _gather_scores if _dist() else None)
         for name, cw in {**comps, **terts}.items():
             self.cur.n_tokens[name] = self.cur.n_tokens.get(name, 0.0) + float((cw != 0).sum())
@@ -391,7 +394,7 @@ class GradAlignment(Instrument):
         w_kl = None
         ref = ctx.extras.get("ref_logps")
         # A KL *loss term* (GRPO beta > 0) is a third component; PPO folds its KL penalty into the reward (in A_t).
-        beta = float(getattr(ctx.trainer, "beta", 0.0) or 0.0) if self.algo == "grpo" else 0.0
+        beta = self.spec.kl_coef(ctx.trainer)
         if ref is not None and beta != 0.0 and ctx.extras.get("advantages") is not None:
             if self.kl_unmodelled:  # not split: pos / neg keep the KL term's weight; rows say so (kl_split)
                 self.cur.kl_unmodelled += 1
@@ -425,7 +428,7 @@ class GradAlignment(Instrument):
         if "pair_index" in ctx.extras:
             return ctx.extras["pair_index"]
         B = ctx.token_logps.shape[0]
-        return torch.arange(B) % max(B // 2, 1) if self.algo == "dpo" else None
+        return torch.arange(B) % max(B // 2, 1) if self.spec.tertile_level == "pair" else None
 
     def _param_micro(self, ctx: LossContext, comps: dict, terts: dict) -> None:
         cur, lp = self.cur, ctx.token_logps
@@ -463,11 +466,7 @@ class GradAlignment(Instrument):
             policy = self._policy(ctx.trainer)
             emb = [r for r in cap.records if r[1] == "embedding"]
             ids = emb[0][4] if emb else self._sequence_ids(ctx)
-            temp = (
-                float(getattr(ctx.trainer, "temperature", 1.0) or 1.0)
-                if self.algo in ("grpo", "ppo")
-                else 1.0
-            )
+            temp = self.spec.temperature(ctx.trainer)
             cfg = policy.config.get_text_config()
             scale = float(getattr(cfg, "logit_scale", None) or 1.0) / temp
             head = {
@@ -525,7 +524,7 @@ class GradAlignment(Instrument):
         policy = self._policy(trainer)
         ids = self._sequence_ids(ctx)
         head = policy.get_output_embeddings()
-        temp = float(getattr(trainer, "temperature", 1.0) or 1.0) if self.algo in ("grpo", "ppo") else 1.0
+        temp = self.spec.temperature(trainer)
         h = ctx.hidden[:, :-1].detach()
         labels = ids[:, 1:]
         sel = ctx.mask > 0 if ctx.mask is not None else torch.ones_like(labels, dtype=torch.bool)

@@ -6,9 +6,12 @@ with one message naming what was wrong, what was expected and what to do.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import importlib.util
+import json
 import re
 import types
 import typing
@@ -19,8 +22,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from rlx.config.schema import ALGOS, RunConfig
+from rlx.config.schema import RunConfig
 from rlx.errors import UserError
+from rlx.trainers.catalog import trainer_spec
 
 
 def shipped_dir(name: str) -> Path:
@@ -195,8 +199,7 @@ def load_config(
         except OmegaConfBaseException as e:
             raise UserError(f"cannot parse override '{item}': {e}. Expected key.sub=value.") from None
         cfg = _merge(cfg, layer, f"override '{item}'")
-    if cfg.algo not in ALGOS:
-        raise UserError(f"unknown algo '{cfg.algo}': expected one of {', '.join(ALGOS)}.")
+    trainer_spec(cfg.algo)  # a user error naming the registered algorithms when unknown
     if not 0.0 <= cfg.warmstart.teacher_bug_rate <= 1.0:
         raise UserError(
             f"warmstart.teacher_bug_rate={cfg.warmstart.teacher_bug_rate} is not a probability: expected a value "
@@ -207,24 +210,6 @@ def load_config(
 
 
 # ---- trainer.* validation against the TRL config class ---------------------------------------------
-
-
-def trainer_config_class(algo: str) -> type:
-    if algo == "grpo":
-        from trl import GRPOConfig
-
-        return GRPOConfig
-    if algo == "dpo":
-        from trl import DPOConfig
-
-        return DPOConfig
-    if algo == "sft":
-        from trl import SFTConfig
-
-        return SFTConfig
-    from rlx.trainers.ppo_config import PPOConfig
-
-    return PPOConfig
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -292,8 +277,26 @@ RENAMED_TRAINER_ARGS = {
 
 
 def validate_trainer_args(algo: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Reject unknown or mistyped `trainer.*` keys with the closest valid names; deprecated names are renamed."""
-    cls = trainer_config_class(algo)
+    """Reject unknown or mistyped `trainer.*` keys with the closest valid names; deprecated names are renamed.
+
+    The check runs once per (algorithm, arguments): `load_config` runs it, so a user error surfaces before any
+    model loads, and the build step that asks again for the same arguments gets the stored result.
+    """
+    config_class = trainer_spec(algo).config_class
+    try:
+        key = json.dumps(args, sort_keys=True)
+    except TypeError:  # not plain data: check it, do not store it
+        return _validate_trainer_args(algo, config_class, args)
+    return copy.deepcopy(_validated_trainer_args(algo, config_class, key))
+
+
+@functools.lru_cache(maxsize=32)
+def _validated_trainer_args(algo: str, config_class: str, key: str) -> dict[str, Any]:
+    return _validate_trainer_args(algo, config_class, json.loads(key))
+
+
+def _validate_trainer_args(algo: str, config_class: str, args: dict[str, Any]) -> dict[str, Any]:
+    cls = trainer_spec(algo).trainer_config_class()
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     out = {}

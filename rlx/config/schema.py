@@ -5,15 +5,14 @@ defaults; `key.sub=value` command-line overrides go on top; the resolved config 
 `<output_dir>/config.yaml`. Every field carries a docstring: that is the documentation of the option.
 
 `trainer` is the one free-form section: it holds TRL training arguments (`GRPOConfig`, `DPOConfig`,
-`SFTConfig`, or rlx's `PPOConfig`, chosen by `algo`) and is validated against that class's fields.
+`SFTConfig`, or rlx's `PPOConfig`: the registered trainer's config class, chosen by `algo`) and is validated
+against that class's fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-ALGOS = ("grpo", "dpo", "sft", "ppo")
 
 
 @dataclass
@@ -474,7 +473,7 @@ class RunConfig:
     recipe: str = ""
     """Name of the recipe this config came from (set by the loader)."""
     algo: str = "grpo"
-    """grpo | dpo | sft | ppo."""
+    """grpo | dpo | sft | ppo: a registered trainer (rlx/trainers/catalog.py)."""
     output_dir: str | None = None
     """Run directory; default runs/<recipe>/<timestamp>, decided once on rank 0."""
     seed: int = 0

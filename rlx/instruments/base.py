@@ -29,6 +29,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from rlx.trainers.catalog import trainer_spec
+from rlx.trainers.registry import TrainerSpec
+
 _REGISTRY: dict[str, type[Instrument]] = {}
 """Filled by `register_instrument` as instrument modules are imported; read it through
 `rlx.instruments.catalog.registered_instruments`, which imports every built-in one first (base imports none:
@@ -59,7 +62,7 @@ class LossContext:
     trainer: Any
     """The trainer (for its accelerator, state, args)."""
     algo: str
-    """grpo | dpo | sft | ppo."""
+    """The trainer's registered name (for logs and error messages: instruments read `spec`, never the name)."""
     inputs: dict[str, Any]
     """The trainer's micro-batch."""
     loss: torch.Tensor
@@ -81,7 +84,13 @@ class LossContext:
     extras: dict[str, Any] = field(default_factory=dict)
     """Algorithm-specific tensors, aligned with the last `completion_len` columns of `token_logps`:
     `advantages` (B,) or (B, C), `old_logps` (B, C), `ref_logps` (B, C), `group_ids` (B,)."""
+    spec: TrainerSpec | None = None
+    """The trainer's registered facts (rlx/trainers/registry.py); looked up from `algo` when not given."""
     _weights: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = trainer_spec(self.algo)  # an unregistered name is an error, not a silent default
 
     @property
     def completion_len(self) -> int:

@@ -143,13 +143,13 @@ class KLCov(_CovRegularizer):
 
     @staticmethod
     def _policy_gradient_weights(ctx: LossContext) -> torch.Tensor:
-        """(B, C) w_t of the trainer's policy-gradient loss: dL/dl_t less GRPO's k3 KL term when beta > 0."""
+        """(B, C) w_t of the trainer's policy-gradient loss: dL/dl_t less the k3 KL loss term when beta > 0."""
         c = ctx.completion_len
         w = ctx.token_weights()[:, -c:]
-        beta = float(getattr(ctx.trainer, "beta", 0.0) or 0.0)
+        beta = ctx.spec.kl_coef(ctx.trainer)
         ref = ctx.extras.get("ref_logps")
-        if ctx.algo != "grpo" or beta == 0.0 or ref is None:
-            return w  # PPO folds its KL into the reward: w is all policy gradient
+        if beta == 0.0 or ref is None:
+            return w  # no KL term in the loss (PPO folds its KL into the reward): w is all policy gradient
         from rlx.alignment.functional import kl_token_weights
 
         w_kl = kl_token_weights(
@@ -168,14 +168,11 @@ class KLCov(_CovRegularizer):
 
 @register_instrument("entropy_cov")
 class EntropyCovariance(Instrument):
-    """Diagnostic: Cov(log pi, A) of the completion tokens, every loss call of every GRPO run."""
+    """Diagnostic: Cov(log pi, A) of the completion tokens, every loss call (on in every run of an algorithm
+    whose spec lists it in `default_instruments`, e.g. GRPO)."""
 
     changes_loss = False
     top_ratio = 0.002
-
-    @classmethod
-    def always_on(cls, cfg: Any) -> bool:
-        return cfg.algo == "grpo"
 
     def on_loss(self, ctx: LossContext) -> LossTerm | None:
         if ctx.token_logps is None or "advantages" not in ctx.extras:

@@ -20,10 +20,15 @@ TASKS: dict[str, type[Task]] = {
 EMBEDDED_TASKS = ("arithmetic", "countdown")
 
 
+def task_class(name: str) -> type[Task]:
+    """The Task class of `task.name` (its class attributes, e.g. `verifiable`, without building it)."""
+    if name not in TASKS:
+        raise UserError(f"unknown task '{name}': expected one of {', '.join(TASKS)}.")
+    return TASKS[name]
+
+
 def get_task(cfg) -> Task:
-    if cfg.name not in TASKS:
-        raise UserError(f"unknown task '{cfg.name}': expected one of {', '.join(TASKS)}.")
-    return TASKS[cfg.name](cfg)
+    return task_class(cfg.name)(cfg)
 
 
-__all__ = ["TASKS", "EMBEDDED_TASKS", "Task", "get_task", "completion_text"]
+__all__ = ["TASKS", "EMBEDDED_TASKS", "Task", "get_task", "task_class", "completion_text"]

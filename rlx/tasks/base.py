@@ -23,6 +23,11 @@ class Task:
     name: str = ""
     max_completion_length: int = 16
     """Default completion budget in tokens."""
+    verifiable: bool = True
+    """Completions can be scored against reference answers (`score`): reward functions, held-out accuracy, pass@k."""
+    preference_pairs: bool = False
+    """The datasets are preference pairs (`prompt`, `chosen`, `rejected`) that DPO trains on as they are, rather
+    than prompts with answers from which rlx samples and verifies pairs."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

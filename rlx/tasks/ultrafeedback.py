@@ -24,6 +24,8 @@ def to_preference_row(row: dict) -> dict:
 class UltraFeedbackTask(Task):
     name = "ultrafeedback"
     max_completion_length = 512
+    verifiable = False
+    preference_pairs = True
 
     def _load(self, split: str, limit: int | None, spec: str | None = None) -> Dataset:
         spec = spec or self.cfg.dataset or "HuggingFaceH4/ultrafeedback_binarized"

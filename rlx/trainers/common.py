@@ -1,4 +1,4 @@
-"""What every rlx trainer shares: the instrument seam, metrics.jsonl, and construction from a RunConfig."""
+"""What every rlx trainer shares: the instrument seam, metrics.jsonl, exact-resume state."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from transformers import TrainerCallback
 from rlx import checkpoint as ckpt
 from rlx.errors import UserError
 from rlx.instruments.base import InstrumentSet, LossContext, capture_loss_forward
+from rlx.trainers.catalog import trainer_spec
 from rlx.trainers.deepspeed_hooks import inert_output_hooks, track_output_hooks
+from rlx.trainers.registry import TrainerSpec
 
 
 class InstrumentCallback(TrainerCallback):
@@ -77,6 +79,12 @@ class InstrumentedMixin:
     """
 
     rlx_algo: ClassVar[str] = ""
+    """The name this trainer is registered under (rlx/trainers/catalog.py)."""
+
+    @property
+    def rlx_spec(self) -> TrainerSpec:
+        """The registered facts about this trainer that instruments read (rlx/trainers/registry.py)."""
+        return trainer_spec(self.rlx_algo)
 
     def __init__(
         self, *args, instruments: InstrumentSet | None = None, run: Any = None, guard: Any = None, **kwargs
@@ -191,6 +199,7 @@ class InstrumentedMixin:
         ctx = LossContext(
             trainer=self,
             algo=self.rlx_algo,
+            spec=self.rlx_spec,
             inputs=inputs,
             loss=loss,
             token_logps=cap.token_logps,

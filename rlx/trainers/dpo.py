@@ -55,3 +55,40 @@ class PreferencePairsDump(TrainerCallback):
                     }
                 )
         self.run.writer.write(dumps.PREFERENCE_PAIRS, rows)
+
+
+def build_dpo_trainer(cfg: Any, run: Any, model_dir: str, task: Any, common: dict[str, Any]) -> RLXDPOTrainer:
+    """`algo: dpo`: policy and an explicit reference (ZeRO-3 safe), preference pairs from the task."""
+    from rlx.models import load_causal_lm
+    from rlx.trainers.construction import make_trainer_config
+
+    args = make_trainer_config(cfg, run, task)
+    policy = load_causal_lm(model_dir, cfg)
+    train_ds, eval_ds = preference_datasets(cfg, task, policy, common["processing_class"])
+    ref = None if cfg.model.lora.enabled else load_causal_lm(model_dir, cfg)
+    trainer = RLXDPOTrainer(
+        model=policy, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds, **common
+    )
+    if not task.preference_pairs and cfg.diagnostics.rollouts.enabled:  # pairs rlx sampled
+        trainer.add_callback(PreferencePairsDump({"train": train_ds, "eval": eval_ds}, run))
+    return trainer
+
+
+def preference_datasets(cfg: Any, task: Any, policy: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """Train/held-out preference pairs: the task's own when it serves pairs, else sampled from the policy and
+    verified against the task (rlx/preference.py)."""
+    if task.preference_pairs:
+        return task.train_dataset(), task.eval_dataset()
+    from accelerate import PartialState
+    from omegaconf import OmegaConf
+
+    from rlx.preference import build_preference_pairs
+
+    state = PartialState()
+    with state.main_process_first():  # sampling is deterministic per seed; rank 0 first only for tidy logs
+        train = build_preference_pairs(
+            policy, tokenizer, task, cfg.preference, "train", cfg.seed, state.is_main_process
+        )
+        heldout_cfg = OmegaConf.merge(cfg.preference, {"num_pairs": min(64, cfg.task.num_eval)})
+        heldout = build_preference_pairs(policy, tokenizer, task, heldout_cfg, "eval", cfg.seed + 1, False)
+    return train, heldout

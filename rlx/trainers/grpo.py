@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from trl import GRPOTrainer
@@ -171,3 +172,25 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         return self._instrumented(bind(super()._compute_loss, model, inputs), model, inputs)
+
+
+def build_grpo_trainer(
+    cfg: Any, run: Any, model_dir: str, task: Any, common: dict[str, Any]
+) -> RLXGRPOTrainer:
+    """`algo: grpo`: policy and TRL's reference loaded by rlx, the task's prompts and reward functions."""
+    from rlx.models import load_causal_lm
+    from rlx.trainers.construction import grpo_needs_reference, make_trainer_config, rollout_prompts
+
+    # rlx loads the policy and TRL's reference itself (same `model.*` settings for both, full weights also under
+    # ZeRO-3); TRL, given a path, would apply none of model.dtype / attn_implementation / ...
+    policy = load_causal_lm(model_dir, cfg)
+    ref = load_causal_lm(model_dir, cfg) if grpo_needs_reference(cfg) else None
+    args = make_trainer_config(cfg, run, task)
+    with preloaded_reference(ref):
+        return RLXGRPOTrainer(
+            model=policy,
+            reward_funcs=task.reward_funcs,
+            args=args,
+            train_dataset=rollout_prompts(cfg, task, common["processing_class"], policy, args),
+            **common,
+        )

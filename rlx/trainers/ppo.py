@@ -408,12 +408,12 @@ class RLXPPOTrainer(RLXGRPOTrainer):
 
 
 def build_ppo_trainer(cfg: Any, run: Any, model_dir: str, task: Any, common: dict[str, Any]) -> RLXPPOTrainer:
-    """`algo: ppo` branch of `rlx.trainers.build.build_trainer`: policy, critic, reference (by GRPO), data, rewards."""
+    """`algo: ppo`: policy, critic, reference (by GRPO), data, rewards."""
     from rlx.models import _DTYPES, load_causal_lm, outside_zero3_init
-    from rlx.trainers.build import grpo_needs_reference, make_trainer_config, rollout_prompts
+    from rlx.trainers.construction import grpo_needs_reference, make_trainer_config, rollout_prompts
     from rlx.trainers.grpo import preloaded_reference
 
-    args = make_trainer_config(cfg, run, max_completion_length=task.max_completion_length)
+    args = make_trainer_config(cfg, run, task)
     # Policy, reference and critic all take model.* and load whole (also under ZeRO-3, which partitions them
     # when the trainer prepares them); the critic is a copy of the policy's backbone unless value_model is set.
     policy = load_causal_lm(model_dir, cfg)
