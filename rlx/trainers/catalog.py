@@ -89,6 +89,23 @@ register_trainer(
         steps_per_rollout=ppo_steps_per_rollout,
     )
 )
+register_trainer(
+    TrainerSpec(
+        name="rloo",
+        config_class="trl:GRPOConfig",  # GRPO's machinery and loss; the advantage is leave-one-out
+        build="rlx.trainers.rloo:build_rloo_trainer",
+        tertile_level="sequence",
+        row_fast_path=True,
+        samples_completions=True,
+        temperature=sampling_temperature,
+        lm_head_fp32=cast_lm_head,
+        kl_coef=trainer_beta,
+        steps_per_rollout=one_step_per_rollout,
+        default_instruments=("entropy_cov",),
+        # TRL RLOO's defaults: unnormalised advantages, the loss of summed token log-probs (rlx/trainers/rloo.py)
+        config_defaults={"scale_rewards": "none", "loss_type": "dr_grpo"},
+    )
+)
 
 
 def trainer_names() -> tuple[str, ...]:

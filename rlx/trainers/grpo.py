@@ -175,9 +175,15 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
 
 
 def build_grpo_trainer(
-    cfg: Any, run: Any, model_dir: str, task: Any, common: dict[str, Any]
+    cfg: Any,
+    run: Any,
+    model_dir: str,
+    task: Any,
+    common: dict[str, Any],
+    trainer_class: type[RLXGRPOTrainer] = RLXGRPOTrainer,
 ) -> RLXGRPOTrainer:
-    """`algo: grpo`: policy and TRL's reference loaded by rlx, the task's prompts and reward functions."""
+    """`algo: grpo`: policy and TRL's reference loaded by rlx, the task's prompts and reward functions (trainers that
+    only change GRPO's advantage build through this with their own `trainer_class`)."""
     from rlx.models import load_causal_lm
     from rlx.trainers.construction import grpo_needs_reference, make_trainer_config, rollout_prompts
 
@@ -187,7 +193,7 @@ def build_grpo_trainer(
     ref = load_causal_lm(model_dir, cfg) if grpo_needs_reference(cfg) else None
     args = make_trainer_config(cfg, run, task)
     with preloaded_reference(ref):
-        return RLXGRPOTrainer(
+        return trainer_class(
             model=policy,
             reward_funcs=task.reward_funcs,
             args=args,

@@ -12,8 +12,8 @@ are looked up (`trainer_spec`, `trainer_names`).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 TertileLevel = Literal["pair", "token", "sequence"]
@@ -65,6 +65,9 @@ class TrainerSpec:
     """What `diagnostics.grad_alignment.target=auto` means for this algorithm."""
     hf_eval_dataset: bool = False
     """Passes a held-out dataset to HF's Trainer, so `trainer.eval_strategy` (HF's loss evaluation) can run."""
+    config_defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Training arguments this algorithm sets unless the recipe's `trainer.*` does (e.g. a trainer on GRPO's config
+    class whose algorithm wants another `loss_type`); what the build step and `print_config` both pass."""
 
     def trainer_config_class(self) -> type:
         """The training-arguments class (imported now)."""
@@ -76,7 +79,8 @@ class TrainerSpec:
 
     def trainer_defaults(self, task: Any) -> dict[str, Any]:
         """Training arguments this algorithm defaults from the task (the recipe's `trainer.*` wins)."""
-        return {"max_completion_length": task.max_completion_length} if self.samples_completions else {}
+        budget = {"max_completion_length": task.max_completion_length} if self.samples_completions else {}
+        return {**budget, **self.config_defaults}
 
 
 def register_trainer(spec: TrainerSpec) -> TrainerSpec:
