@@ -130,7 +130,7 @@ def test_loader_validates_against_the_registered_config_class(register):
     assert cfg.algo == "test_dummy"
     with pytest.raises(UserError, match="unknown config key 'trainer.vf_coef' for algo=grpo"):
         load_config(["recipe=grpo_tiny", "trainer.vf_coef=0.25"])
-    with pytest.raises(UserError, match="expected one of grpo, dpo, sft, ppo, test_dummy"):
+    with pytest.raises(UserError, match=r"expected one of grpo, dpo, sft, ppo, (\w+, )*test_dummy\."):
         load_config(["recipe=grpo_tiny", "algo=nope"])
 
 
