@@ -6,6 +6,7 @@ from rlx.instruments.base import (
     LossContext,
     LossTerm,
     capture_loss_forward,
+    log_metrics,
     register_instrument,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "LossContext",
     "LossTerm",
     "capture_loss_forward",
+    "log_metrics",
     "register_instrument",
 ]

@@ -22,7 +22,7 @@ instrument for an extra loss term and per-step metrics. The trainer never knows 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -131,6 +131,48 @@ class LossTerm:
 
     loss: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+METRIC_REDUCTIONS = ("mean", "none")
+
+
+def log_metrics(
+    trainer: Any,
+    metrics: Mapping[str, float | torch.Tensor],
+    reduce: str = "mean",
+    mode: str | None = None,
+) -> None:
+    """The one channel for per-step metrics: queue `metrics` in TRL's `trainer._metrics[mode]`, which the trainer's
+    `log()` averages per logging step into metrics.jsonl and TensorBoard.
+
+    reduce="mean": the NaN-aware mean over ranks, one all-reduce for every metric of the call (a rank whose value is
+    not finite is left out of that metric's mean; NaN when no rank has one). A collective: every rank calls it at the
+    same point with the same names. The values pass through one float32 tensor, also on one process.
+    reduce="none": the values are already global (reduced by the caller, or identical on every rank); no collective,
+    each is queued as `float(value)`.
+    mode: TRL's "train" or "eval" store; by default "train" while `trainer.model` is in training mode.
+    """
+    if reduce not in METRIC_REDUCTIONS:
+        raise ValueError(f"log_metrics: reduce={reduce!r}, expected one of {METRIC_REDUCTIONS}")
+    if not metrics:
+        return
+    if mode is None:
+        mode = "train" if trainer.model.training else "eval"
+    store = trainer._metrics[mode]
+    if reduce == "none":
+        for k, v in metrics.items():
+            store[k].append(float(v))
+        return
+    keys = sorted(metrics)
+    acc = trainer.accelerator
+    values = torch.tensor([float(metrics[k]) for k in keys], device=acc.device)
+    if acc.num_processes > 1:
+        finite = torch.isfinite(values)
+        sums = acc.reduce(torch.where(finite, values, torch.zeros_like(values)), reduction="sum")
+        counts = acc.reduce(finite.float(), reduction="sum")
+        values = torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.full_like(values, float("nan")))
+    for k, v in zip(keys, values.tolist()):
+        store[k].append(v)
 
 
 class Instrument:

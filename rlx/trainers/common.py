@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from rlx import checkpoint as ckpt
 from rlx.errors import UserError
-from rlx.instruments.base import InstrumentSet, LossContext, capture_loss_forward
+from rlx.instruments.base import InstrumentSet, LossContext, capture_loss_forward, log_metrics
 from rlx.trainers.catalog import trainer_spec
 from rlx.trainers.deepspeed_hooks import inert_output_hooks, track_output_hooks
 from rlx.trainers.registry import TrainerSpec
@@ -212,29 +212,8 @@ class InstrumentedMixin:
         )
         with inert_output_hooks():
             loss, metrics = self.instruments.on_loss(ctx)
-        self._record_metrics(metrics)
+        log_metrics(self, metrics)  # the mean over ranks, into TRL's _metrics
         return (loss, *out[1:]) if isinstance(out, tuple) else loss
-
-    def _record_metrics(self, metrics: dict[str, float]) -> None:
-        """Average instrument metrics over ranks (one collective) and queue them for TRL's `log()`."""
-        if not metrics:
-            return
-        keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], device=self.accelerator.device)
-        if (
-            self.accelerator.num_processes > 1
-        ):  # NaN-aware: a rank with no data for a metric does not poison it
-            finite = torch.isfinite(values)
-            sums = self.accelerator.reduce(
-                torch.where(finite, values, torch.zeros_like(values)), reduction="sum"
-            )
-            counts = self.accelerator.reduce(finite.float(), reduction="sum")
-            values = torch.where(
-                counts > 0, sums / counts.clamp_min(1.0), torch.full_like(values, float("nan"))
-            )
-        mode = "train" if self.model.training else "eval"
-        for k, v in zip(keys, values.tolist()):
-            self._metrics[mode][k].append(v)
 
 
 def bind(method, *args, **kwargs):
