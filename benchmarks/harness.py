@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,9 @@ class Arm:
     name: str
     overrides: tuple[str, ...] = ()
     kind: str = "rlx"
+    tree: str | None = None
+    """Source tree the run executes in (a git worktree of another commit, benchmarks/bench_versions.py); None:
+    this repository."""
 
 
 @dataclass(frozen=True)
@@ -345,6 +348,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
+    import rlx
     import rlx.train  # noqa: F401
     import rlx.trainers.build as build_mod
     from rlx.config.loader import load_config
@@ -392,6 +396,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "diagnostics_bytes": _dir_bytes(Path(run_dir) / "diagnostics"),
         "metrics_bytes": _dir_bytes(Path(run_dir) / "metrics.jsonl"),
         "eval_cost": info.get("eval_cost"),
+        "rlx_file": rlx.__file__,
     }
 
 
@@ -414,15 +419,18 @@ def run_in_subprocess(arm: Arm, round_index: int, settings: dict[str, Any]) -> d
     }
     spec_path, out_path, log_path = work / f"{tag}.spec.json", work / f"{tag}.out.json", work / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
+    root = Path(arm.tree) if arm.tree else REPO
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    if arm.tree:  # that tree's rlx and benchmarks, ahead of the installed (editable) rlx
+        env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.harness", "--child", str(spec_path), str(out_path)],
-            cwd=REPO,
+            cwd=root,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -432,6 +440,9 @@ def run_in_subprocess(arm: Arm, round_index: int, settings: dict[str, Any]) -> d
         tail = log_path.read_text()[-4000:]
         raise RuntimeError(f"run {tag} exited {proc.returncode}:\n{tail}")
     res = json.loads(out_path.read_text())
+    ran = res.get("rlx_file")  # absent when the tree's harness predates the field
+    if ran and not Path(ran).resolve().is_relative_to(root.resolve()):
+        raise RuntimeError(f"run {tag} imported rlx from {ran}, not from its tree {root}")
     res["process_wall"] = time.perf_counter() - w0
     res["process_cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if not settings.get("keep"):
@@ -469,7 +480,7 @@ def measure(
     prepare_fn: Callable[[Sequence[Arm], dict[str, Any]], None] | None = prepare_in_subprocess,
 ) -> dict[str, Any]:
     """Every round runs every arm once (control included) in rotated order; returns runs per arm."""
-    control = Arm(bench.base.name + CONTROL_SUFFIX, bench.base.overrides, bench.base.kind)
+    control = replace(bench.base, name=bench.base.name + CONTROL_SUFFIX)
     arms = {a.name: a for a in [bench.base, control, *bench.arms]}
     if prepare_fn is not None:
         prepare_fn([bench.base, *bench.arms], settings)
@@ -622,7 +633,10 @@ def run_bench(
         "title": bench.title,
         "settings": settings,
         "git": _git_head(),
-        "arms": {a.name: {"kind": a.kind, "overrides": list(a.overrides)} for a in [bench.base, *bench.arms]},
+        "arms": {
+            a.name: {"kind": a.kind, "overrides": list(a.overrides), "tree": a.tree}
+            for a in [bench.base, *bench.arms]
+        },
         **analysis,
         "runs": runs,
         "pass": exit_code(analysis["budgets"]) == 0,

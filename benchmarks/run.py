@@ -32,15 +32,19 @@ BENCHMARKS = {
         "benchmarks.bench_replay",
         "Activation Replay preparation in prefill-equivalents of CPU time (7B depth <= 30, embedded <= 42)",
     ),
+    "versions": (
+        "benchmarks.bench_versions",
+        "this tree / another commit (--base REV), whole runs interleaved (reported; not in `all`)",
+    ),
     "scaling": (
         "benchmarks.bench_scaling",
         "overheads at widths 128/256/512 x two completion lengths (reported; hours, not in `all`)",
     ),
 }
-NOT_IN_ALL = {"scaling"}
+NOT_IN_ALL = {"scaling", "versions"}
 # Benchmarks on the training harness share its options (--rounds, --steps, --width, ...); `all` passes the
 # extra arguments to these only, since storage and replay take options of their own.
-HARNESS = {"overhead", "alignment", "relax", "eval", "scaling"}
+HARNESS = {"overhead", "alignment", "relax", "eval", "scaling", "versions"}
 
 
 def main(argv: list[str] | None = None) -> int:

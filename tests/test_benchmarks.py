@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import types
+from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_alignment, bench_overhead, bench_relax, harness
+from benchmarks import bench_alignment, bench_overhead, bench_relax, bench_versions, harness
 from benchmarks.harness import Arm, Budget
 
 
@@ -202,8 +205,6 @@ def test_harness_smoke_one_round_two_steps(tmp_path, tiny_model_dir):
 def test_run_all_passes_harness_options_to_harness_benchmarks_only(monkeypatch):
     """`benchmarks.run all --rounds 7` hands --rounds to the harness benchmarks, not to storage or replay
     (which take options of their own and reject it), and exits with the worst status."""
-    import types
-
     from benchmarks import run as runner
 
     seen: dict[str, list[str]] = {}
@@ -226,3 +227,60 @@ def test_run_all_passes_harness_options_to_harness_benchmarks_only(monkeypatch):
     seen.clear()
     runner.main(["storage", "--x"])
     assert seen == {"storage": ["--x"]}
+
+
+def test_an_arm_on_another_tree_runs_there_and_its_control_too(monkeypatch, tmp_path):
+    """`Arm.tree` (benchmarks.run versions): the child runs with that tree as cwd and first on PYTHONPATH, the
+    A-vs-A control inherits the tree, and a child that imported rlx from elsewhere is an error."""
+    tree = tmp_path / "old"
+    (tree / "rlx").mkdir(parents=True)
+    seen = []
+
+    def fake_run(cmd, cwd, env, stdout, stderr):
+        seen.append((Path(cwd), env.get("PYTHONPATH", "")))
+        out = Path(cmd[-1])
+        rlx_file = (
+            str(Path(cwd) / "rlx" / "__init__.py") if "elsewhere" not in str(out) else "/x/rlx/__init__.py"
+        )
+        out.write_text(
+            json.dumps({"cpu": 1.0, "wall": 1.0, "train_cpu": 1.0, "steps": [], "rlx_file": rlx_file})
+        )
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    settings = {
+        "recipe": "grpo_tiny",
+        "steps": 2,
+        "overrides": [],
+        "workdir": str(tmp_path / "w"),
+        "keep": True,
+    }
+    (tmp_path / "w").mkdir()
+    harness.run_in_subprocess(harness.Arm("before", tree=str(tree)), 0, settings)
+    harness.run_in_subprocess(harness.Arm("after"), 0, settings)
+    assert seen[0][0] == tree and seen[0][1].split(os.pathsep)[0] == str(tree)
+    assert seen[1][0] == harness.REPO and str(tree) not in seen[1][1]
+    with pytest.raises(RuntimeError, match="not from its tree"):
+        harness.run_in_subprocess(harness.Arm("elsewhere", tree=str(tree)), 0, settings)
+
+    bench = bench_versions.make(tree, with_trl=True, limit=None, rev="HEAD~1")
+    run_fn, calls = _fake_run_fn({"before": 10.0, "after": 9.0, "trl": 8.0})
+    trees = {}
+
+    def record(arm, r, settings):
+        trees[arm.name] = arm.tree
+        return run_fn(arm, r, settings)
+
+    res = harness.run_bench(
+        bench, {"rounds": 2, "steps": 2, "overrides": []}, str(tmp_path / "v.json"), record, None
+    )
+    assert trees == {"before": str(tree), "before~": str(tree), "after": None, "trl": None}
+    ratios = {b["label"]: b["ratio"] for b in res["budgets"]}
+    assert ratios["after / before (HEAD~1)"] == pytest.approx(0.9, rel=1e-2)
+    assert ratios["before / TRL"] == pytest.approx(1.25, rel=1e-2)
+
+
+def test_versions_refuses_a_revision_that_is_not_a_commit(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_versions.worktree("no-such-revision-xyz")
+    assert e.value.code == 2 and "not a commit" in capsys.readouterr().err
