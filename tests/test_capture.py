@@ -123,3 +123,20 @@ def test_a_real_causal_lm_with_trls_fused_head():
     with pytest.raises(RuntimeError, match="saw no loss forward"):
         with capture_loss_forward(policy):
             policy(input_ids=ids)  # logits only: not TRL's loss path
+
+
+def test_a_no_grad_reference_pass_through_the_policy_is_left_out():
+    """TRL's DPO with a PEFT policy and no reference model runs the reference forward through the policy itself
+    (adapters off, no grad) inside the loss: only the forward with grad is the policy's. Without any forward
+    with grad (evaluation), the forwards are kept."""
+    policy, x = ToyPolicy(), torch.randn(2, 5, 4)
+    with capture_loss_forward(policy) as cap:
+        out = policy(x, fused_lm_head=True)
+        with torch.no_grad():
+            policy(x + 1.0, fused_lm_head=True)  # the reference pass
+    assert torch.equal(cap.token_logps, out.log_probs) and cap.token_logps.requires_grad
+    assert cap.hidden.shape == (2, 5, 4) and cap.hidden.requires_grad
+    assert cap.entropy.shape == (2, 4) and cap.label_mask.shape == (2, 4)
+    with torch.no_grad(), capture_loss_forward(policy) as cap:
+        out = policy(x, fused_lm_head=True)
+    assert torch.equal(cap.token_logps, out.log_probs) and cap.hidden.shape == (2, 5, 4)

@@ -301,8 +301,21 @@ class Captured:
     _mask: list = field(default_factory=list)
     _hid: list = field(default_factory=list)
     _forwards: int = 0
+    _grad: list = field(default_factory=list)
+    """Per recorded loss forward (and per recorded hidden state, `_hid_grad`): whether grad mode was on."""
+    _hid_grad: list = field(default_factory=list)
 
     def finish(self) -> Captured:
+        # A training loss may also run a no-grad loss forward through the policy itself: TRL's DPO with a PEFT
+        # policy and no reference model computes the reference log-probs with the adapters switched off. When
+        # any forward ran with grad, only those are the policy's; without any (evaluation) all are kept.
+        if any(self._grad):
+            keep = lambda xs, flags: [x for x, g in zip(xs, flags, strict=True) if g]  # noqa: E731
+            ent_flags = self._grad if len(self._ent) == len(self._grad) else [True] * len(self._ent)
+            mask_flags = self._grad if len(self._mask) == len(self._grad) else [True] * len(self._mask)
+            self._ent, self._mask = keep(self._ent, ent_flags), keep(self._mask, mask_flags)
+            self._logps = keep(self._logps, self._grad)
+            self._hid = keep(self._hid, self._hid_grad)
         # TRL may chunk one loss forward over sub-batches; concatenate them back.
         cat = lambda xs: torch.cat(xs, 0) if len(xs) > 1 else (xs[0] if xs else None)  # noqa: E731
         self.token_logps, self.entropy = cat(self._logps), cat(self._ent)
@@ -314,8 +327,10 @@ class Captured:
 def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Captured]:
     """Hook the policy for one loss forward; yields a `Captured` filled when the block exits.
 
-    Only forwards called with `fused_lm_head=True` (TRL's loss path) or `rlx_capture=True` are
-    recorded, so generation, reference and no-grad passes are ignored. Hooks are always removed.
+    Only forwards called with `fused_lm_head=True` (TRL's loss path) or `rlx_capture=True` are recorded, so
+    generation and a separate reference model's passes are ignored; when the block also runs such a forward of
+    the policy itself without grad (a PEFT policy's adapters-off reference pass) next to ones with grad, only the
+    ones with grad are kept. Hooks are always removed.
     Raises RuntimeError when the block ends normally without such a forward returning `log_probs`, or, with
     `hidden`, without the backbone running inside it: instruments would otherwise see None and record nothing.
     """
@@ -334,6 +349,7 @@ def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Capt
         cap._forwards += 1
         if getattr(out, "log_probs", None) is not None:
             cap._logps.append(out.log_probs)
+            cap._grad.append(torch.is_grad_enabled())
             if getattr(out, "entropy", None) is not None:
                 cap._ent.append(out.entropy)
             if getattr(out, "label_mask", None) is not None:
@@ -343,6 +359,7 @@ def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Capt
         if depth["n"] > 0:
             h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             cap._hid.append(h)
+            cap._hid_grad.append(torch.is_grad_enabled())
 
     handles = [
         policy.register_forward_pre_hook(top_pre, with_kwargs=True),
