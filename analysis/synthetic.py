@@ -167,7 +167,7 @@ def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
 
 
 def _relax(w: DiagnosticsWriter, steps: int, rng, per_rank: bool) -> None:
-    """The layout of rlx/regularizers/relax.py: per step a trajectory shard and the full spectra (one micro-batch
+    """The layout of rlx/instruments/relax.py: per step a trajectory shard and the full spectra (one micro-batch
     of 16 trajectories per rank)."""
     for s in range(1, steps + 1):
         adv = rng.standard_normal(16)

@@ -106,7 +106,7 @@ def test_relax_tables_merge_ranks_and_split_positive(synth):
 
 
 def test_relax_format_written_by_the_relax_instrument(tmp_path):
-    """The layout rlx/regularizers/relax.py writes: per-step parquet + spectra with a per-row step tensor."""
+    """The layout rlx/instruments/relax.py writes: per-step parquet + spectra with a per-row step tensor."""
     make_run(tmp_path, "grpo", steps=2)
     w = DiagnosticsWriter(tmp_path)
     for step in (1, 2):

@@ -63,7 +63,7 @@ def test_model_settings_reach_every_model(tmp_path, tiny_model_dir, algo, settin
 
 def test_relax_lazy_reference_follows_the_policy(tmp_path, tiny_model_dir):
     """ReLaX's own reference (trainer.beta=0) is loaded with the policy's dtype and attention."""
-    from rlx.regularizers.reference import LazyReference
+    from rlx.instruments.reference import LazyReference
 
     trainer = _build(
         tmp_path,

@@ -77,7 +77,7 @@ def tiny_policy(path):
 
 @pytest.mark.slow
 def test_lazy_reference_scores_initial_policy(tmp_path):
-    from rlx.regularizers.reference import LazyReference
+    from rlx.instruments.reference import LazyReference
 
     policy = tiny_policy(tmp_path / "m")
     g = torch.Generator().manual_seed(1)
@@ -285,7 +285,7 @@ def test_fit_history_refit_cadence_and_flush(tmp_path):
 def _gather_worker(rank, world, port, out):
     import torch.distributed as dist
 
-    from rlx.regularizers.relax import gather_states
+    from rlx.instruments.relax import gather_states
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     n, t = (3, 5) if rank == 0 else (2, 7)  # ranks hold different numbers of rows and widths
@@ -384,7 +384,7 @@ def _expected_ref_logps(table, inputs, rows, temperature):
 
 def test_lazy_reference_peft_scores_with_the_adapter_disabled():
     """A PEFT policy (inside two DDP-like wrappers) is its own reference with the adapter off; nothing is loaded."""
-    from rlx.regularizers.reference import LazyReference
+    from rlx.instruments.reference import LazyReference
 
     policy = _PeftLike()
     trainer = SimpleNamespace(model=_Wrapper(_Wrapper(policy)), temperature=0.7)
@@ -401,7 +401,7 @@ def test_lazy_reference_peft_scores_with_the_adapter_disabled():
 def test_lazy_reference_needs_both_peft_methods():
     """Only a model with disable_adapter *and* get_base_model is treated as PEFT; wrappers are looked through,
     but only when `.module` is itself a module."""
-    from rlx.regularizers.reference import LazyReference
+    from rlx.instruments.reference import LazyReference
 
     ref = LazyReference()
     half = _TinyLM()
@@ -439,7 +439,7 @@ def from_pretrained_calls(monkeypatch):
 
 
 def test_lazy_reference_loads_the_start_model_once_frozen_like_the_policy(from_pretrained_calls):
-    from rlx.regularizers.reference import LazyReference
+    from rlx.instruments.reference import LazyReference
 
     ref = LazyReference()
     model = ref._load(_fake_policy())
@@ -460,7 +460,7 @@ def test_lazy_reference_loads_the_start_model_once_frozen_like_the_policy(from_p
 
 
 def test_lazy_reference_without_peft_scores_the_loaded_start_model(from_pretrained_calls):
-    from rlx.regularizers.reference import LazyReference
+    from rlx.instruments.reference import LazyReference
 
     policy = _fake_policy(dtype=torch.float32)
     trainer = SimpleNamespace(model=_Wrapper(policy))  # no temperature attribute: 1.0

@@ -231,7 +231,7 @@ def test_alignment_logs_only_the_on_policy_step_of_each_rollout(register, tmp_pa
 
 def test_kl_coefficient_comes_from_the_spec(register):
     """KL-Cov takes the KL term out of w_t only when the spec says the loss has one."""
-    from rlx.regularizers.token_level import KLCov
+    from rlx.instruments.covariance import KLCov
 
     register(name="test_nokl", kl_coef=registry.no_kl_term)
     g = torch.Generator().manual_seed(0)

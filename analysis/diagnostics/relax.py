@@ -26,7 +26,7 @@ from rlx import dumps
 
 INSTRUMENT = dumps.RELAX_TRAJECTORIES.instrument
 DSD_METRICS = {"relax/dsd_mean": "all", "relax/dsd_pos_mean": "positive"}
-"""The instrument's logged DSD means (rlx/regularizers/relax.py) by subset: the fallback without the table."""
+"""The instrument's logged DSD means (rlx/instruments/relax.py) by subset: the fallback without the table."""
 
 
 def trajectories(run: Run) -> pd.DataFrame | None:

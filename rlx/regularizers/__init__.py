@@ -1,7 +1,7 @@
-"""Exploration regularizers behind the instrument seam: ReLaX (latent dynamics) and token-level methods.
+"""The math of the exploration regularizers, pure functions over tensors (no TRL, trainer or instrument import).
 
-Pure math (no TRL imports): `koopman` (dictionary, EDMD operator), `dsd` (Dynamic Spectral Dispersion),
-`loss` (advantage-shaped log-mean-exp and adaptive KL), `dictionary` (ResKoopNet-style fit), `covariance`
-(Cov(log pi, A) token selection of Cui et al.). Instruments: `relax` and `token_level` (entropy, clip_cov,
-kl_cov, and the always-on `entropy_cov` diagnostic for GRPO).
+`koopman` (dictionary, EDMD operator), `dsd` (Dynamic Spectral Dispersion), `loss` (advantage-shaped log-mean-exp
+and adaptive KL), `dictionary` (ResKoopNet-style fit): ReLaX; `covariance` (Cov(log pi, A) token selection of
+Cui et al.): Clip-Cov, KL-Cov. The instruments that use them are in `rlx/instruments/` (`relax`, `covariance`,
+`entropy`).
 """

@@ -42,6 +42,7 @@ from rlx.instruments.base import (
     register_instrument,
     unwrap_policy,
 )
+from rlx.instruments.reference import LazyReference
 from rlx.regularizers.dictionary import (
     dataset_loss,
     fit_dictionary,
@@ -51,7 +52,6 @@ from rlx.regularizers.dictionary import (
 from rlx.regularizers.dsd import SPECTRA, dispersion_from_features, dynamic_spectral_dispersion
 from rlx.regularizers.koopman import dictionary_features, koopman_operator
 from rlx.regularizers.loss import adaptive_kl, exploration_loss, kl_mask, positive_advantage
-from rlx.regularizers.reference import LazyReference
 
 SUMMARY_LEVELS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 """Quantile levels over a micro-batch's trajectories kept for each sorted singular value in the summary."""

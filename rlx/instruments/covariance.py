@@ -1,7 +1,8 @@
-"""Token-level exploration regularizers behind the seam, and the always-on Cov(log pi, A) diagnostic.
+"""The Cov(log pi, A) instruments of Cui et al. (arXiv 2505.22617): the Clip-Cov and KL-Cov regularizers and the
+`entropy_cov` diagnostic. The covariance and the token selections are pure functions in
+`rlx/regularizers/covariance.py`.
 
-- `entropy`:  loss -= coef * token-mean entropy of the completion tokens.
-- `clip_cov`: Clip-Cov (Cui et al., arXiv 2505.22617): the gradient through a random `clip_ratio` share of
+- `clip_cov`: Clip-Cov: the gradient through a random `clip_ratio` share of
   tokens with Cov_t in (lb, ub) is removed. With w_t = dL/dl_t from the seam, adding
   -(w_t.detach() * (l_t - l_t.detach())) for those tokens cancels exactly their gradient, for every TRL
   loss type and normaliser, and leaves the loss value unchanged.
@@ -23,7 +24,6 @@ from typing import Any
 
 import torch
 
-from rlx.algorithms.stats import masked_mean
 from rlx.errors import UserError
 from rlx.instruments.base import Instrument, LossContext, LossTerm, register_instrument
 from rlx.regularizers.covariance import clip_cov_selection, kl_cov_selection, token_covariance
@@ -31,21 +31,6 @@ from rlx.regularizers.covariance import clip_cov_selection, kl_cov_selection, to
 
 def _completion_advantages(ctx: LossContext) -> torch.Tensor:
     return ctx.extras["advantages"]
-
-
-@register_instrument("entropy")
-class EntropyBonus(Instrument):
-    """loss -= coef * mean entropy over completion tokens (per micro-batch; the seam applies GA scaling)."""
-
-    changes_loss = True
-
-    def on_loss(self, ctx: LossContext) -> LossTerm | None:
-        if ctx.entropy is None:
-            raise RuntimeError("the entropy regularizer needs per-token entropies; this trainer passes none")
-        ent = ctx.entropy[:, -ctx.completion_len :]
-        mask = ctx.completion_mask
-        mean_ent = masked_mean(ent, mask)
-        return LossTerm(-self.cfg.coef * mean_ent, {"entropy_bonus/entropy": float(mean_ent.detach())})
 
 
 class _CovRegularizer(Instrument):
