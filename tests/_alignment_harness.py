@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rlx.alignment.instrument import GradAlignment
+from rlx.instruments.grad_alignment import GradAlignment
 from rlx.config.schema import RunConfig
 from rlx.diagnostics import DiagnosticsWriter
 from rlx.instruments.base import LossContext

@@ -24,7 +24,7 @@ from analysis.__main__ import main as analysis_main
 from analysis.diagnostics.grad_alignment import table
 from analysis.loader import Run
 from rlx.alignment.exact import ExactSaver, load_params, replay, step_dirs
-from rlx.alignment.instrument import GradAlignment
+from rlx.instruments.grad_alignment import GradAlignment
 from rlx.config.schema import RunConfig
 from rlx.errors import UserError
 from rlx.run import RunContext

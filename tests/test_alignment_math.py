@@ -182,7 +182,7 @@ def _trl_like_w(bias_correction: bool, is_weights: bool = False):
 
 def test_kl_weights_with_trl_bias_correction():
     """TRL's default use_bias_correction_kl: K_t = rho_t k3_t, so dK/dl = rho (q + k3); the residual says which."""
-    from rlx.alignment.instrument import KL_FIT_TOLERANCE
+    from rlx.instruments.grad_alignment import KL_FIT_TOLERANCE
 
     w, mask, lp, ref, adv, beta, old, eps = _trl_like_w(bias_correction=True)
     kw = dict(old_logps=old, eps_low=eps, eps_high=eps, return_residual=True)
@@ -203,7 +203,7 @@ def test_kl_weights_with_trl_bias_correction():
 def test_unmodelled_kl_terms_names_trl_settings():
     from trl import GRPOConfig
 
-    from rlx.alignment.instrument import unmodelled_kl_terms
+    from rlx.instruments.grad_alignment import unmodelled_kl_terms
 
     base = dict(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to=[])
     assert unmodelled_kl_terms(GRPOConfig(**base)) == []

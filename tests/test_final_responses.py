@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from rlx.alignment.final_responses import main as final_main
-from rlx.alignment.instrument import GradAlignment
+from rlx.instruments.grad_alignment import GradAlignment
 from rlx.cli import main as rlx_main
 from rlx.config.schema import RunConfig
 from rlx.diagnostics import read_table

@@ -60,7 +60,7 @@ def snapshot(diag: Path) -> dict[str, tuple[int, int, int]]:
 def test_alignment_writes_touch_o1_bytes_per_step(tmp_path):
     """N logged steps through the instrument's write path: each step writes its own shard and sketch file and
     appends two manifest lines; earlier files are never touched, and the bytes a step writes do not grow with N."""
-    from rlx.alignment.instrument import TABLE, GradAlignment, _Step
+    from rlx.instruments.grad_alignment import TABLE, GradAlignment, _Step
 
     writer = DiagnosticsWriter(tmp_path)
     cfg = OmegaConf.structured(GradAlignmentConfig(enabled=True, sketch_dim=4096))

@@ -371,7 +371,7 @@ def _replay_instrument(run_cfg: Any, run_dir: Path):
     """The online instrument class, collecting rows instead of writing them; every replayed step is logged."""
     from omegaconf import OmegaConf
 
-    from rlx.alignment.instrument import GradAlignment
+    from rlx.instruments.grad_alignment import GradAlignment
     from rlx.run import RunContext
 
     class Replayed(GradAlignment):

@@ -4,11 +4,10 @@ Imported by the factory that builds instruments (`rlx.run.build_instruments`), n
 which every instrument imports.
 """
 
-import rlx.alignment.instrument  # noqa: F401
+import rlx.instruments.grad_alignment  # noqa: F401
 import rlx.instruments.activations  # noqa: F401
-import rlx.instruments.covariance  # noqa: F401
-import rlx.instruments.entropy  # noqa: F401
-import rlx.instruments.relax  # noqa: F401
+import rlx.regularizers.relax  # noqa: F401
+import rlx.regularizers.token_level  # noqa: F401
 from rlx.instruments.base import _REGISTRY, Instrument
 
 
