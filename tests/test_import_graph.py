@@ -174,3 +174,35 @@ def test_the_instrument_base_does_not_reach_the_catalog():
             todo.extend(graph[m])
     assert "rlx.instruments.catalog" not in seen
     assert "rlx.instruments.catalog" in graph["rlx.run"]
+
+
+PURE_MATH = ("rlx.algorithms", "rlx.regularizers")
+"""Packages of pure functions over tensors: they reach no trainer, instrument or TRL (docs/design.md)."""
+
+
+def test_the_math_packages_reach_no_trainer_instrument_or_trl():
+    graph = import_graph()
+    pure = [m for m in graph if m.split(".")[:2] in [p.split(".") for p in PURE_MATH]]
+    assert pure, "no module found under the pure-math packages"
+    for start in pure:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        bad = sorted(m for m in seen if m.startswith(("rlx.trainers", "rlx.instruments")))
+        assert not bad, (
+            f"{start} (pure math) imports {bad}: move the code that needs them to rlx/instruments/"
+        )
+        for m in seen:
+            path = ROOT / (m.replace(".", "/") + ".py")
+            if not path.exists():
+                path = ROOT / m.replace(".", "/") / "__init__.py"
+            deps = {
+                t.split(".")[0]
+                for t, _ in _imports(ast.parse(path.read_text()), m, path.name == "__init__.py")
+            }
+            assert not deps & {"trl", "transformers"}, (
+                f"{m}, reached from {start}, imports {deps & {'trl', 'transformers'}}"
+            )

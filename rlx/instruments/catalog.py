@@ -6,8 +6,9 @@ which every instrument imports.
 
 import rlx.instruments.grad_alignment  # noqa: F401
 import rlx.instruments.activations  # noqa: F401
-import rlx.regularizers.relax  # noqa: F401
-import rlx.regularizers.token_level  # noqa: F401
+import rlx.instruments.covariance  # noqa: F401
+import rlx.instruments.entropy  # noqa: F401
+import rlx.instruments.relax  # noqa: F401
 from rlx.instruments.base import _REGISTRY, Instrument
 
 
