@@ -106,6 +106,21 @@ register_trainer(
         config_defaults={"scale_rewards": "none", "loss_type": "dr_grpo"},
     )
 )
+register_trainer(
+    TrainerSpec(
+        name="reinforce_pp",
+        config_class="rlx.trainers.reinforce_pp:ReinforcePPConfig",
+        build="rlx.trainers.reinforce_pp:build_reinforce_pp_trainer",
+        tertile_level="token",
+        row_fast_path=False,  # token-level advantages: a row holds both signs
+        samples_completions=True,
+        temperature=sampling_temperature,
+        lm_head_fp32=cast_lm_head,
+        kl_coef=no_kl_term,  # the KL penalty is in the reward (A_t), not a loss term
+        steps_per_rollout=ppo_steps_per_rollout,  # num_iterations * steps_per_generation / GA, as PPO
+        default_instruments=("entropy_cov",),
+    )
+)
 
 
 def trainer_names() -> tuple[str, ...]:

@@ -6,9 +6,9 @@ unwrap, or vLLM), the reward-function calling convention (`_calculate_rewards`),
 passes, the fused LM head and the metric logging (`self._metrics` -> `log`).
 
 What PPO changes (each override calls `super()` and adds to it):
-- `_calculate_rewards`: keeps the raw per-function rewards, which GRPO turns into group advantages;
 - `_generate_and_score_completions`: after GRPO's rollout, replaces the group advantages with whitened GAE
-  advantages over the KL-shaped per-token reward, and stores old log-probs, critic values and returns;
+  advantages over the KL-shaped per-token reward, and stores old log-probs, critic values and returns (the
+  rollout's scores, old log-probs and KL are read by `kl_shaped_rollout`, which REINFORCE++ shares);
 - `_compute_loss`: clipped policy loss + `vf_coef` * clipped value loss (rlx/algorithms/ppo.py).
 
 The critic is a separate network (its own backbone and a scalar head) registered as a submodule of the policy,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +43,74 @@ from rlx.trainers.grpo import RLXGRPOTrainer
 from rlx.trainers.ppo_config import PPOConfig
 
 CRITIC_ATTR = "rlx_critic"
+
+
+def global_moments(
+    accelerator: Any, x: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean and unbiased variance of x over all ranks (the rollout is sharded across processes)."""
+    m = mask.to(x.dtype)
+    s = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
+    s = accelerator.reduce(s, reduction="sum")
+    n = s[2].clamp(min=1)
+    mean = s[0] / n
+    var = (s[1] - n * mean**2).clamp(min=0) / (n - 1).clamp(min=1)
+    return mean, var
+
+
+@dataclass
+class KLShapedRollout:
+    """This rank's share of one GRPO generation batch, as the trainers with a KL-shaped reward read it (PPO,
+    REINFORCE++). B completions, C completion positions, P prompt positions."""
+
+    input_ids: torch.Tensor
+    """(B, P + C) prompt and completion tokens."""
+    attention_mask: torch.Tensor
+    """(B, P + C)."""
+    mask: torch.Tensor
+    """(B, C) float: completion tokens that count (tool tokens left out)."""
+    scores: torch.Tensor
+    """(B,) task score: weighted sum of the reward functions, as GRPO's `reward` metric (unscorable -> 0)."""
+    old_logps: torch.Tensor
+    """(B, C) log pi_old of the sampled tokens (the rollout policy)."""
+    kl: torch.Tensor
+    """(B, C) per-token KL_t(pi_old || pi_ref) with the configured estimator, masked; 0 without a reference."""
+
+
+def kl_shaped_rollout(trainer: Any, out: dict[str, Any], kl_estimator: str) -> KLShapedRollout:
+    """Read `out` (what `RLXGRPOTrainer._generate_and_score_completions` returned) into a `KLShapedRollout`:
+    computes log pi_old when GRPO skipped it (a rollout used once) and the KL against GRPO's reference log-probs."""
+    prompt_ids, completion_ids = out["prompt_ids"], out["completion_ids"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    c = completion_ids.size(1)
+    mask = out["completion_mask"].float()
+    if "tool_mask" in out:
+        mask = mask * out["tool_mask"]
+    b = completion_ids.size(0)
+
+    rpf = trainer._rlx_rewards_per_func  # (N_all_ranks, n_funcs), gathered by GRPO
+    w = trainer.reward_weights.to(rpf.device)
+    scores_all = torch.nan_to_num((rpf * w.unsqueeze(0)).nansum(dim=1), nan=0.0)
+    i0 = trainer.accelerator.process_index * b
+    scores = scores_all[i0 : i0 + b].to(mask.device)
+
+    with torch.no_grad():
+        old_logps = out.get("old_per_token_logps")
+        if old_logps is None:  # GRPO skips it when the rollout is used once; the KL needs it
+            old_logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model,
+                input_ids,
+                attention_mask,
+                c,
+                batch_size=trainer.args.per_device_train_batch_size,
+            )
+        ref_logps = out.get("ref_per_token_logps")
+        if ref_logps is not None:
+            kl = kl_estimate(old_logps, ref_logps, kl_estimator) * mask
+        else:
+            kl = torch.zeros_like(mask)
+    return KLShapedRollout(input_ids, attention_mask, mask, scores, old_logps, kl)
 
 
 class ValueModel(nn.Module):
@@ -134,59 +203,25 @@ class RLXPPOTrainer(RLXGRPOTrainer):
         return v[:, -c - 1 : -1].float()
 
     def _global_moments(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked mean and unbiased variance of x over all ranks (the rollout is sharded across processes)."""
-        m = mask.to(x.dtype)
-        s = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
-        s = self.accelerator.reduce(s, reduction="sum")
-        n = s[2].clamp(min=1)
-        mean = s[0] / n
-        var = (s[1] - n * mean**2).clamp(min=0) / (n - 1).clamp(min=1)
-        return mean, var
+        return global_moments(self.accelerator, x, mask)
 
     def _log(self, mode: str, name: str, value: torch.Tensor | float) -> None:
         self._metrics[mode][name].append(float(value))
 
     # ---- rollout ---------------------------------------------------------------------------------------
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._ppo_rewards_per_func = rewards_per_func  # (N_all_ranks, n_funcs), gathered by GRPO
-        return rewards_per_func
-
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         args: PPOConfig = self.args
-        prompt_ids, completion_ids = out["prompt_ids"], out["completion_ids"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
-        c = completion_ids.size(1)
-        mask = out["completion_mask"].float()
-        if "tool_mask" in out:
-            mask = mask * out["tool_mask"]
-        b = completion_ids.size(0)
-
-        # Task score of each local completion: weighted sum of the reward functions, as GRPO's `reward` metric.
-        rpf = self._ppo_rewards_per_func
-        w = self.reward_weights.to(rpf.device)
-        scores_all = torch.nan_to_num((rpf * w.unsqueeze(0)).nansum(dim=1), nan=0.0)
-        i0 = self.accelerator.process_index * b
-        scores = scores_all[i0 : i0 + b].to(mask.device)
+        rollout = kl_shaped_rollout(self, out, args.kl_estimator)
+        mask, kl, old_logps = rollout.mask, rollout.kl, rollout.old_logps
+        b, c = mask.shape
 
         with torch.no_grad():
-            old_logps = out.get("old_per_token_logps")
-            if old_logps is None:  # GRPO skips it when the rollout is used once; PPO always needs it
-                old_logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, input_ids, attention_mask, c, batch_size=args.per_device_train_batch_size
-                )
-            values = self._values(self.model, input_ids, attention_mask, c) * mask
-            ref_logps = out.get("ref_per_token_logps")
-            if ref_logps is not None:
-                kl = kl_estimate(old_logps, ref_logps, args.kl_estimator) * mask
-            else:
-                kl = torch.zeros_like(mask)
+            values = self._values(self.model, rollout.input_ids, rollout.attention_mask, c) * mask
             beta = self.kl_ctl.value
-            rewards = token_level_rewards(scores, kl, mask, beta)
+            rewards = token_level_rewards(rollout.scores, kl, mask, beta)
             advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
 
             adv_mean, adv_var = self._global_moments(advantages, mask)
