@@ -64,7 +64,7 @@ def _passk(run, out) -> int:
     from pathlib import Path
 
     from analysis import plots
-    from analysis.diagnostics.passk import crossing, passk_curves, replay_curves, replay_gain
+    from analysis.measures.passk import crossing, passk_curves, replay_curves, replay_gain
     from rlx.errors import UserError
 
     curves = passk_curves(run)

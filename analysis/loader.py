@@ -6,7 +6,7 @@ A run directory (written by `rlx.train`) holds:
     metrics.jsonl             one JSON object per logging step: {"step": ..., <TRL metric names>: ...}
     eval_before_after.json    greedy accuracy before/after training (optional)
     eval.json                 rlx.evaluate output (optional)
-    diagnostics/manifest.jsonl every file an instrument wrote, with its schema version (rlx/diagnostics;
+    diagnostics/manifest.jsonl every file an instrument wrote, with its schema version (rlx/storage.py;
                               runs before manifest version 2 have diagnostics/manifest.json, read as well)
 
 `Run(path)` reads all of it and checks it: a missing, truncated or newer-schema file raises
@@ -36,14 +36,14 @@ import numpy as np
 import pandas as pd
 
 from rlx import dumps
-from rlx.diagnostics.manifest import (
+from rlx.errors import UserError
+from rlx.storage import (
     LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
     MANIFEST_VERSION,
     read_manifest,
     read_manifest_lines,
 )
-from rlx.errors import UserError
 
 SUPPORTED_SCHEMA: dict[str, int] = {}
 """Newest schema version of each instrument's files this package reads (from `rlx.dumps`; a file of a declared

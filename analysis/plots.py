@@ -277,7 +277,7 @@ def logp_advantage_covariance(df: pd.DataFrame) -> Figure:
 def activation_shift(df: pd.DataFrame, title: str = "Base -> RL logit-lens shift by base entropy") -> Figure:
     """Heatmap of mean KL(p_base || p_rl): rows = layer ("all" = pooled), columns = base-entropy bucket
     (low -> high)."""
-    from analysis.diagnostics.activation_shift import shift_matrix
+    from analysis.measures.activation_shift import shift_matrix
 
     mat = shift_matrix(df)
     fig, ax = _fig(6.4, 1.2 + 0.35 * max(3, len(mat)))
@@ -372,10 +372,10 @@ def passk_curves(
 ) -> Figure:
     """pass@k against k (log scale) for the first and last evaluated step of each run, crossing marked.
 
-    `replay` (`analysis.diagnostics.passk.replay_curves`, with a `run` column for several runs): the same
+    `replay` (`analysis.measures.passk.replay_curves`, with a `run` column for several runs): the same
     steps evaluated with Activation Replay (eval.replay), dotted, in the colour of the plain curve.
     """
-    from analysis.diagnostics.passk import crossing
+    from analysis.measures.passk import crossing
 
     fig, ax = _fig()
     for run, g in _runs(curves):

@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from analysis import plots
-from analysis.diagnostics import (
+from analysis.loader import Run, RunSet, load_runs
+from analysis.measures import (
     activation_shift,
     correctness,
     entropy,
@@ -31,7 +32,6 @@ from analysis.diagnostics import (
     rollouts,
     training,
 )
-from analysis.loader import Run, RunSet, load_runs
 
 MAX_TABLE_ROWS = 30
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from rlx import dumps
 from rlx.config.schema import RunConfig
-from rlx.diagnostics import DiagnosticsWriter
+from rlx.storage import DiagnosticsWriter
 
 
 def make_run(

@@ -48,7 +48,7 @@ class WriteLog:
         self.records: list[dict[str, Any]] = []
 
     def install(self):
-        from rlx.diagnostics import manifest as m
+        from rlx import storage as m
 
         original = m.DiagnosticsWriter.register
         log = self
@@ -127,7 +127,7 @@ def measure(steps: int, every: int, activations_every: int, workdir: str, extra:
         )
         run_dir = run_training(cfg)
     finally:
-        from rlx.diagnostics import manifest as m
+        from rlx import storage as m
 
         m.DiagnosticsWriter.register = original
     diag = run_dir / "diagnostics"

@@ -13,10 +13,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from rlx import checkpoint as ckpt
-from rlx.diagnostics import DiagnosticsWriter
 from rlx.errors import UserError
 from rlx.instruments.base import Instrument, InstrumentSet
 from rlx.instruments.catalog import registered_instruments
+from rlx.storage import DiagnosticsWriter
 from rlx.trainers.catalog import trainer_names, trainer_spec
 
 

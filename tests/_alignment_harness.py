@@ -21,11 +21,11 @@ import torch
 from omegaconf import OmegaConf
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rlx.instruments.grad_alignment import GradAlignment
 from rlx.config.schema import RunConfig
-from rlx.diagnostics import DiagnosticsWriter
 from rlx.instruments.base import LossContext
+from rlx.instruments.grad_alignment import GradAlignment
 from rlx.run import RunContext
+from rlx.storage import DiagnosticsWriter
 
 V, PAIRS, SEQ = 24, 8, 10
 

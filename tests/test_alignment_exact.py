@@ -21,12 +21,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from analysis.__main__ import main as analysis_main
-from analysis.diagnostics.grad_alignment import table
 from analysis.loader import Run
+from analysis.measures.grad_alignment import table
 from rlx.alignment.exact import ExactSaver, load_params, replay, step_dirs
-from rlx.instruments.grad_alignment import GradAlignment
 from rlx.config.schema import RunConfig
 from rlx.errors import UserError
+from rlx.instruments.grad_alignment import GradAlignment
 from rlx.run import RunContext
 
 TINY = ["eval.before_after=false", "diagnostics.grad_alignment.target_size=16"]
@@ -182,7 +182,7 @@ def test_final_exact_is_measured_against_this_runs_own_final_responses(grpo_run,
     summary = json.loads((grpo_run / "diagnostics/grad_alignment_final_exact_summary.json").read_text())
     assert summary["target"] == "final_exact" and summary["n_logged"] == 3 and summary["steps"] == [1, 2, 3]
     assert summary["regime"] in ("supervised-like", "RL-like") and "cv" in summary
-    from analysis.diagnostics.grad_alignment import classify
+    from analysis.measures.grad_alignment import classify
 
     assert "final_exact" in set(classify(Run(grpo_run)).target)
 

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _alignment_harness as harness  # noqa: E402
 
-from rlx.diagnostics import read_manifest, read_table  # noqa: E402
+from rlx.storage import read_manifest, read_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

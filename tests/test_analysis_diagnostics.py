@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.diagnostics import activation_shift, correctness, entropy, grad_alignment, relax
-from analysis.diagnostics._util import auroc
 from analysis.loader import Run
+from analysis.measures import activation_shift, correctness, entropy, grad_alignment, relax
+from analysis.measures._util import auroc
 from analysis.synthetic import make_run
-from rlx.diagnostics import DiagnosticsWriter
+from rlx.storage import DiagnosticsWriter
 
 
 @pytest.fixture(scope="module")

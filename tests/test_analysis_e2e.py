@@ -174,8 +174,8 @@ def test_summary_cli_and_user_error_exit_code(real_runs, capsys, tmp_path):
 
 
 def test_grad_alignment_table_agrees_with_instrument_summary(real_runs):
-    from analysis.diagnostics import grad_alignment
     from analysis.loader import Run
+    from analysis.measures import grad_alignment
 
     for key in ("grpo", "dpo"):
         if key not in real_runs:
@@ -193,8 +193,8 @@ def test_grad_alignment_table_agrees_with_instrument_summary(real_runs):
 
 
 def test_activations_instrument_values(real_runs):
-    from analysis.diagnostics.correctness import activation_steps
     from analysis.loader import Run
+    from analysis.measures.correctness import activation_steps
 
     r = Run(real_runs["grpo"])
     files = r.find(instrument="activations")
@@ -222,8 +222,8 @@ def test_activations_instrument_values(real_runs):
 def test_relax_run_tables(real_runs):
     if "relax" not in real_runs:
         pytest.skip("grpo_relax_tiny recipe missing")
-    from analysis.diagnostics import relax
     from analysis.loader import Run
+    from analysis.measures import relax
 
     r = Run(real_runs["relax"])
     traj = relax.trajectories(r)
@@ -279,8 +279,8 @@ def test_notebook_executes(notebook, run_key, real_runs, tmp_path, monkeypatch):
     assert "did not record" not in text
     assert len(images) >= {"gradient_alignment": 4, "relax_dynamics": 3, "activation_replay": 2}[notebook]
     if notebook == "activation_replay":
-        from analysis.diagnostics.activation_shift import activation_shift
         from analysis.loader import Run
+        from analysis.measures.activation_shift import activation_shift
 
         table = activation_shift(Run(run_dir))
         assert len(table) and (table["kl_mean"] >= 0).all() and set(table["layer"]) >= {0, 1, 2, 3}

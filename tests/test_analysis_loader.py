@@ -12,8 +12,8 @@ import torch
 
 from analysis.loader import Run, RunLoadError, RunLoadWarning, load_runs
 from analysis.synthetic import make_run
-from rlx.diagnostics import DiagnosticsWriter
 from rlx.errors import UserError
+from rlx.storage import DiagnosticsWriter
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_loads_config_metrics_eval_and_manifest(runs):
 
 
 def test_eval_files_and_overview_columns(runs, tmp_path):
-    from analysis.diagnostics.training import eval_summary
+    from analysis.measures.training import eval_summary
 
     run = _copy(runs["dpo"], tmp_path / "run")
     (run / "eval.json").write_text(json.dumps({"greedy_accuracy": 0.5, "pass@4": 0.7, "num_samples": 16}))
@@ -73,7 +73,7 @@ def test_per_rank_files_are_merged(runs):
     files = r.find(instrument="activations")
     assert {f.rank for f in files} == {0, 1}
     assert all(".rank" in f.entry["path"] for f in files) and len({f.key for f in files}) == 3
-    from analysis.diagnostics.correctness import activation_steps
+    from analysis.measures.correctness import activation_steps
 
     steps = activation_steps(r)
     assert [s for s, _ in steps] == [0, 3, 6]
@@ -186,7 +186,7 @@ def test_a_step_logged_twice_is_rejected(runs, tmp_path):
 
 def test_replay_only_directory_opens(tmp_path):
     """`python -m rlx.replay.analysis ... out=DIR` writes config.yaml, an empty metrics.jsonl and the table."""
-    from analysis.diagnostics.activation_shift import activation_shift
+    from analysis.measures.activation_shift import activation_shift
     from analysis.report import write_report
 
     (tmp_path / "config.yaml").write_text("recipe: ''\n")

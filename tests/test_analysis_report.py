@@ -90,8 +90,8 @@ def test_every_plot_returns_a_labelled_figure(synth_runs):
     from matplotlib.figure import Figure
 
     from analysis import plots
-    from analysis.diagnostics import activation_shift, correctness, entropy, grad_alignment, relax
     from analysis.loader import load_runs
+    from analysis.measures import activation_shift, correctness, entropy, grad_alignment, relax
 
     g, rx, d = (Run(p) for p in synth_runs)
     long = load_runs(synth_runs).metrics(["reward", "loss"])
@@ -125,7 +125,7 @@ def test_every_plot_returns_a_labelled_figure(synth_runs):
 
 
 def test_dictionary_fit_curve_and_table_in_report(synth_runs, tmp_path):
-    from analysis.diagnostics import relax
+    from analysis.measures import relax
 
     rx = Run(synth_runs[1])
     curve = relax.dictionary_fit(rx)

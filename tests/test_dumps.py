@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from analysis.diagnostics import activation_shift, entropy, grad_alignment, passk, relax, rollouts
 from analysis.loader import SUPPORTED_SCHEMA, Run, RunLoadError
+from analysis.measures import activation_shift, entropy, grad_alignment, passk, relax, rollouts
 from analysis.synthetic import make_run
 from rlx import dumps
-from rlx.diagnostics import DiagnosticsWriter, read_manifest
+from rlx.storage import DiagnosticsWriter, read_manifest
 
 
 def _alignment_rows(step: int, target: str = "heldout_chosen") -> list[dict]:

@@ -63,7 +63,7 @@ def test_pass_at_k_table_against_hand_counts():
 
 
 def test_crossing_of_base_and_policy_curves():
-    from analysis.diagnostics.passk import crossing
+    from analysis.measures.passk import crossing
 
     rows = []
     for k, base, policy in [(1, 0.2, 0.5), (2, 0.4, 0.6), (4, 0.7, 0.65), (8, 0.9, 0.7)]:
@@ -94,8 +94,8 @@ def test_grpo_eval_every_logs_saves_and_leaves_training_alone(run_recipe):
         assert rows[step]["eval/greedy_accuracy"] == pytest.approx(greedy.correct.mean())
     # the analysis side: pass@k for every k, against math.comb on the saved samples; the passk command
     from analysis.__main__ import main as analysis_main
-    from analysis.diagnostics.passk import passk_curves
     from analysis.loader import Run
+    from analysis.measures.passk import passk_curves
 
     curves = passk_curves(Run(with_eval))
     assert sorted(curves["step"].unique()) == evaluated and sorted(curves["k"].unique()) == [1, 2, 3, 4]
@@ -350,8 +350,8 @@ def test_eval_replay_rows_metrics_cost_and_the_offline_replay_path(run_recipe, t
 
     # the analysis side: plain curves from the plain rows only, replay curves beside them, the passk command
     from analysis.__main__ import main as analysis_main
-    from analysis.diagnostics.passk import eval_over_steps, passk_curves, replay_curves, replay_gain
     from analysis.loader import Run
+    from analysis.measures.passk import eval_over_steps, passk_curves, replay_curves, replay_gain
 
     loaded = Run(run)
     plain_curves, replayed = passk_curves(loaded), replay_curves(loaded)
@@ -417,10 +417,10 @@ def test_cost_metrics_and_replay_stats_over_ranks():
 
 def test_passk_readers_take_schema_1_files_as_plain(tmp_path):
     """Runs written before the `replay` column: every row is the plain evaluation, no replay curves."""
-    from analysis.diagnostics.passk import eval_samples, passk_curves, replay_curves, replay_modes
     from analysis.loader import Run
+    from analysis.measures.passk import eval_samples, passk_curves, replay_curves, replay_modes
     from analysis.synthetic import make_run
-    from rlx.diagnostics import DiagnosticsWriter
+    from rlx.storage import DiagnosticsWriter
 
     run = make_run(tmp_path / "run", steps=2)
     w = DiagnosticsWriter(run, rank=0, world_size=1)

@@ -17,12 +17,12 @@ import yaml
 from omegaconf import OmegaConf
 
 from rlx.alignment.final_responses import main as final_main
-from rlx.instruments.grad_alignment import GradAlignment
 from rlx.cli import main as rlx_main
 from rlx.config.schema import RunConfig
-from rlx.diagnostics import read_table
 from rlx.errors import UserError
+from rlx.instruments.grad_alignment import GradAlignment
 from rlx.run import RunContext
+from rlx.storage import read_table
 
 N = 12
 

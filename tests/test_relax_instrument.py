@@ -12,13 +12,13 @@ from omegaconf import OmegaConf
 
 from rlx.algorithms.stats import kl_k3
 from rlx.config.schema import RelaxConfig
-from rlx.diagnostics.manifest import DiagnosticsWriter, read_manifest
 from rlx.errors import UserError  # noqa: F401
 from rlx.instruments.base import InstrumentSet, LossContext
 from rlx.instruments.catalog import registered_instruments
 from rlx.regularizers.dsd import dynamic_spectral_dispersion
 from rlx.regularizers.koopman import dictionary_features, koopman_operator
 from rlx.run import RunContext
+from rlx.storage import DiagnosticsWriter, read_manifest
 
 B, S, C, D = 8, 14, 10, 16
 

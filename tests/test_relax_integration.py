@@ -32,8 +32,8 @@ def test_grpo_relax_tiny_logs_and_dumps(run_recipe):
     assert rows[0]["relax/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the 1st update
     assert rows[-1]["relax/kl"] > 0
 
-    from analysis.diagnostics import relax as relax_tables
     from analysis.loader import Run
+    from analysis.measures import relax as relax_tables
 
     run = Run(run_dir)
     dsd = relax_tables.dsd_over_steps(run)

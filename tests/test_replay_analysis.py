@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from rlx.diagnostics import read_manifest
 from rlx.embedded import build_tokenizer
 from rlx.replay.analysis import KLAnalysisConfig, format_table, main, run_analysis
 from rlx.replay.tiny import tiny_pair
+from rlx.storage import read_manifest
 
 
 def _pair_and_tokenizer():
@@ -52,8 +52,8 @@ def test_kl_table_matches_reference_and_is_registered(tmp_path):
 
 
 def test_analysis_package_reads_the_table(tmp_path):
-    from analysis.diagnostics.activation_shift import activation_shift
     from analysis.loader import Run
+    from analysis.measures.activation_shift import activation_shift
 
     base, rl, tok = _pair_and_tokenizer()
     prompts = tmp_path / "p.txt"

@@ -96,7 +96,7 @@ def assert_same_diagnostics(a: Path, b: Path) -> None:
     """Every instrument file (alignment tables and sketches, ReLaX shards and fits, ...) the same in both runs."""
     import pandas as pd
 
-    from rlx.diagnostics import read_manifest
+    from rlx.storage import read_manifest
 
     files_a = {f["path"] for f in read_manifest(a)["files"]}
     assert files_a and files_a == {f["path"] for f in read_manifest(b)["files"]}
@@ -205,7 +205,7 @@ def test_three_kills_each_step_once(tmp_path, tiny_model_dir):
 
     assert [s for s, _ in complete_checkpoints(run)] == [6, 8]  # save_total_limit=2, rotated after completion
 
-    from rlx.diagnostics import read_manifest, read_table
+    from rlx.storage import read_manifest, read_table
 
     manifest = read_manifest(run)
     listed = {f["path"] for f in manifest["files"]}

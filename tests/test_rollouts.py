@@ -143,7 +143,7 @@ def test_dpo_preference_pairs_are_dumped_with_their_verification(run_recipe):
 
 
 def test_best_and_worst_groups_per_round():
-    from analysis.diagnostics.rollouts import best_worst_groups
+    from analysis.measures.rollouts import best_worst_groups
 
     df = pd.DataFrame(
         {

@@ -15,14 +15,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analysis.diagnostics import grad_alignment as ga_tables
-from analysis.diagnostics import relax as relax_tables
 from analysis.loader import Run, RunLoadError, RunLoadWarning
+from analysis.measures import grad_alignment as ga_tables
+from analysis.measures import relax as relax_tables
 from analysis.synthetic import make_run
 from rlx.config.schema import GradAlignmentConfig, RunConfig
-from rlx.diagnostics import DiagnosticsWriter, read_manifest, read_table
 from rlx.instruments.catalog import registered_instruments
 from rlx.run import RunContext
+from rlx.storage import DiagnosticsWriter, read_manifest, read_table
 from tests.test_relax_instrument import B, fake_trainer, make, make_ctx
 
 COMPONENTS = ["total", "pos", "neg", "kl", "top", "mid", "bot", "other", "layer:embed", "layer:0-1"]

@@ -20,9 +20,9 @@ import _alignment_harness as harness  # noqa: E402
 
 from rlx.config.loader import load_config  # noqa: E402
 from rlx.config.schema import RunConfig  # noqa: E402
-from rlx.diagnostics import read_table  # noqa: E402
 from rlx.errors import UserError  # noqa: E402
 from rlx.instruments.base import LossContext  # noqa: E402
+from rlx.storage import read_table  # noqa: E402
 from rlx.trainers import registry  # noqa: E402
 from rlx.trainers.catalog import spec_of, trainer_names, trainer_spec  # noqa: E402
 from rlx.trainers.registry import TrainerSpec, register_trainer  # noqa: E402

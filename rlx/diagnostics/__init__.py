@@ -1,6 +1,7 @@
-"""What instruments write under `<output_dir>/diagnostics/` and how (see `manifest.py`)."""
+"""The old name of `rlx.storage` (the writer of `<run_dir>/diagnostics/` and its manifest), kept only until the last
+imports of it move to `rlx.storage`: "diagnostics" names the config section and the run's folder, not a package."""
 
-from rlx.diagnostics.manifest import (
+from rlx.storage import (
     LEGACY_MANIFEST_NAME,
     MANIFEST_NAME,
     MANIFEST_VERSION,

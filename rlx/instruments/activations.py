@@ -17,7 +17,7 @@ prompt+completion with the current policy and stores, per completion,
 
 in `diagnostics/activations/step_{step:06d}.safetensors` (per rank under multi-process training; each
 rank takes probe prompts rank::world_size). Schema version 1. These feed the correctness-direction and
-entropy-dynamics analyses (analysis/diagnostics/). Sampling runs under a forked RNG seeded by
+entropy-dynamics analyses (analysis/measures/). Sampling runs under a forked RNG seeded by
 (seed, step), so it neither perturbs training nor varies between identical runs.
 """
 

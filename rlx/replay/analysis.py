@@ -15,7 +15,7 @@ what learnable replay selects; `quantile` uses per-layer quantiles; `absolute` u
 
 Writes, through `DiagnosticsWriter` (registered in `<dir>/diagnostics/manifest.jsonl`):
 `replay_kl_buckets.parquet` (`rlx.dumps.REPLAY_KL_BUCKETS`, instrument `activation_replay`, read by
-analysis.diagnostics.activation_shift) and `replay_kl_positions.parquet` (`rlx.dumps.REPLAY_KL_POSITIONS`, one
+analysis.measures.activation_shift) and `replay_kl_positions.parquet` (`rlx.dumps.REPLAY_KL_POSITIONS`, one
 row per position and layer). Both are standalone dumps: `analysis.loader.Run` opens an `out=DIR` that holds
 only them. Schema: docs/activation_replay.md.
 """
@@ -278,8 +278,8 @@ def run_analysis(cfg: KLAnalysisConfig, loaded: tuple[Any, Any, Any] | None = No
     """
     import pandas as pd
 
-    from rlx.diagnostics import DiagnosticsWriter
     from rlx.generation import left_pad, prompt_token_ids
+    from rlx.storage import DiagnosticsWriter
 
     if loaded is None:
         from rlx.models import load_causal_lm, load_tokenizer_for

@@ -157,7 +157,7 @@ def _check_two_ranks(run_dir: Path) -> None:
 
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["global_step"] == 3
-    from rlx.diagnostics import read_manifest
+    from rlx.storage import read_manifest
 
     entries = read_manifest(run_dir)["files"]
     assert {e["rank"] for e in entries} == {0, 1}, "both ranks must have registered their files"

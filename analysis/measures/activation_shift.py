@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.diagnostics._util import empty
 from analysis.loader import Run
+from analysis.measures._util import empty
 from rlx import dumps
 
 COLUMNS = ["layer", "bucket", "bucket_label", "entropy_lo", "entropy_hi", "kl_mean", "n_positions"]

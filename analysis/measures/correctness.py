@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.diagnostics._util import auroc, empty
 from analysis.loader import Run
+from analysis.measures._util import auroc, empty
 from rlx import dumps
 
 COLUMNS = [

@@ -1,4 +1,4 @@
-"""The diagnostics directory and its manifest.
+"""How dumps are stored: the run's diagnostics directory and its manifest (the declarations are in `rlx.dumps`).
 
 Every instrument writes under `<run_dir>/diagnostics/` through a `DiagnosticsWriter` and registers
 each file in `diagnostics/manifest.jsonl` (manifest version 2), an append-only log of entries:

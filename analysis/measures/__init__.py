@@ -1,4 +1,4 @@
-"""Diagnostics: each a function from a loaded `Run` to a tidy pandas table.
+"""Measures: each a function from a loaded `Run` to a tidy pandas table.
 
 | module | tables | needs |
 |---|---|---|
@@ -14,7 +14,7 @@
 Every function returns an empty table (with its columns) when the run did not record what it needs.
 """
 
-from analysis.diagnostics import (
+from analysis.measures import (
     activation_shift,
     correctness,
     entropy,

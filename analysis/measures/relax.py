@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.diagnostics._util import empty
 from analysis.loader import Run
+from analysis.measures._util import empty
 from rlx import dumps
 
 INSTRUMENT = dumps.RELAX_TRAJECTORIES.instrument

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.diagnostics._util import empty
-from analysis.diagnostics.correctness import activation_steps
 from analysis.loader import Run
+from analysis.measures._util import empty
+from analysis.measures.correctness import activation_steps
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 COLUMNS = [
