@@ -37,7 +37,7 @@ from rlx.algorithms.ppo import (
 )
 from rlx.algorithms.stats import kl_estimate, masked_mean, masked_whiten
 from rlx.errors import UserError
-from rlx.instruments.base import backbone_of, unwrap_policy
+from rlx.instruments.base import backbone_of, log_metrics, unwrap_policy
 from rlx.trainers.common import bind
 from rlx.trainers.grpo import RLXGRPOTrainer
 from rlx.trainers.ppo_config import PPOConfig
@@ -205,9 +205,6 @@ class RLXPPOTrainer(RLXGRPOTrainer):
     def _global_moments(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return global_moments(self.accelerator, x, mask)
 
-    def _log(self, mode: str, name: str, value: torch.Tensor | float) -> None:
-        self._metrics[mode][name].append(float(value))
-
     # ---- rollout ---------------------------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
@@ -236,15 +233,18 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             seq_kl = self.accelerator.gather(kl.sum(1)).mean()
             n_global = b * self.accelerator.num_processes
 
-        self._log(mode, "kl", seq_kl)
-        self._log(mode, "kl_coef", beta)
-        self._log(mode, "advantages/mean_raw", adv_mean)
-        self._log(mode, "advantages/std_raw", adv_var.sqrt())
-        self._log(mode, "returns/mean", ret_mean)
-        self._log(mode, "values/mean", val_mean)
         # of the rollout-time critic, from the variances over all ranks
         ev = explained_variance(values, returns, mask, variances=(res_var, ret_var))
-        self._log(mode, "value/explained_variance", ev)
+        metrics = {
+            "kl": seq_kl,
+            "kl_coef": beta,
+            "advantages/mean_raw": adv_mean,
+            "advantages/std_raw": adv_var.sqrt(),
+            "returns/mean": ret_mean,
+            "values/mean": val_mean,
+            "value/explained_variance": ev,
+        }
+        log_metrics(self, metrics, reduce="none", mode=mode)  # moments over every rank's tokens already
         if mode == "train":
             self.kl_ctl.update(seq_kl.item(), n_global)
 
@@ -319,14 +319,12 @@ class RLXPPOTrainer(RLXGRPOTrainer):
                 "approx_kl": approx_kl,
                 "ratio/mean": pg.ratio.detach(),
             }
-            for name, x in stats.items():
-                mean, _ = self._global_moments(x.float(), mask)
-                self._log(mode, name, mean)
+            metrics = {name: self._global_moments(x.float(), mask)[0] for name, x in stats.items()}
             totals = self.accelerator.reduce(
                 torch.stack([pg_loss.detach(), vf_loss.detach()]), reduction="mean"
             )
-            self._log(mode, "loss/policy", totals[0])
-            self._log(mode, "loss/value", totals[1])
+            metrics["loss/policy"], metrics["loss/value"] = totals[0], totals[1]
+            log_metrics(self, metrics, reduce="none", mode=mode)  # token means over every rank already
 
         return loss
 
@@ -380,8 +378,8 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             n_pi = torch.nn.utils.clip_grad_norm_(policy, max_norm)
             n_v = torch.nn.utils.clip_grad_norm_(critic, max_norm)
             total = torch.sqrt(n_pi.float() ** 2 + n_v.float() ** 2)
-        self._log("train", "grad_norm/policy", n_pi)
-        self._log("train", "grad_norm/value", n_v)
+        # the gradients are all-reduced here, so the norms are global
+        log_metrics(self, {"grad_norm/policy": n_pi, "grad_norm/value": n_v}, reduce="none", mode="train")
         return total
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

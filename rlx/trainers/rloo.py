@@ -34,6 +34,7 @@ import torch
 
 from rlx.algorithms.advantages import advantage_estimator
 from rlx.errors import UserError
+from rlx.instruments.base import log_metrics
 from rlx.trainers.grpo import RLXGRPOTrainer, build_grpo_trainer
 
 
@@ -79,7 +80,8 @@ class RLXRLOOTrainer(RLXGRPOTrainer):
         for _ in range(min(len(logged), advantages.numel())):
             logged.pop()
         logged.extend(advantages.tolist())
-        self._metrics[mode]["rloo/advantage_abs_mean"].append(advantages.abs().mean().item())
+        # the advantages of every rank's completions: already global
+        log_metrics(self, {"rloo/advantage_abs_mean": advantages.abs().mean()}, reduce="none", mode=mode)
         return out
 
 
