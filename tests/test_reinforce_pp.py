@@ -168,7 +168,7 @@ def test_reinforce_pp_tiny_with_alignment_relax_rollouts_and_eval(run_recipe):
     advantages (no KL component: the KL is in the reward)."""
     from analysis.loader import Run
     from rlx import dumps
-    from rlx.diagnostics import read_table
+    from rlx.storage import read_table
 
     run_dir = run_recipe(
         "reinforce_pp_tiny",
