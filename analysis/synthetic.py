@@ -74,7 +74,7 @@ def make_run(
 
 
 def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:
-    """The layout of rlx/alignment/instrument.py: one table shard and one sketch file per logged step."""
+    """The layout of rlx/instruments/grad_alignment/: one table shard and one sketch file per logged step."""
     for s in range(1, steps + 1):
         rows = []
         if algo == "dpo":

@@ -1,10 +1,11 @@
 """A minimal HF-ordered training loop around the grad_alignment instrument (no TRL), for identity and DDP tests.
 
-Event order follows transformers' Trainer: on_step_begin -> micro-batches (on_loss, backward) -> _clip_grad_norm ->
-on_pre_optimizer_step -> optimizer.step -> zero_grad -> global_step += 1 -> on_step_end. The loss is a sigmoid
-DPO on pairs (rows [chosen; rejected]) of a tiny random Qwen2, a GRPO-like loss with a k3 KL term, or a PPO
-clipped loss with token-level advantages whose rollouts last `rollout_steps` optimizer steps (old log-probs
-equal the policy's on the first step of each rollout, and differ from them on the others).
+Event order follows transformers' Trainer and rlx's seam: on_step_begin -> micro-batches (on_loss, backward) ->
+on_before_clip -> _clip_grad_norm -> on_pre_optimizer_step -> optimizer.step -> zero_grad -> global_step += 1 ->
+on_step_end. The loss is a sigmoid DPO on pairs (rows [chosen; rejected]) of a tiny random Qwen2, a GRPO-like
+loss with a k3 KL term, or a PPO clipped loss with token-level advantages whose rollouts last `rollout_steps`
+optimizer steps (old log-probs equal the policy's on the first step of each rollout, and differ from them on the
+others).
 Run as a script under torchrun to get the 2-process DDP numbers: `python _alignment_harness.py OUT_DIR ALGO`.
 """
 
@@ -244,6 +245,8 @@ def run(
             gh, _ = target_head_gradient(model, model.model, inst.target)
             head_ref = float((gh.double() * model.lm_head.weight.grad.double()).sum())
         checks.append((dv, grad_v, head_ref))
+        if instrument:
+            inst.on_before_clip(trainer)  # as InstrumentedMixin._clip_grad_norm does before it clips
         trainer._clip_grad_norm(wrapped)
         if instrument:
             inst.on_pre_optimizer_step(trainer)

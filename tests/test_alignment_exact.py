@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from analysis.__main__ import main as analysis_main
 from analysis.loader import Run
 from analysis.measures.grad_alignment import table
-from rlx.alignment.exact import ExactSaver, load_params, replay, step_dirs
+from rlx.alignment.exact import load_params, replay, step_dirs
 from rlx.config.schema import RunConfig
 from rlx.errors import UserError
 from rlx.instruments.grad_alignment import GradAlignment
+from rlx.instruments.grad_alignment.exact_saver import ExactSaver
 from rlx.run import RunContext
 
 TINY = ["eval.before_after=false", "diagnostics.grad_alignment.target_size=16"]

@@ -277,3 +277,93 @@ def test_ppo_on_policy_steps_and_identities(tmp_path):
     every3, _, _ = harness.run(tmp_path / "e3", "ppo", steps=12, rollout_steps=4, every=3)
     assert sorted(table(tmp_path / "e3").step.unique()) == [1, 5, 9]
     assert [s for s in range(1, 40) if every3._logged(s)] == [1, 5, 9, 13, 17, 21, 25, 29, 33, 37]
+
+
+# ---- what the instrument installs is always undone --------------------------------------------------------------
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_the_seam_fires_on_before_clip_and_closes_instruments_however_train_ends():
+    """rlx's trainers hand the pre-clip gradient to instruments by an event (nothing is patched on the trainer),
+    and `train()` closes the instruments when it returns and when it raises."""
+    from rlx.instruments.base import Instrument, InstrumentSet
+    from rlx.trainers.common import InstrumentedMixin
+
+    events = []
+
+    class Probe(Instrument):
+        name = "probe"
+
+        def on_before_clip(self, trainer):
+            events.append("before_clip")
+
+        def close(self):
+            events.append("close")
+
+    class Base:
+        def _clip_grad_norm(self, model):
+            events.append("clip")
+            return 1.5
+
+        def train(self, fail=False):
+            assert self._clip_grad_norm(None) == 1.5
+            if fail:
+                raise RuntimeError("boom")
+            return "done"
+
+    class Trainer(InstrumentedMixin, Base):
+        pass
+
+    t = Trainer.__new__(Trainer)
+    t.instruments = InstrumentSet([Probe(None, None)])
+    assert t.train() == "done" and events == ["before_clip", "clip", "close"]
+    events.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        t.train(fail=True)
+    assert events == ["before_clip", "clip", "close"]
+    assert "_clip_grad_norm" not in vars(t) and type(t)._clip_grad_norm is InstrumentedMixin._clip_grad_norm
+    with pytest.raises(TypeError, match="override _clip_gradients instead"):
+
+        class Overrides(InstrumentedMixin, Base):
+            def _clip_grad_norm(self, model):
+                return 0.0
+
+
+def test_hooks_are_removed_after_training_and_after_an_exception(tmp_path, monkeypatch):
+    """The row path's hooks exist only during logged steps and are gone after training; a forward that raises
+    inside a logged step (its layer hooks attached) leaves none once the instrument is closed."""
+    inst, _, model = harness.run(tmp_path / "ok", "dpo", steps=2, ga=2, sketch_dim=0)
+    assert inst.rowcap is not None and _hooks(model) == 0
+
+    made = {}
+    real_model, real_logps = harness.tiny_model, harness.token_logps
+
+    class Kept(harness.GradAlignment):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made["inst"] = self
+
+    def model_kept(*a, **k):
+        made["model"] = real_model(*a, **k)
+        return made["model"]
+
+    def raise_in_the_backbone(module, args, out):
+        raise RuntimeError("forward failed")
+
+    def logps_raising(model, ids):
+        model.model.register_forward_hook(raise_in_the_backbone)
+        return real_logps(model, ids)
+
+    monkeypatch.setattr(harness, "GradAlignment", Kept)
+    monkeypatch.setattr(harness, "tiny_model", model_kept)
+    monkeypatch.setattr(harness, "token_logps", logps_raising)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        harness.run(tmp_path / "fail", "dpo", steps=2, ga=2, sketch_dim=0)
+    inst, model = made["inst"], made["model"]
+    model.model._forward_hooks.clear()  # the test's raising hook and the harness's hidden-state hook
+    assert inst.rowcap._handles and _hooks(model) > 2  # the policy's two hooks and the layer hooks it armed
+    inst.close()
+    assert _hooks(model) == 0

@@ -873,14 +873,15 @@ def test_row_capture_records_only_armed_grad_forwards_and_the_first_accepted_gra
     lin.weight.requires_grad_(True)
     lin.bias.requires_grad_(True)
     out = lin(x)
-    assert len(cap.records) == 1 and cap.records[0][0] is lin and torch.equal(cap.records[0][4], x)
+    assert len(cap.records) == 1 and cap.records[0].module is lin and torch.equal(cap.records[0].inputs, x)
     out.sum().backward(retain_graph=True)
-    assert cap.records[0][5] is None and not cap.complete()  # gradients not accepted yet
+    assert cap.records[0].out_grad is None and not cap.complete()  # gradients not accepted yet
     cap.accept_grads = True
     (2 * out).sum().backward(retain_graph=True)
-    torch.testing.assert_close(cap.records[0][5], torch.full((4, 2), 2.0))
+    torch.testing.assert_close(cap.records[0].out_grad, torch.full((4, 2), 2.0))
     (3 * out).sum().backward()
-    torch.testing.assert_close(cap.records[0][5], torch.full((4, 2), 2.0))  # the first accepted one is kept
+    # the first accepted one is kept
+    torch.testing.assert_close(cap.records[0].out_grad, torch.full((4, 2), 2.0))
     assert cap.complete() and not cap.head_called()
     cap.start()
     assert cap.records == [] and cap.armed and not cap.accept_grads
@@ -914,10 +915,12 @@ def test_row_alignment_head_only_and_on_the_records_device():
     torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-7)
     assert vecs["odd"][:4] == [None] * 4
     meta_records = [
-        [r[0], r[1], r[2], r[3], r[4].to("meta"), r[5].to("meta")] for r in cap.records if r[1] != "embedding"
+        [r.module, r.kind, r.weight_index, r.bias_index, r.inputs.to("meta"), r.out_grad.to("meta")]
+        for r in cap.records
+        if r.kind != "embedding"
     ]
-    emb = [r for r in cap.records if r[1] == "embedding"][0]
-    meta_records.append([emb[0], "embedding", 0, None, emb[4].to("meta"), emb[5].to("meta")])
+    emb = [r for r in cap.records if r.kind == "embedding"][0]
+    meta_records.append([emb.module, "embedding", 0, None, emb.inputs.to("meta"), emb.out_grad.to("meta")])
     gT_meta = [g.to("meta") for g in gT]
     s, vecs = row_alignment(meta_records, gT_meta, {}, 5, [p.shape for p in params])
     assert s.device.type == "meta"

@@ -22,12 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # against the layering, left out of the graph. Delete an entry when its import goes; the test fails on an
 # entry whose import no longer exists, so the list cannot outlive the cycles.
 ALLOWED_EDGES: dict[tuple[str, str], str] = {
-    # The online instrument builds an ExactSaver from the offline replay module, which subclasses the instrument
-    # and imports the run and trainer factories: run -> catalog -> instruments.grad_alignment -> alignment.exact -> run.
-    (
-        "rlx.instruments.grad_alignment",
-        "rlx.alignment.exact",
-    ): "instruments.grad_alignment <-> alignment.exact -> rlx.run",
     # `python rlx/train.py --help` / print_config format their text with rlx.cli, which dispatches to train.
     ("rlx.train", "rlx.cli"): "rlx.cli <-> rlx.train",
     # tasks.data's error path asks rlx.models for hub_hint; rlx.models warm-starts the embedded model, whose

@@ -60,7 +60,8 @@ def snapshot(diag: Path) -> dict[str, tuple[int, int, int]]:
 def test_alignment_writes_touch_o1_bytes_per_step(tmp_path):
     """N logged steps through the instrument's write path: each step writes its own shard and sketch file and
     appends two manifest lines; earlier files are never touched, and the bytes a step writes do not grow with N."""
-    from rlx.instruments.grad_alignment import TABLE, GradAlignment, _Step
+    from rlx.instruments.grad_alignment import TABLE, GradAlignment
+    from rlx.instruments.grad_alignment.records import StepRecord
 
     writer = DiagnosticsWriter(tmp_path)
     cfg = OmegaConf.structured(GradAlignmentConfig(enabled=True, sketch_dim=4096))
@@ -76,7 +77,7 @@ def test_alignment_writes_touch_o1_bytes_per_step(tmp_path):
         if log.exists():
             text = log.read_text()
         sk = {k: torch.randn(4096) for k in ("loss", "target", "pos", "neg")}
-        inst._emit(trainer, _Step(step), alignment_rows(step, rng), sk)
+        inst._emit(trainer, StepRecord(step), alignment_rows(step, rng), sk)
         delta = {k: writer.stats[k] - stats[k] for k in stats}
         assert delta["files"] == 2 and delta["manifest_lines"] == 2, delta  # the shard and the sketch file
         assert log.stat().st_size - size == delta["manifest_bytes"]  # the manifest only grew

@@ -16,6 +16,7 @@ caller uses per-component backwards instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,26 @@ def _norm_eps(m: nn.Module) -> float | None:
         if isinstance(getattr(m, attr, None), float):
             return getattr(m, attr)
     return None
+
+
+@dataclass
+class LayerRecord:
+    """One hooked module call of an armed forward: its input, and dL/d(output) once the backward reached it."""
+
+    module: nn.Module
+    kind: str
+    """linear, embedding or rmsnorm."""
+    weight_index: int | None
+    """Index of the module's weight in the parameter scope (None: not in it)."""
+    bias_index: int | None
+    inputs: torch.Tensor
+    """The module's input (token ids for an embedding), detached."""
+    out_grad: torch.Tensor | None = None
+    """dL/d(output) from the trainer's backward; None until it ran."""
+
+
+def _as_record(rec: LayerRecord | Sequence[Any]) -> LayerRecord:
+    return rec if isinstance(rec, LayerRecord) else LayerRecord(*rec)
 
 
 class RowCapture:
@@ -63,7 +84,7 @@ class RowCapture:
             set(range(len(params))) - covered - ({self.head_index} if self.head_index is not None else set())
         )
         self.supported = not missing
-        self.records: list[list[Any]] = []
+        self.records: list[LayerRecord] = []
         self.armed = False
         self.accept_grads = False
         self._handles: list[Any] = []
@@ -87,11 +108,11 @@ class RowCapture:
                 return
             if not out.requires_grad:
                 return
-            rec = [module, kind, wi, bi, inputs[0].detach(), None]
+            rec = LayerRecord(module, kind, wi, bi, inputs[0].detach())
 
             def grad_hook(g, rec=rec):
-                if self.accept_grads and rec[5] is None:
-                    rec[5] = g.detach()
+                if self.accept_grads and rec.out_grad is None:
+                    rec.out_grad = g.detach()
 
             out.register_hook(grad_hook)
             self.records.append(rec)
@@ -99,14 +120,14 @@ class RowCapture:
         return hook
 
     def complete(self) -> bool:
-        return bool(self.records) and all(r[5] is not None for r in self.records)
+        return bool(self.records) and all(r.out_grad is not None for r in self.records)
 
     def head_called(self) -> bool:
-        return self.head is not None and any(r[0] is self.head for r in self.records)
+        return self.head is not None and any(r.module is self.head for r in self.records)
 
 
 def row_alignment(
-    records: list[list[Any]],
+    records: Sequence[LayerRecord | Sequence[Any]],
     gT: Sequence[torch.Tensor],
     subsets: dict[str, torch.Tensor],
     n_params: int,
@@ -115,7 +136,7 @@ def row_alignment(
 ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor | None]]]:
     """(s, vecs): s (B,) float64 per-row <g_T, grad L_b>; vecs[name] the gradient of the rows in subset `name`.
 
-    `subsets` maps names to (B,) bool row masks. `head` (analytic fused head): {"weight_index", "hidden" (B, T, d)
+    `records`: LayerRecord, or sequences of its six fields in order. `subsets` maps names to (B,) bool row masks. `head` (analytic fused head): {"weight_index", "hidden" (B, T, d)
     head inputs, "labels" (B, T), "coef" (B, T) the dL/dl_t the backward used, "weight" (V, d), "scale"
     (logit_scale / temperature)}. Unused parameters of a subset are None (zero).
     """
@@ -126,8 +147,9 @@ def row_alignment(
         cur = vecs[name][i]
         vecs[name][i] = g if cur is None else cur + g
 
-    for module, kind, wi, bi, x, d in records:
-        d = d.float()
+    for rec in map(_as_record, records):
+        module, kind, wi, bi, x = rec.module, rec.kind, rec.weight_index, rec.bias_index, rec.inputs
+        d = rec.out_grad.float()
         B = d.shape[0]
         s_m = torch.zeros(B, dtype=torch.float64, device=d.device)
         if kind == "linear":

@@ -201,12 +201,20 @@ class Instrument:
     def on_loss(self, ctx: LossContext) -> LossTerm | None:
         return None
 
+    def on_before_clip(self, trainer: Any) -> None:
+        """The step's gradient is complete in `.grad` (accumulated, all-reduced) and not yet clipped. Fired by every
+        rlx trainer (`InstrumentedMixin._clip_grad_norm`) when it clips, i.e. when `max_grad_norm > 0`."""
+
     def on_pre_optimizer_step(self, trainer: Any) -> None:
         """Gradients are in `.grad` (all-reduced; clipped) except under DeepSpeed, see rlx/instruments/README."""
 
     def on_step_end(self, trainer: Any) -> None: ...
 
     def on_train_end(self, trainer: Any) -> None: ...
+
+    def close(self) -> None:
+        """Remove whatever the instrument installed on the model or trainer (hooks). Called when `train()` returns
+        (after `on_train_end`) and when it raises; must be idempotent."""
 
     # ---- resume --------------------------------------------------------------------------------------
 
@@ -258,6 +266,17 @@ class InstrumentSet:
     def flush(self) -> None:
         for inst in self.instruments:
             inst.flush()
+
+    def close(self) -> None:
+        """`close` every instrument, all of them even if one raises (the first error is raised after)."""
+        error = None
+        for inst in self.instruments:
+            try:
+                inst.close()
+            except Exception as e:  # the others must still release their hooks
+                error = error or e
+        if error is not None:
+            raise error
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         return {inst.name: inst.state_dict() for inst in self.instruments}

@@ -86,6 +86,14 @@ class InstrumentedMixin:
         """The registered facts about this trainer that instruments read (rlx/trainers/registry.py)."""
         return trainer_spec(self.rlx_algo)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_clip_grad_norm" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides _clip_grad_norm, which fires the instruments' on_before_clip: override "
+                "_clip_gradients instead (rlx/trainers/common.py)."
+            )
+
     def __init__(
         self, *args, instruments: InstrumentSet | None = None, run: Any = None, guard: Any = None, **kwargs
     ):
@@ -169,6 +177,23 @@ class InstrumentedMixin:
                 f"cannot resume from {checkpoint}: {e}. Resume with the run's own config."
             ) from None
         self._rlx_load_trainer_state(state["trainer"])
+
+    def train(self, *args, **kwargs):
+        """TRL's `train`; the instruments' hooks are removed when it ends, however it ends (`Instrument.close`)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.instruments.close()
+
+    def _clip_grad_norm(self, model):
+        """The Trainer calls this between the step's last backward and the optimizer step, when it clips: the
+        gradient is complete and not yet clipped, which is what `on_before_clip` hands the instruments."""
+        self.instruments.call("on_before_clip", self)
+        return self._clip_gradients(model)
+
+    def _clip_gradients(self, model):
+        """Clip and return the pre-clip norm (the Trainer's own clip). Subclasses that clip differently override this."""
+        return super()._clip_grad_norm(model)
 
     # -- hooks for subclasses ------------------------------------------------------------------------
     def _loss_extras(self, inputs: dict[str, Any]) -> dict[str, Any]:

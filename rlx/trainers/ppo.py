@@ -348,11 +348,12 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             optimizer.add_param_group(g)
         return optimizer
 
-    def _clip_grad_norm(self, model):
+    def _clip_gradients(self, model):
         """Clip the policy's and the critic's gradients to `max_grad_norm` each (`grad_clip: separate`), or
         together (`joint`, the Trainer's clip). Logs both pre-clip norms; returns the pre-clip norm of both,
         which the Trainer logs as `grad_norm`.
 
+        Called by InstrumentedMixin._clip_grad_norm after the instruments' `on_before_clip`.
         The gradients are complete here (accumulated and, under DDP, all-reduced), so local norms are global.
         DeepSpeed (the engine clips), FSDP and XLA (sharded gradients) and mixed-mesh DTensor gradients keep
         the Trainer's joint clip."""
@@ -360,9 +361,9 @@ class RLXPPOTrainer(RLXGRPOTrainer):
 
         dt = self.accelerator.distributed_type
         if dt == DistributedType.DEEPSPEED or dt == DistributedType.FSDP or dt == DistributedType.XLA:
-            return super()._clip_grad_norm(model)
+            return super()._clip_gradients(model)
         if self._has_mixed_mesh_grads(model):
-            return super()._clip_grad_norm(model)
+            return super()._clip_gradients(model)
         critic_ids = {id(p) for p in self.critic_of(model).parameters()}
         params = [p for p in model.parameters() if p.grad is not None]
         policy = [p for p in params if id(p) not in critic_ids]
@@ -371,7 +372,7 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             with torch.no_grad():
                 n_pi = torch.nn.utils.get_total_norm([p.grad for p in policy])
                 n_v = torch.nn.utils.get_total_norm([p.grad for p in critic])
-            total = super()._clip_grad_norm(model)
+            total = super()._clip_gradients(model)
         else:
             self.accelerator.unscale_gradients()  # fp16 AMP; a no-op otherwise (once, for both groups)
             max_norm = self.args.max_grad_norm
