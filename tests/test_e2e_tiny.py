@@ -49,3 +49,17 @@ def test_sft_tiny_lowers_loss(run_recipe):
     assert len(rows) == 12
     assert all(0.0 <= r["mean_token_accuracy"] <= 1.0 and math.isfinite(r["loss"]) for r in rows)
     assert sum(r["loss"] for r in rows[-4:]) / 4 < sum(r["loss"] for r in rows[:4]) / 4
+
+
+@pytest.mark.slow
+def test_dpo_lora_without_reference_model_runs_alignment(run_recipe):
+    """DPO with LoRA has no reference model: TRL computes the reference log-probs through the policy itself
+    (adapters off, no grad) inside the loss. The seam keeps the policy's forward only, so gradient alignment sees
+    one row per sequence and its total equals the trainer's own gradient norm."""
+    run = run_recipe(
+        "dpo_tiny_align", *FAST, "model.lora.enabled=true", "trainer.max_steps=2", "eval.before_after=false"
+    )
+    rows = [r for r in read_metrics(run) if "grad_align/norm_total" in r]
+    assert rows, "alignment logged nothing"
+    for r in rows:
+        assert r["grad_align/norm_total"] == pytest.approx(r["grad_norm"], rel=1e-3)
