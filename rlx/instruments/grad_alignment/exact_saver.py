@@ -150,6 +150,8 @@ class ExactSaver:
         self.tmp: Path | None = None
         self.bytes: dict[str, int] = {}
         self.broken = ""
+        self._trainer: Any = None
+        """The trainer whose policy `attach` hooked (for the run's info.json)."""
 
     def wants(self, inst: Any, step: int) -> bool:
         """Whether `step` is saved: a logged step whose index among logged steps (from 0) is a multiple of K."""
