@@ -78,6 +78,10 @@ def import_graph() -> dict[str, set[str]]:
             for dep in [f"{target}.{n}" for n in names if f"{target}.{n}" in modules] or [target]:
                 if dep in modules and dep != name:
                     graph[name].add(dep)
+    # The instrument catalog imports every module of its package at run time (importlib), invisible to `ast`.
+    from rlx.instruments.catalog import instrument_modules
+
+    graph["rlx.instruments.catalog"].update(instrument_modules())
     return graph
 
 
@@ -200,3 +204,23 @@ def test_the_math_packages_reach_no_trainer_instrument_or_trl():
             assert not deps & {"trl", "transformers"}, (
                 f"{m}, reached from {start}, imports {deps & {'trl', 'transformers'}}"
             )
+
+
+def test_the_instrument_catalog_imports_every_module_of_its_package():
+    """A new instrument is a module or subpackage under rlx/instruments/ and nothing else: the catalog finds it.
+    Every registered built-in instrument comes from a module the catalog lists."""
+    import sys
+
+    from rlx.instruments.catalog import NOT_INSTRUMENT_MODULES, instrument_modules, registered_instruments
+
+    here = ROOT / "rlx" / "instruments"
+    on_disk = {p.stem for p in here.glob("*.py")} | {p.parent.name for p in here.glob("*/__init__.py")}
+    on_disk -= {"__init__", *NOT_INSTRUMENT_MODULES}
+    listed = instrument_modules()
+    assert sorted(m.rsplit(".", 1)[1] for m in listed) == sorted(on_disk)
+    assert all(m in sys.modules for m in listed)
+    registry = registered_instruments()
+    assert {"grad_alignment", "relax", "entropy_cov", "activations"} <= set(registry)
+    for cls in registry.values():
+        if cls.__module__.startswith("rlx.instruments"):
+            assert any(cls.__module__ == m or cls.__module__.startswith(m + ".") for m in listed), cls
