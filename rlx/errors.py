@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -72,3 +74,26 @@ def _close_progress_bars() -> None:
         return
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+def hub_hint(spec: str, key: str, kind: str = "model") -> str:
+    """What to do when `spec` (a `key` value) did not load: a local path that is wrong, or a hub id not reachable.
+
+    `kind` is `model` or `dataset`. rlx never sets HF_HUB_OFFLINE itself: it is the user's (or the Makefile's).
+    """
+    local = (
+        "an HF-format directory with config.json and weights"
+        if kind == "model"
+        else "a local .jsonl/.json/.parquet/.csv file or a save_to_disk directory"
+    )
+    if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
+        return f"Set {key} to {local} or a hub id."
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    where = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    state = "HF_HUB_OFFLINE is set, so only the local HF cache was searched" if offline else f"from {where}"
+    repo_type = "" if kind == "model" else " --repo-type dataset"
+    return (
+        f"'{spec}' is read as a Hugging Face Hub {kind} id ({state}). Either set {key} to {local} "
+        f"(download it elsewhere with `hf download {spec}{repo_type} --local-dir DIR`), or go online: unset "
+        "HF_HUB_OFFLINE, check the network, or set HF_ENDPOINT to a reachable mirror."
+    )

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlx.errors import UserError
+from rlx.errors import UserError, hub_hint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -100,29 +99,6 @@ def outside_zero3_init() -> Iterator[None]:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def hub_hint(spec: str, key: str, kind: str = "model") -> str:
-    """What to do when `spec` (a `key` value) did not load: a local path that is wrong, or a hub id not reachable.
-
-    `kind` is `model` or `dataset`. rlx never sets HF_HUB_OFFLINE itself: it is the user's (or the Makefile's).
-    """
-    local = (
-        "an HF-format directory with config.json and weights"
-        if kind == "model"
-        else "a local .jsonl/.json/.parquet/.csv file or a save_to_disk directory"
-    )
-    if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
-        return f"Set {key} to {local} or a hub id."
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    where = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    state = "HF_HUB_OFFLINE is set, so only the local HF cache was searched" if offline else f"from {where}"
-    repo_type = "" if kind == "model" else " --repo-type dataset"
-    return (
-        f"'{spec}' is read as a Hugging Face Hub {kind} id ({state}). Either set {key} to {local} "
-        f"(download it elsewhere with `hf download {spec}{repo_type} --local-dir DIR`), or go online: unset "
-        "HF_HUB_OFFLINE, check the network, or set HF_ENDPOINT to a reachable mirror."
-    )
 
 
 def _image_text_to_text(path: str, kwargs: dict):

@@ -232,7 +232,7 @@ def _raise_if_disk_full(e: BaseException, path: Path, run_dir: Path, what: str) 
 def main(argv: list[str] | None = None) -> Path | None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        from rlx.cli import train_help
+        from rlx.config.describe import train_help
 
         print(train_help())
         return None
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if (
         cfg.print_config
     ):  # the run config, then the trainer arguments as the TRL trainer gets them; no run dir
-        from rlx.cli import trainer_args_text
+        from rlx.config.describe import trainer_args_text
 
         print(to_yaml(cfg))
         print(trainer_args_text(cfg))

@@ -100,7 +100,7 @@ def test_unreachable_dataset_names_the_id_and_both_ways_out(monkeypatch):
 
 
 def test_hub_hint_online_and_local_path_wording(monkeypatch, tmp_path):
-    from rlx.models import hub_hint
+    from rlx.errors import hub_hint
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")

@@ -239,9 +239,9 @@ def replay(
     from rlx.alignment import functional as am
     from rlx.alignment.final_responses import DEFAULT_N, check_run_dir
     from rlx.config.loader import load_config
-    from rlx.storage import DiagnosticsWriter
     from rlx.instruments.base import LossContext, capture_loss_forward, unwrap_policy
     from rlx.models import load_tokenizer_for
+    from rlx.storage import DiagnosticsWriter
 
     run_dir = check_run_dir(run_dir)
     n = DEFAULT_N if n is None else int(n)

@@ -7,7 +7,7 @@ from typing import Any
 
 from datasets import Dataset, load_dataset, load_from_disk
 
-from rlx.errors import UserError
+from rlx.errors import UserError, hub_hint
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -53,8 +53,6 @@ def load_split(
     except UserError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError, StopIteration) as e:
-        from rlx.models import hub_hint
-
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(
             f"cannot load dataset '{spec}' (config={config}, split={split}): {first}. "
