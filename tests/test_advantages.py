@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from rlx.algorithms import ppo
 from rlx.algorithms.advantages import (
@@ -16,6 +17,9 @@ from rlx.algorithms.advantages import (
     reinforce_plus_plus_advantages,
     rloo_advantages,
 )
+from rlx.config.schema import TaskConfig
+from rlx.tasks import get_task
+from tests.test_ppo_trainer import tiny_random_model_dir  # noqa: F401  (fixture)
 
 F64 = torch.float64
 NAN = float("nan")
@@ -119,3 +123,41 @@ def test_registry():
         advantage_estimator("vtrace")
     with pytest.raises(ValueError, match="registered twice"):
         register_adv_est("grpo")(lambda r: r)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_grpo_estimator_is_what_trls_rollout_computes(tiny_random_model_dir, tmp_path, scale):  # noqa: F811
+    """The registered `grpo` estimator against the advantages RLXGRPOTrainer's real rollout (TRL's code) hands
+    the loss, on scripted rewards from two weighted reward functions with one unscorable completion."""
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig
+
+    from rlx.embedded import load_tokenizer
+    from rlx.trainers.grpo import RLXGRPOTrainer
+    from tests.test_rloo import R1, R2, scripted
+
+    task = get_task(OmegaConf.structured(TaskConfig(num_train=16, num_eval=4)))
+    r1, r2 = scripted(R1), scripted(R2)
+    r1.__name__, r2.__name__ = "r1", "r2"
+    args = GRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], save_strategy="no", seed=0,
+        per_device_train_batch_size=8, num_generations=4, max_completion_length=4, max_steps=1,
+        reward_weights=[1.0, 2.0], scale_rewards=scale,
+    )  # fmt: skip
+    trainer = RLXGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_random_model_dir),
+        reward_funcs=[r1, r2],
+        args=args,
+        train_dataset=task.train_dataset(),
+        processing_class=load_tokenizer(str(tiny_random_model_dir)),
+    )
+    rows = task.train_dataset()
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([rows[p] for p in (0, 0, 0, 0, 1, 1, 1, 1)])
+    rewards = torch.tensor(
+        [a + 2 * b if a is not None else float("nan") for a, b in zip(R1, R2, strict=True)],
+        dtype=torch.float64,
+    )
+    want = advantage_estimator("grpo")(rewards, 4, scale_rewards=scale)
+    torch.testing.assert_close(out["advantages"].double(), want, rtol=1e-5, atol=1e-6)
+    assert want.abs().sum() > 1  # not all zero: the comparison has content
