@@ -140,3 +140,46 @@ def test_a_no_grad_reference_pass_through_the_policy_is_left_out():
     with torch.no_grad(), capture_loss_forward(policy) as cap:
         out = policy(x, fused_lm_head=True)
     assert torch.equal(cap.token_logps, out.log_probs) and cap.hidden.shape == (2, 5, 4)
+
+
+def test_taps_record_block_outputs_and_mlp_inputs_of_the_loss_forward_only():
+    """`taps`: a block's output equals HF's hidden_states[l] (the residual stream after block l; 0 = embeddings),
+    a `down_proj` input is the MLP's z; both only from the loss forward, hooks removed after."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from rlx.config.schema import EmbeddedModelConfig
+    from rlx.embedded import build_model, build_tokenizer
+    from rlx.instruments.base import Tap, decoder_layers, residual_tap
+
+    tok = build_tokenizer()
+    shape = EmbeddedModelConfig(
+        hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32
+    )
+    policy = build_model(shape, tok, seed=0)
+    ids = torch.randint(7, len(tok), (2, 6))
+    with torch.no_grad():
+        ref = policy(input_ids=ids, output_hidden_states=True).hidden_states
+    add_fused_lm_head(policy)
+    hooks_before = {id(m): len(m._forward_hooks) for m in policy.modules()}
+    down = decoder_layers(policy)[1].mlp.down_proj
+    z = {}
+    handle = down.register_forward_hook(lambda m, a, o: z.update(z=a[0].detach()))
+    taps = {f"l{i}": residual_tap(policy, i) for i in range(3)} | {"z": Tap(down, "input")}
+    with capture_loss_forward(policy, taps=taps) as cap:
+        policy(input_ids=ids)  # a plain forward first: not recorded
+        z.clear()
+        policy(input_ids=ids, labels=ids, fused_lm_head=True)
+    handle.remove()
+    for i in range(
+        2
+    ):  # embeddings and block 1 output; block 2 (the last) is pre-norm, HF's last entry post-norm
+        torch.testing.assert_close(cap.taps[f"l{i}"], ref[i])
+    assert cap.taps["l2"].shape == (2, 6, 16) and not torch.allclose(cap.taps["l2"], ref[2])
+    torch.testing.assert_close(cap.taps["z"], z["z"])
+    assert cap.taps["z"].shape == (2, 6, 32) and cap.taps["l1"].requires_grad
+    assert {id(m): len(m._forward_hooks) for m in policy.modules()} == hooks_before
+    with pytest.raises(ValueError, match="out of range: the model has 2 blocks"):
+        residual_tap(policy, 3)
+    with pytest.raises(RuntimeError, match=r"recorded nothing for tap\(s\) \['x'\]"):
+        with capture_loss_forward(policy, hidden=False, taps={"x": Tap(nn.Linear(2, 2))}):
+            policy(input_ids=ids, labels=ids, fused_lm_head=True)

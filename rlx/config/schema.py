@@ -284,6 +284,50 @@ class RolloutsConfig:
 
 
 @dataclass
+class CorrectnessProbeConfig:
+    """`correctness_probe` monitor: a linear correctness direction fitted from mixed-reward rollout groups, tracked
+    over training (rlx/instruments/correctness_probe.py, docs/probes.md)."""
+
+    enabled: bool = False
+    """Turn the monitor on."""
+    every: int = 10
+    """Measure at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused)."""
+
+
+@dataclass
+class HNeuronsConfig:
+    """`h_neurons` monitor: a sparse set of MLP neurons whose CETT predicts wrong answers, fitted on the base model and
+    followed through training (rlx/instruments/h_neurons.py, docs/probes.md)."""
+
+    enabled: bool = False
+    """Turn the monitor on."""
+    every: int = 10
+    """Measure at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused)."""
+
+
+@dataclass
+class HiddenRankConfig:
+    """`hidden_rank` monitor: effective rank of each rollout's last hidden states and its differences over the
+    response (rlx/instruments/hidden_rank.py, docs/probes.md)."""
+
+    enabled: bool = False
+    """Turn the monitor on."""
+    every: int = 10
+    """Measure at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused)."""
+
+
+@dataclass
+class ProbesConfig:
+    """`probes` monitor: frozen linear probes loaded from safetensors files, scored on every rollout
+    (rlx/instruments/probes.py, docs/probes.md)."""
+
+    enabled: bool = False
+    """Turn the monitor on."""
+    every: int = 1
+    """Score at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused)."""
+
+
+@dataclass
 class DiagnosticsConfig:
     """Instruments that only measure (they never change the loss)."""
 
@@ -293,6 +337,14 @@ class DiagnosticsConfig:
     """Saved activations for offline probes."""
     rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
     """Rollout dumps (GRPO, PPO)."""
+    correctness_probe: CorrectnessProbeConfig = field(default_factory=CorrectnessProbeConfig)
+    """Correctness direction monitor (GRPO-family, PPO)."""
+    h_neurons: HNeuronsConfig = field(default_factory=HNeuronsConfig)
+    """H-Neurons monitor (GRPO-family, PPO)."""
+    hidden_rank: HiddenRankConfig = field(default_factory=HiddenRankConfig)
+    """Hidden-state effective-rank monitor (GRPO-family, PPO)."""
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    """Frozen linear probes scored on rollouts (GRPO-family, PPO)."""
 
 
 @dataclass

@@ -83,7 +83,11 @@ class LossContext:
     so the gradient the optimizer accumulates from this micro-batch is post_scale * d(loss)/d(theta)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Algorithm-specific tensors, aligned with the last `completion_len` columns of `token_logps`:
-    `advantages` (B,) or (B, C), `old_logps` (B, C), `ref_logps` (B, C), `group_ids` (B,)."""
+    `advantages` (B,) or (B, C), `old_logps` (B, C), `ref_logps` (B, C), `group_ids` (B,), `sample_ids` (B,),
+    `rewards` (B,) (the weighted task reward of each completion, NaN where no reward function scored it)."""
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What the instruments' `taps` asked for, recorded during this loss forward (in the graph): name -> the
+    module's input or output tensor, e.g. (B, S, d) for a decoder block, (B, S, m) for a `down_proj` input."""
     spec: TrainerSpec | None = None
     """The trainer's registered facts (rlx/trainers/registry.py); looked up from `algo` when not given."""
     _weights: torch.Tensor | None = None
@@ -131,6 +135,43 @@ class LossTerm:
 
     loss: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A module tensor an instrument wants from the loss forward: the module's first positional `input` or its
+    `output` (the first element when the module returns a tuple)."""
+
+    module: nn.Module
+    kind: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("input", "output"):
+            raise ValueError(f"Tap.kind={self.kind!r}, expected 'input' or 'output'")
+
+
+def decoder_layers(policy: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of an HF causal LM (`model.layers` for the Llama/Qwen/Mistral families)."""
+    layers = getattr(backbone_of(policy), "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"{type(policy).__name__}: no decoder blocks at {policy.base_model_prefix}.layers; the probe monitors "
+            "support the Llama/Qwen/Mistral layout (blocks in `model.layers`, MLP projection `mlp.down_proj`)."
+        )
+    return layers
+
+
+def residual_tap(policy: nn.Module, layer: int) -> Tap:
+    """The residual stream at `layer` in HF `hidden_states` order: 0 = the token embeddings, l = the output of
+    block l (1..L). Block L's output is taken before the final norm (the post-norm states are `LossContext.hidden`)."""
+    layers = decoder_layers(policy)
+    if not 0 <= layer <= len(layers):
+        raise ValueError(
+            f"layer {layer} out of range: the model has {len(layers)} blocks (valid 0..{len(layers)})"
+        )
+    if layer == 0:
+        return Tap(backbone_of(policy).get_input_embeddings(), "output")
+    return Tap(layers[layer - 1], "output")
 
 
 METRIC_REDUCTIONS = ("mean", "none")
@@ -198,6 +239,12 @@ class Instrument:
         """Before the first micro-batch of an optimizer step (generation included). An instrument that has
         nothing to record at this step should leave the model as it is: hooks only on the steps that need them."""
 
+    def taps(self, policy: nn.Module) -> dict[str, Tap]:
+        """Module tensors to record during the coming loss forward (`LossContext.taps`), keyed by a name unique to
+        this instrument (prefix it with the instrument's name). Asked before every loss forward: return {} on the
+        steps that record nothing, so no hook is installed there."""
+        return {}
+
     def on_loss(self, ctx: LossContext) -> LossTerm | None:
         return None
 
@@ -246,6 +293,18 @@ class InstrumentSet:
 
     def __iter__(self) -> Iterator[Instrument]:
         return iter(self.instruments)
+
+    def taps(self, model: nn.Module) -> dict[str, Tap]:
+        """Every instrument's taps for the coming loss forward (names must not collide)."""
+        policy, out = unwrap_policy(model), {}
+        for inst in self.instruments:
+            for name, tap in inst.taps(policy).items():
+                if name in out:
+                    raise ValueError(
+                        f"instrument {inst.name} asks for tap '{name}', which another instrument uses"
+                    )
+                out[name] = tap
+        return out
 
     def on_loss(self, ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the loss with every extra term added (scaled by `ctx.loss_scale`) and all metrics."""
@@ -323,6 +382,9 @@ class Captured:
     _grad: list = field(default_factory=list)
     """Per recorded loss forward (and per recorded hidden state, `_hid_grad`): whether grad mode was on."""
     _hid_grad: list = field(default_factory=list)
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)
+    _taps: dict[str, list] = field(default_factory=dict)
+    """name -> [(tensor, grad mode)] per recorded forward of the tapped module."""
 
     def finish(self) -> Captured:
         # A training loss may also run a no-grad loss forward through the policy itself: TRL's DPO with a PEFT
@@ -335,15 +397,19 @@ class Captured:
             self._ent, self._mask = keep(self._ent, ent_flags), keep(self._mask, mask_flags)
             self._logps = keep(self._logps, self._grad)
             self._hid = keep(self._hid, self._hid_grad)
+            self._taps = {k: [(t, g) for t, g in v if g] for k, v in self._taps.items()}
         # TRL may chunk one loss forward over sub-batches; concatenate them back.
         cat = lambda xs: torch.cat(xs, 0) if len(xs) > 1 else (xs[0] if xs else None)  # noqa: E731
         self.token_logps, self.entropy = cat(self._logps), cat(self._ent)
         self.label_mask, self.hidden = cat(self._mask), cat(self._hid)
+        self.taps = {k: cat([t for t, _ in v]) for k, v in self._taps.items() if v}
         return self
 
 
 @contextlib.contextmanager
-def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Captured]:
+def capture_loss_forward(
+    model: nn.Module, hidden: bool = True, taps: Mapping[str, Tap] | None = None
+) -> Iterator[Captured]:
     """Hook the policy for one loss forward; yields a `Captured` filled when the block exits.
 
     Only forwards called with `fused_lm_head=True` (TRL's loss path) or `rlx_capture=True` are recorded, so
@@ -352,6 +418,8 @@ def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Capt
     ones with grad are kept. Hooks are always removed.
     Raises RuntimeError when the block ends normally without such a forward returning `log_probs`, or, with
     `hidden`, without the backbone running inside it: instruments would otherwise see None and record nothing.
+    `taps` (name -> `Tap`): module inputs/outputs recorded, like the hidden states, only inside recorded loss
+    forwards (`Captured.taps`); a tap whose module did not run there is an error too.
     """
     policy = unwrap_policy(model)
     cap = Captured()
@@ -380,6 +448,14 @@ def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Capt
             cap._hid.append(h)
             cap._hid_grad.append(torch.is_grad_enabled())
 
+    def tap_hook(name: str, kind: str):
+        def hook(module, args, out):
+            if depth["n"] > 0:
+                t = args[0] if kind == "input" else (out[0] if isinstance(out, tuple) else out)
+                cap._taps.setdefault(name, []).append((t, torch.is_grad_enabled()))
+
+        return hook
+
     handles = [
         policy.register_forward_pre_hook(top_pre, with_kwargs=True),
         policy.register_forward_hook(top_post, with_kwargs=True),
@@ -387,15 +463,17 @@ def capture_loss_forward(model: nn.Module, hidden: bool = True) -> Iterator[Capt
     try:
         if hidden:
             handles.append(backbone_of(policy).register_forward_hook(backbone_post))
+        for name, tap in (taps or {}).items():
+            handles.append(tap.module.register_forward_hook(tap_hook(name, tap.kind)))
         yield cap
     finally:
         for h in handles:
             h.remove()
         cap.finish()
-    _check_captured(cap, policy, hidden)
+    _check_captured(cap, policy, hidden, taps or {})
 
 
-def _check_captured(cap: Captured, policy: nn.Module, hidden: bool) -> None:
+def _check_captured(cap: Captured, policy: nn.Module, hidden: bool, taps: Mapping[str, Tap]) -> None:
     name = type(policy).__name__
     if cap.token_logps is None:
         if cap._forwards == 0:
@@ -414,4 +492,10 @@ def _check_captured(cap: Captured, policy: nn.Module, hidden: bool) -> None:
             f"capture_loss_forward saw no hidden states: the backbone {type(backbone_of(policy)).__name__} of "
             f"{name} did not run inside the loss forward, but an instrument needs them (needs_hidden). Expected "
             "the LM head's input to come from `backbone_of(policy)` (the module at policy.base_model_prefix)."
+        )
+    missing = sorted(set(taps) - set(cap.taps))
+    if missing:
+        raise RuntimeError(
+            f"capture_loss_forward recorded nothing for tap(s) {missing}: their modules did not run inside the loss "
+            f"forward of {name}. Expected modules of the policy itself (e.g. `residual_tap(policy, layer)`)."
         )

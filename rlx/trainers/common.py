@@ -217,7 +217,8 @@ class InstrumentedMixin:
             return compute()
         if getattr(self, "is_deepspeed_enabled", False):
             track_output_hooks()  # so that instruments' autograd.grad below does not start ZeRO's backward
-        with capture_loss_forward(model, hidden=self.instruments.needs_hidden) as cap:
+        taps = self.instruments.taps(model)
+        with capture_loss_forward(model, hidden=self.instruments.needs_hidden, taps=taps) as cap:
             out = compute()
         loss = out[0] if isinstance(out, tuple) else out
         loss_scale, post_scale = self._scales(num_items_in_batch)
@@ -234,6 +235,7 @@ class InstrumentedMixin:
             loss_scale=loss_scale,
             post_scale=post_scale,
             extras=self._loss_extras(inputs),
+            taps=cap.taps,
         )
         with inert_output_hooks():
             loss, metrics = self.instruments.on_loss(ctx)

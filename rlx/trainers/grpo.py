@@ -118,6 +118,14 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
         batch["rlx_group_ids"] = torch.arange(rank * n, rank * n + n, device=dev) // self.num_generations
         round_ = getattr(self, "_rlx_round", 0)
         batch["rlx_sample_ids"] = sample_ids(round_, rank, n, dev)
+        gathered = getattr(self, "_rlx_rewards_per_func", None)
+        if (
+            gathered is not None
+        ):  # the weighted task reward of each local completion (NaN where no function scored)
+            local = gathered[rank * n : rank * n + n].float()
+            w = self.reward_weights.to(local.device).float()
+            total = (local * w.unsqueeze(0)).nansum(dim=1)
+            batch["rlx_rewards"] = torch.where(torch.isnan(local).all(dim=1), torch.nan, total).to(dev)
         self._rlx_round = round_ + 1
         self._rlx_pending_rollout = (round_, batch)  # dumped once subclasses have finished the batch
         return batch
@@ -167,6 +175,7 @@ class RLXGRPOTrainer(InstrumentedMixin, GRPOTrainer):
             "ref_logps": inputs.get("ref_per_token_logps"),
             "group_ids": inputs.get("rlx_group_ids"),
             "sample_ids": inputs.get("rlx_sample_ids"),
+            "rewards": inputs.get("rlx_rewards"),
             "completion_len": inputs["completion_ids"].size(1),
         }
 

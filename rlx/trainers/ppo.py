@@ -264,6 +264,7 @@ class RLXPPOTrainer(RLXGRPOTrainer):
             "ref_logps": inputs.get("ref_per_token_logps"),
             "group_ids": inputs.get("rlx_group_ids"),
             "sample_ids": inputs.get("rlx_sample_ids"),
+            "rewards": inputs.get("rlx_rewards"),
             "completion_len": inputs["completion_ids"].size(1),
             "values": inputs["old_values"],
             "returns": inputs["returns"],

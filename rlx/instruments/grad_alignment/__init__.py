@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from rlx import dumps
+from rlx.algorithms.probing import measured_step
 from rlx.alignment import functional as am
 from rlx.alignment.rowgrad import RowCapture
 from rlx.alignment.sketch import CountSketch
@@ -262,14 +263,7 @@ class GradAlignment(Instrument):
 
     def _logged(self, step: int) -> bool:
         """Step 1 and every `every`-th step; a trainer that reuses rollouts: only on-policy steps (`_rollout_steps`)."""
-        every, k = int(self.cfg.every), self._rollout_steps
-        if k <= 1:
-            return step == 1 or step % every == 0
-        # Each rollout is reused for k optimizer steps (PPO: epochs x minibatches) and only the first (epoch 0,
-        # minibatch 0) has rho = 1: log that step whenever (previous rollout start, step] holds a multiple of `every`.
-        if (step - 1) % k != 0:
-            return False
-        return step == 1 or step // every > (step - k) // every
+        return measured_step(step, int(self.cfg.every), self._rollout_steps)
 
     def on_loss(self, ctx: LossContext) -> None:
         trainer = ctx.trainer
