@@ -25,9 +25,13 @@ from analysis.loader import Run, RunSet, load_runs
 from analysis.measures import (
     activation_shift,
     correctness,
+    correctness_probe,
     entropy,
     grad_alignment,
+    h_neurons,
+    hidden_rank,
     passk,
+    probes,
     relax,
     rollouts,
     training,
@@ -331,6 +335,301 @@ def correctness_section(runs: RunSet) -> Section | None:
     return s
 
 
+def _correctness_probe_figure(df: pd.DataFrame, title: str):
+    """Left: AUROC of the probe per layer (solid), of the mean log-prob (dashed) and their gap (dotted) over steps.
+    Right: drift cos(v_t, v_first) per layer (solid) and update alignment cos(v, -dL/dh) (dashed)."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    logp = df.groupby("step", as_index=False)["auroc_logp"].first()
+    ax.plot(logp["step"], logp["auroc_logp"], "k--", marker="o", ms=2.5, label="AUROC mean log-prob")
+    for layer, g in df.groupby("layer"):
+        g = g.sort_values("step")
+        (line,) = ax.plot(g["step"], g["auroc"], "-", marker="o", ms=2.5, label=f"L{layer} AUROC <h, v>")
+        c = line.get_color()
+        ax.plot(g["step"], g["gap"], ":", color=c, marker="s", ms=2, label=f"L{layer} gap")
+        ax2.plot(
+            g["step"], g["cos_to_first"], "-", color=c, marker="o", ms=2.5, label=f"L{layer} cos to first"
+        )
+        ax2.plot(
+            g["step"], g["update_cos"], "--", color=c, marker="s", ms=2, label=f"L{layer} cos(v, -dL/dh)"
+        )
+    ax.axhline(0.5, color="grey", lw=0.6)
+    ax.axhline(0.0, color="grey", lw=0.4)
+    ax2.axhline(0.0, color="grey", lw=0.6)
+    for a, t, ylabel in (
+        (ax, f"{title}: held-out AUROC and gap", "AUROC (gap = probe - log-prob)"),
+        (ax2, f"{title}: drift and update alignment", "cosine"),
+    ):
+        a.set_title(t, fontsize=10)
+        a.set_xlabel(plots.STEP)
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def correctness_probe_section(runs: RunSet) -> Section | None:
+    tabs = _per_run(runs, correctness_probe.correctness_probe)
+    if not tabs:
+        return None
+    s = Section(
+        "Correctness probe (training rollouts)",
+        "A direction separating correct from wrong rollouts of the same prompt at the answer-final token, fitted "
+        "at each measured step on half of the step's prompt groups and scored on the other half (diagnostics."
+        "correctness_probe; RepE reading, arXiv 2512.07404). AUROC of <h, v> next to the AUROC of the policy's own "
+        "mean log-prob ('knows vs says' gap), drift of the direction from the first one, and cos(v, -dL/dh): whether "
+        "the loss pushes the response's residual states along it.",
+    )
+    for label, t in tabs.items():
+        s.figure(_correctness_probe_figure(t, label or "run"), f"correctness probe {label}")
+    df = plots.with_run(tabs)
+    last = df[df["step"] == df.groupby("run")["step"].transform("max")]
+    cols = ["run", "step", "layer", "direction", "frozen", "auroc", "auroc_logp", "gap", "pairwise_acc"]
+    cols += ["pairwise_acc_logp", "cos_to_first", "update_cos", "n_fit_groups", "n_eval", "accuracy"]
+    s.table(last[cols], "Last measured step")
+    bon = _per_run(runs, correctness_probe.best_of_n)
+    if bon:
+        b = plots.with_run(bon)
+        b = b[b["step"] == b.groupby("run")["step"].transform("max")]
+        s.table(
+            b,
+            "Best of N on held-out prompts (last step): share correct when picking by the probe, by log-prob",
+        )
+    return s
+
+
+def _h_neurons_figure(
+    mass: pd.DataFrame,
+    share: pd.DataFrame,
+    stab: pd.DataFrame,
+    hist: pd.DataFrame,
+    auc: pd.DataFrame,
+    title: str,
+):
+    """2 x 2: CETT mass of H0 by reward bucket vs the random sets; gradient share / chance; Jaccard with H0 vs chance
+    over refits (and the split-half yardstick) with the frozen probe's AUROC; H0 per decoder block."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(9.6, 6.4))
+    (a1, a2), (a3, a4) = axes
+    colors = {"wrong": "tab:red", "correct": "tab:green"}
+    for (bucket, name), g in mass.groupby(["bucket", "set"], sort=False):
+        g = g.sort_values("step")
+        ls = {"H0": "-", "random": ":", "matched": "--"}.get(name, "-.")
+        a1.plot(
+            g["step"], g["mass"], ls, color=colors.get(bucket), marker="o", ms=2.5, label=f"{name} {bucket}"
+        )
+    if len(share):
+        a2.plot(share["step"], share["ratio_down"], "-o", ms=2.5, label="H0, W_down columns")
+        a2.plot(share["step"], share["ratio_mlp"], "-s", ms=2.5, label="H0, W_down + W_up + W_gate")
+        a2.plot(share["step"], share["ratio_down_random"], ":", color="grey", label="random sets, W_down")
+        a2.plot(share["step"], share["ratio_down_matched"], "--", color="k", label="matched sets, W_down")
+        a2.axhline(1.0, color="k", lw=0.7)
+    refits = stab[stab["step"] > stab["step"].min()] if len(stab) else stab
+    if len(stab):
+        a3.plot(refits["step"], refits["jaccard"], "-o", ms=3, label="J(H0, H_t)")
+        a3.plot(refits["step"], refits["cross_jaccard"], "-s", ms=3, label="J half vs half, across time")
+        a3.plot(stab["step"], stab["split_jaccard"], ":^", ms=3, label="J half vs half, same step")
+        a3.plot(refits["step"], refits["jaccard_chance"], "--", color="grey", label="chance")
+    if len(auc):
+        a3b = a3.twinx()
+        a3b.plot(auc["step"], auc["auroc"], color="tab:purple", lw=1, alpha=0.7, label="frozen probe AUROC")
+        a3b.set_ylim(0, 1)
+        a3b.set_ylabel("AUROC (wrong vs correct)", fontsize=8)
+        a3b.legend(fontsize=6, loc="lower right")
+    h0 = hist[(hist["fit"] == "full") & (hist["step"] == hist["step"].min())] if len(hist) else hist
+    if len(h0):
+        a4.bar(h0["layer"], h0["n_neurons"], color="tab:blue")
+    for a, t, xl, yl in (
+        (a1, "CETT mass on answer tokens", plots.STEP, "sum of CETT over the set (mean per rollout)"),
+        (a2, "gradient share on the set / chance", plots.STEP, "share of ||grad||^2 / (|H0| / L m)"),
+        (a3, "set stability over refits", plots.STEP, "Jaccard"),
+        (a4, "H0 per decoder block", "decoder block", "neurons in H0"),
+    ):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_title(f"{title}: {t}", fontsize=9)
+        a.set_xlabel(xl)
+        a.set_ylabel(yl, fontsize=8)
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def h_neurons_section(runs: RunSet) -> Section | None:
+    mass = _per_run(runs, h_neurons.mass_by_bucket)
+    share = _per_run(runs, h_neurons.gradient_share)
+    stab = _per_run(runs, h_neurons.stability)
+    if not (mass or share or stab):
+        return None
+    hist = _per_run(runs, h_neurons.layer_histogram)
+    auc = _per_run(runs, h_neurons.transfer)
+    s = Section(
+        "H-Neurons",
+        "A sparse set H0 of MLP neurons whose CETT (share of the MLP output norm) on answer tokens predicts a wrong "
+        "answer, fitted by L1 logistic regression on the base model's step-1 rollouts and then frozen "
+        "(diagnostics.h_neurons; arXiv 2512.01797). Its CETT mass by reward bucket next to layer-matched random "
+        "sets and activation-matched ones (same layer, close mean CETT), the share of each update's squared "
+        "gradient norm on its MLP weights against chance |H0| / (L m) and the same control sets, "
+        "and refits every refit_every steps: Jaccard with H0 against chance, next to the Jaccard of two half-data "
+        "fits of one step (what resampling alone leaves).",
+    )
+    labels = list(dict.fromkeys([*mass, *share, *stab]))
+    for label in labels:
+        e = lambda d, cols, label=label: d.get(label, pd.DataFrame(columns=cols))  # noqa: E731
+        s.figure(
+            _h_neurons_figure(
+                e(mass, h_neurons.MASS_COLUMNS),
+                e(share, h_neurons.SHARE_COLUMNS),
+                e(stab, h_neurons.STABILITY_COLUMNS),
+                e(hist, h_neurons.LAYER_COLUMNS),
+                e(auc, h_neurons.TRANSFER_COLUMNS),
+                label or "run",
+            ),
+            f"H-Neurons {label}",
+        )
+    if stab:
+        s.table(
+            plots.with_run(stab), "Fits: |H|, Jaccard / overlap with H0 against chance, split-half Jaccard"
+        )
+    if share:
+        t = plots.with_run(share)
+        cols = ["ratio_down", "ratio_mlp", "ratio_down_random", "ratio_down_matched"]
+        t = t.groupby("run", as_index=False)[cols].mean()
+        s.table(t, "Gradient share / chance, mean over measured steps")
+    return s
+
+
+def _hidden_rank_figure(rank: pd.DataFrame, dsd: pd.DataFrame | None):
+    """erank by bucket, d1/d2 by bucket and (when a run has ReLaX data) DSD over steps, side by side."""
+    panels = 3 if dsd is not None and len(dsd) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
+    styles = {"all": "-", "correct": "--", "wrong": ":"}
+    for run, g in plots._runs(rank):
+        colour = None
+        for bucket, h in g.groupby("bucket", sort=False):
+            h = h.sort_values("step")
+            lbl = " ".join(x for x in (run, bucket) if x)
+            (line,) = axes[0].plot(
+                h["step"], h["erank"], styles.get(bucket, "-"), marker="o", ms=2.5, label=lbl, color=colour
+            )
+            colour = line.get_color()
+            if bucket == "all" and h["erank_q10"].notna().any():
+                axes[0].fill_between(h["step"], h["erank_q10"], h["erank_q90"], color=colour, alpha=0.12)
+            for value, marker in (("d1", "o"), ("d2", "s")):
+                if h[value].notna().any():
+                    axes[1].plot(
+                        h["step"],
+                        h[value],
+                        styles.get(bucket, "-"),
+                        marker=marker,
+                        ms=2.5,
+                        color=colour,
+                        label=f"{lbl} {value}",
+                    )
+    axes[0].set_ylabel("effective rank of last hidden states")
+    axes[1].set_ylabel("mean prefix difference of the effective rank")
+    axes[1].axhline(0.0, color="grey", lw=0.6)
+    if panels == 3:
+        for run, g in plots._runs(dsd):
+            g = g.sort_values("step")
+            axes[2].plot(g["step"], g["mean"], "-", marker="o", ms=2.5, label=run or "all")
+        axes[2].set_ylabel("ReLaX DSD, mean over trajectories")
+        axes[2].set_yscale("symlog", linthresh=1e-2)
+    for ax, title in zip(
+        axes, ("Effective rank by reward bucket", "d1 (o), d2 (s) by bucket", "DSD (ReLaX)")
+    ):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(plots.STEP)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def hidden_rank_section(runs: RunSet) -> Section | None:
+    rank = _per_run(runs, hidden_rank.rank_over_steps)
+    if not rank:
+        return None
+    dsd = _per_run(runs, relax.dsd_over_steps)
+    dsd = {k: v[v["subset"] == "all"] for k, v in dsd.items() if k in rank}
+    s = Section(
+        "Hidden-state effective rank",
+        "Effective rank exp(H) of each rollout's last hidden states over its response (H = entropy of the normalised "
+        "singular values), and its mean first / second differences over response prefixes (hf618/VERL's "
+        "definitions; docs/probes.md), by reward bucket. ReLaX's DSD over steps alongside when the run has it.",
+    )
+    s.figure(
+        _hidden_rank_figure(plots.with_run(rank), plots.with_run(dsd) if dsd else None),
+        "effective rank, prefix differences" + (" and DSD" if dsd else "") + " over steps",
+    )
+    both = _per_run(runs, hidden_rank.rank_and_dsd)
+    if both:
+        s.table(plots.with_run(both), "Effective rank (all rollouts) and DSD per step")
+    last = plots.with_run(rank)
+    last = last[last["step"] == last.groupby("run")["step"].transform("max")]
+    s.table(last, "Last measured step")
+    return s
+
+
+def _probe_figure(sc: pd.DataFrame, au: pd.DataFrame, probe: str):
+    """Mean score by reward bucket (10-90% band) and AUROC of one probe over steps."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    styles = {"all": "-", "correct": "--", "wrong": ":"}
+    for run, g in plots._runs(sc[sc["probe"] == probe]):
+        colour = None
+        for bucket, h in g.groupby("bucket", sort=False):
+            h = h.sort_values("step")
+            lbl = " ".join(x for x in (run, bucket) if x)
+            (line,) = ax.plot(
+                h["step"], h["mean"], styles.get(bucket, "-"), marker="o", ms=2.5, label=lbl, color=colour
+            )
+            colour = line.get_color()
+            if bucket != "all" and h["q10"].notna().any():
+                ax.fill_between(h["step"], h["q10"], h["q90"], color=colour, alpha=0.1)
+    for run, g in plots._runs(au[au["probe"] == probe]):
+        g = g.sort_values("step")
+        ax2.plot(g["step"], g["auroc"], "-", marker="o", ms=2.5, label=run or probe)
+    ax2.axhline(0.5, color="grey", lw=0.6)
+    ax2.set_ylim(0, 1)
+    for a, title, ylabel in (
+        (ax, f"Probe {probe}: score by reward bucket", "score <h, v> + b"),
+        (ax2, f"Probe {probe}: AUROC vs correct", "AUROC"),
+    ):
+        a.set_title(title, fontsize=10)
+        a.set_xlabel(plots.STEP)
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def probes_section(runs: RunSet) -> Section | None:
+    sc = _per_run(runs, probes.score_over_steps)
+    au = _per_run(runs, probes.probe_auroc)
+    if not (sc or au):
+        return None
+    s = Section(
+        "Linear probes",
+        "Your frozen linear probes (diagnostics.probes) scored on every rollout of the scored steps: "
+        "s = <h_layer(position), direction> + bias; mean score per reward bucket and AUROC against correct.",
+    )
+    sc_all = plots.with_run(sc) if sc else pd.DataFrame(columns=probes.SCORE_COLUMNS)
+    au_all = plots.with_run(au) if au else pd.DataFrame(columns=probes.AUROC_COLUMNS)
+    names = sorted(set(sc_all["probe"]) | set(au_all["probe"]))
+    for name in names:
+        s.figure(_probe_figure(sc_all, au_all, name), f"probe {name}")
+    if au:
+        last = au_all[au_all["step"] == au_all.groupby("run")["step"].transform("max")]
+        s.table(last, "AUROC at the last scored step")
+    return s
+
+
 SECTIONS: list[Callable[[RunSet], Section | None]] = [
     overview,
     training_section,
@@ -341,6 +640,10 @@ SECTIONS: list[Callable[[RunSet], Section | None]] = [
     entropy_section,
     activation_shift_section,
     correctness_section,
+    correctness_probe_section,
+    h_neurons_section,
+    hidden_rank_section,
+    probes_section,
 ]
 
 

@@ -29,6 +29,9 @@ def make_run(
     relax: bool = False,
     activations: bool = False,
     activation_shift: bool = False,
+    hidden_rank: bool = False,
+    probes: bool = False,
+    h_neurons: bool = False,
     world_size: int = 1,
     seed: int = 0,
     recipe: str | None = None,
@@ -70,7 +73,107 @@ def make_run(
             _activations(w, steps, rng, rank, world_size)
         if activation_shift and rank == 0:
             _activation_shift(w, rng)
+        if hidden_rank and rank == 0:
+            _hidden_rank(w, steps, np.random.default_rng(seed + 1017))
+        if probes and rank == 0:
+            _probes(w, steps, np.random.default_rng(seed + 2017))
+        if h_neurons and rank == 0:
+            _h_neurons(w, steps, np.random.default_rng(seed + 3017))
     return path
+
+
+def _hidden_rank(w: DiagnosticsWriter, steps: int, rng) -> None:
+    """The layout of rlx/instruments/hidden_rank.py (every=2): per measured step one shard of 32 rollouts; correct
+    rollouts planted with a higher effective rank that grows over training."""
+    for s in [1, *range(2, steps + 1, 2)]:
+        reward = (rng.random(32) < 0.5).astype(float)
+        erank = 2.0 + 0.1 * s + reward + 0.2 * rng.standard_normal(32)
+        rows = [
+            {"sample_id": (s << 32) | i, "step": s, "reward": float(r), "length": 12, "erank": float(e)}
+            | {"d1": float(0.3 * e + 0.05 * rng.standard_normal()), "d2": float(0.01 * rng.standard_normal())}
+            | {"n_prefixes": 11}
+            for i, (r, e) in enumerate(zip(reward, erank))
+        ]
+        w.write(dumps.HIDDEN_RANK, rows, step=s, description="synthetic")
+
+
+def _probes(w: DiagnosticsWriter, steps: int, rng) -> None:
+    """The layout of rlx/instruments/probes.py (every=1, two probes): `planted` separates correct from wrong
+    rollouts more over training, `noise` does not."""
+    for s in range(1, steps + 1):
+        reward = (rng.random(32) < 0.5).astype(float)
+        rows = []
+        for probe, gap in (("planted", 0.3 * s), ("noise", 0.0)):
+            score = gap * reward + rng.standard_normal(32)
+            rows += [
+                {"sample_id": (s << 32) | i, "step": s, "probe": probe, "score": float(x), "reward": float(r)}
+                for i, (x, r) in enumerate(zip(score, reward))
+            ]
+        w.write(dumps.PROBES, rows, step=s, description="synthetic")
+
+
+def _h_neurons(w: DiagnosticsWriter, steps: int, rng) -> None:
+    """The layout of rlx/instruments/h_neurons.py (every=2, refit_every=4, L=4, m=512): step-1 fit of a 20-neuron
+    H0 whose CETT mass is higher on wrong rollouts than on correct ones (control sets below), a gradient share
+    about 5x chance (activation-matched sets 3x), and refits that keep half of H0 (Jaccard 1/3, far above chance)."""
+    n_neurons, width = 2048, 512
+    h0 = np.sort(rng.choice(n_neurons, 20, replace=False))
+    for s in [1, *range(2, steps + 1, 2)]:
+        reward = (rng.random(32) < 0.5).astype(float)
+        mass = 0.2 + 0.1 * (reward == 0) + 0.02 * rng.standard_normal(32)
+        rollouts = [
+            {
+                "step": s,
+                "sample_id": (s << 32) | i,
+                "group_id": i // 8,
+                "reward": float(r),
+                "wrong": bool(r < 1),
+            }
+            | {"n_answer_tokens": 2, "n_other_tokens": 6, "mass": float(m), "mass_other": 0.08}
+            | {"mass_random": 0.03, "mass_matched": 0.15, "score": float(10 * (m - 0.25))}
+            | {"used_in_fit": True if s == 1 else None}
+            for i, (r, m) in enumerate(zip(reward, mass))
+        ]
+        w.write(dumps.H_NEURONS_ROLLOUTS, rollouts, step=s, description="synthetic")
+        share = {"grad_share_down": 0.05, "grad_share_mlp": 0.04, "grad_share_down_random": 0.01}
+        share |= {"grad_share_mlp_random": 0.01, "grad_share_chance": 20 / n_neurons}
+        share |= {"grad_share_down_matched": 0.03, "grad_share_mlp_matched": 0.03}
+        rows = []
+        for b, sel in (("all", reward >= 0), ("correct", reward >= 1), ("wrong", reward < 1)):
+            row = {"step": s, "bucket": b, "n_rollouts": int(sel.sum()), "set_size": 20.0}
+            row |= {
+                "mass": float(mass[sel].mean()),
+                "mass_sem": 0.005,
+                "mass_random": 0.03,
+                "mass_other": 0.08,
+                "mass_matched": 0.15,
+            }
+            if b == "all":
+                row |= {"auroc": 0.8 - 0.02 * s, "auroc_mass": 0.7, **share}
+            rows.append(row)
+        w.write(dumps.H_NEURONS_STEPS, rows, step=s, description="synthetic")
+        if s == 1 or s % 4 == 0:
+            hs = (
+                h0 if s == 1 else np.sort(np.concatenate([h0[:10], rng.choice(n_neurons, 10, replace=False)]))
+            )
+            fit = {"step": s, "fit": "full", "C": 10.0, "data": "consistent", "note": "", "n_rollouts": 32}
+            fit |= {"set_size": len(hs), "converged": True, "split_jaccard": 0.25}
+            if s > 1:
+                inter = len(set(hs) & set(h0))
+                e = len(hs) * len(h0) / n_neurons
+                fit |= {
+                    "jaccard": inter / len(set(hs) | set(h0)),
+                    "overlap": inter / 20,
+                    "cross_jaccard": 0.2,
+                }
+                fit |= {"jaccard_chance": e / (40 - e), "overlap_chance": e / 20}
+            w.write(dumps.H_NEURONS_FITS, [fit], step=s, description="synthetic")
+            neurons = [
+                {"step": s, "fit": "full", "layer": int(j // width), "neuron": int(j % width), "weight": 1.0}
+                | {"in_set": True}
+                for j in hs
+            ]
+            w.write(dumps.H_NEURONS_SET, neurons, step=s, description="synthetic")
 
 
 def _grad_alignment(w: DiagnosticsWriter, algo: str, steps: int, rng) -> None:

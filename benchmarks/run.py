@@ -23,6 +23,10 @@ BENCHMARKS = {
         "gradient alignment every 10 steps / off (<= 1.15); logged step <= 3x; step not logged <= 1.03",
     ),
     "relax": ("benchmarks.bench_relax", "ReLaX on / off, whole runs (<= 1.08)"),
+    "probes": (
+        "benchmarks.bench_probes",
+        "each probe monitor at its default cadence / off, whole runs (<= 1.10)",
+    ),
     "eval": ("benchmarks.bench_eval", "in-training evaluation eval.every=10 / off (reported)"),
     "storage": (
         "benchmarks.bench_storage",
@@ -44,7 +48,7 @@ BENCHMARKS = {
 NOT_IN_ALL = {"scaling", "versions"}
 # Benchmarks on the training harness share its options (--rounds, --steps, --width, ...); `all` passes the
 # extra arguments to these only, since storage and replay take options of their own.
-HARNESS = {"overhead", "alignment", "relax", "eval", "scaling", "versions"}
+HARNESS = {"overhead", "alignment", "relax", "probes", "eval", "scaling", "versions"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -386,6 +386,68 @@ RELAX_DICTIONARY_FIT = Dump(
     history="v1 held one fit's `losses` (and `fit_step`); read as well",
 )
 
+CORRECTNESS_PROBE = Dump(
+    "correctness_probe",
+    "correctness_probe",
+    "correctness_probe/step_{step:06d}.parquet",
+    1,
+    (
+        Field("step", I64, "optimizer step (1-based) whose loss forward was measured"),
+        Field("layer", I64, "residual-stream layer, HF hidden_states order (0 = embeddings, L = last block)"),
+        Field("direction", STR, "diff_means | logistic"),
+        Field("frozen", BOOL, "scored with the first fitted direction (freeze) rather than this step's fit"),
+        Field("fit_step", I64, "step whose fit is the direction used (-1: none)"),
+        Field("auroc", F64, "AUROC of <h, v> against correct over the held-out half's rollouts"),
+        Field("auroc_logp", F64, "AUROC of the mean completion log-prob, same rollouts"),
+        Field("gap", F64, "auroc - auroc_logp ('knows vs says')"),
+        Field("pairwise_acc", F64, "P[s(i+) > s(i-)] over (correct, wrong) pairs of one held-out prompt"),
+        Field("pairwise_acc_logp", F64, "the same for the mean log-prob"),
+        Field("cos_to_first", F64, "cos(this step's fitted direction, the first fitted direction)"),
+        Field("update_cos", F64, "cos(v, -g), g = sum of dL/dh over the step's response positions"),
+        Field("update_norm", F64, "|g| (the trainer's loss scaling, summed over ranks)"),
+        Field("n_rollouts", I64, "rollouts with a reward and a non-empty completion"),
+        Field("n_fit_groups", I64, "mixed groups of the fit half (what the direction was fitted on)"),
+        Field("n_eval", I64, "held-out rollouts scored"),
+        Field("n_eval_pairs", I64, "within-group (correct, wrong) pairs of the held-out half"),
+        Field("accuracy", F64, "share of the step's rollouts that are correct"),
+    ),
+    "correctness direction read-out per measured step and layer: held-out AUROC vs the policy's mean log-prob, "
+    "drift to the first direction, alignment with the loss gradient on the residual stream",
+    name="correctness_probe",
+)
+CORRECTNESS_PROBE_SCORES = Dump(
+    "correctness_probe_scores",
+    "correctness_probe",
+    "correctness_probe/scores_step_{step:06d}.parquet",
+    1,
+    (
+        Field("step", I64, "optimizer step (1-based)"),
+        Field("layer", I64, "residual-stream layer"),
+        Field("sample_id", I64, "rollout sample id; joins diagnostics/rollouts"),
+        Field("group_id", I64, "prompt group"),
+        Field("heldout", BOOL, "in the held-out half (scored, not fitted on)"),
+        Field("reward", F64, "task reward"),
+        Field("correct", BOOL, "reward >= threshold"),
+        Field("score", F64, "<h, v> with the direction used at this step (NaN without one)"),
+        Field("mean_logp", F64, "mean completion token log-prob under the policy of the loss forward"),
+    ),
+    "per-rollout correctness-probe scores of a measured step (best-of-N and AUROC offline)",
+    name="correctness_probe_scores",
+)
+CORRECTNESS_PROBE_DIRECTIONS = Dump(
+    "correctness_probe_directions",
+    "correctness_probe",
+    "correctness_probe/directions_step_{step:06d}.safetensors",
+    1,
+    (
+        Field("layers", "int64", "(K,) the chosen layers"),
+        Field("fitted", "float32", "(K, d) unit direction fitted at this step (NaN rows: none)"),
+        Field("used", "float32", "(K, d) unit direction the step was scored with (the first under freeze)"),
+        Field("grad", "float32", "(K, d) g = sum of dL/dh over response positions (NaN rows: not measured)"),
+    ),
+    "correctness-probe directions and residual-stream loss gradients per layer at a measured step",
+    metadata=("step", "direction"),
+)
 ACTIVATIONS = Dump(
     "activations",
     "activations",
@@ -525,6 +587,175 @@ REPLAY_KL_POSITIONS = Dump(
     "Activation Replay finding: per input position and layer, base/RL logit-lens entropy and KL",
     standalone=True,
 )
+HIDDEN_RANK = Dump(
+    "hidden_rank",
+    "hidden_rank",
+    "hidden_rank/step_{step:06d}.parquet",
+    1,
+    (
+        Field("sample_id", I64, "rollout sample id (-1 without one); joins diagnostics/rollouts"),
+        Field("step", I64, "optimizer step (1-based) whose loss forward was measured"),
+        Field("reward", F64, "task reward (NaN when unscored)"),
+        Field("length", I64, "completion tokens (the loss mask)"),
+        Field("erank", F64, "effective rank of the response's last hidden states (form: exp or entropy)"),
+        Field("d1", F64, "mean first difference of the prefix effective ranks (NaN: fewer than 2 prefixes)"),
+        Field("d2", F64, "mean second difference of the prefix effective ranks (NaN: fewer than 3 prefixes)"),
+        Field("n_prefixes", I64, "prefix windows of the response (j*stride + 1 tokens, j*stride < length)"),
+    ),
+    "per-rollout effective rank of the last hidden states and its prefix differences at a measured step",
+    name="hidden_rank",
+)
+PROBES = Dump(
+    "probes",
+    "probes",
+    "probes/step_{step:06d}.parquet",
+    1,
+    (
+        Field("sample_id", I64, "rollout sample id (-1 without one); joins diagnostics/rollouts"),
+        Field("step", I64, "optimizer step (1-based) whose loss forward was scored"),
+        Field("probe", STR, "the probe's name (its file's `name` metadata, else the file stem)"),
+        Field("score", F64, "<h_layer(position), direction> + bias (NaN: the position does not exist)"),
+        Field("reward", F64, "task reward (NaN when unscored)"),
+    ),
+    "frozen linear probe scores, one row per rollout and probe, at a scored step",
+    name="probes",
+)
+
+H_NEURONS_STEPS = Dump(
+    "h_neurons_steps",
+    "h_neurons",
+    "h_neurons/steps_step{step:06d}.parquet",
+    1,
+    (
+        Field("step", I64, "optimizer step (1-based) whose loss forward was measured"),
+        Field(
+            "bucket", STR, "all | correct (reward >= threshold) | wrong: the rollouts the row averages over"
+        ),
+        Field("n_rollouts", I64, "rollouts in the bucket with answer tokens"),
+        Field("set_size", F64, "|H0| (NaN: no set was fitted at step 1)"),
+        Field(
+            "mass",
+            F64,
+            "mean over the bucket of sum_{j in H0} CETT_j averaged over the rollout's answer tokens",
+        ),
+        Field("mass_sem", F64, "standard error of that mean"),
+        Field(
+            "mass_random", F64, "the same for layer-matched random sets of |H0| neurons (mean over the sets)"
+        ),
+        Field(
+            "mass_matched",
+            F64,
+            "the same for activation-matched sets (same layer, close mean CETT at step 1)",
+        ),
+        Field(
+            "mass_other", F64, "the same as mass over the rollout's other tokens (prompt, non-answer tokens)"
+        ),
+        Field("auroc", F64, "bucket all: AUROC of the frozen probe's score for wrong vs correct rollouts"),
+        Field("auroc_mass", F64, "bucket all: AUROC of the H0 mass alone, wrong vs correct"),
+        Field(
+            "grad_share_down",
+            F64,
+            "bucket all: sum_{j in H0} ||dL/dW_down[:, j]||^2 / the same over all neurons",
+        ),
+        Field("grad_share_mlp", F64, "bucket all: the same with W_up and W_gate rows j added"),
+        Field("grad_share_down_random", F64, "bucket all: grad_share_down of the random sets (mean)"),
+        Field("grad_share_mlp_random", F64, "bucket all: grad_share_mlp of the random sets (mean)"),
+        Field("grad_share_down_matched", F64, "bucket all: grad_share_down of the activation-matched sets"),
+        Field("grad_share_mlp_matched", F64, "bucket all: grad_share_mlp of the activation-matched sets"),
+        Field("grad_share_chance", F64, "bucket all: |H0| / (L m), the share of a uniform spread"),
+    ),
+    "H-Neurons at a measured step: CETT mass of the frozen set by reward bucket next to random sets, transfer AUROC "
+    "of the frozen probe, share of the unclipped gradient on the set's MLP weights (docs/probes.md)",
+    name="h_neurons_steps",
+)
+H_NEURONS_ROLLOUTS = Dump(
+    "h_neurons_rollouts",
+    "h_neurons",
+    "h_neurons/rollouts_step{step:06d}.parquet",
+    1,
+    (
+        Field("step", I64, "optimizer step (1-based)"),
+        Field("sample_id", I64, "rollout sample id; joins diagnostics/rollouts"),
+        Field("group_id", I64, "prompt group (-1 without one)"),
+        Field("reward", F64, "task reward (NaN when unscored)"),
+        Field("wrong", BOOL, "reward < threshold"),
+        Field(
+            "n_answer_tokens", I64, "answer tokens (the completion minus a trailing EOS, after answer_marker)"
+        ),
+        Field("n_other_tokens", I64, "other real tokens (prompt and non-answer completion tokens)"),
+        Field("mass", F64, "sum_{j in H0} of the rollout's mean answer-token CETT (NaN: no H0 or no answer)"),
+        Field("mass_other", F64, "the same over its other tokens"),
+        Field("mass_random", F64, "the mean over the random control sets of their answer-token mass"),
+        Field("mass_matched", F64, "the same over the activation-matched control sets"),
+        Field("score", F64, "the frozen probe's logit theta . x_ans + b"),
+        Field("used_in_fit", BOOL, "fit steps: the rollout is in the fit's data (null on other steps)"),
+    ),
+    "per-rollout H-Neurons values at a measured step",
+    name="h_neurons_rollouts",
+)
+H_NEURONS_FITS = Dump(
+    "h_neurons_fits",
+    "h_neurons",
+    "h_neurons/fits_step{step:06d}.parquet",
+    1,
+    (
+        Field("step", I64, "optimizer step whose rollouts were fitted (1 = H0, on the base model)"),
+        Field("fit", STR, "full | half_a | half_b (the two disjoint halves of the fit's groups)"),
+        Field("C", F64, "inverse L1 strength (scikit-learn convention)"),
+        Field(
+            "data", STR, "consistent (the consistency filter) | all (every scored rollout) | none (no fit)"
+        ),
+        Field("note", STR, "why the data fell back or no fit was made ('' otherwise)"),
+        Field("n_rollouts", I64, "rollouts fitted on"),
+        Field("n_groups", I64, "prompt groups fitted on"),
+        Field("n_wrong", I64, "wrong rollouts fitted on"),
+        Field("n_right", I64, "right rollouts fitted on"),
+        Field("n_samples", I64, "rows of the 3-vs-1 design (answer and other features of each rollout)"),
+        Field("n_positive", I64, "rows labelled 1 (answer features of wrong rollouts)"),
+        Field("n_features", I64, "features the solver saw (L m, or max_features)"),
+        Field("set_size", I64, "neurons with a positive weight (|H|)"),
+        Field("n_nonzero", I64, "neurons with a non-zero weight"),
+        Field("intercept", F64, "the probe's intercept"),
+        Field("objective", F64, "||theta||_1 + C sum_i loss_i at the solution"),
+        Field("converged", BOOL, "the optimality conditions hold within tol"),
+        Field("iterations", I64, "FISTA iterations"),
+        Field("kkt_violation", F64, "largest violation of the optimality conditions / lambda"),
+        Field("train_auroc", F64, "AUROC of the probe on its own rollouts' answer features, wrong vs right"),
+        Field("wall_time", F64, "wall time of the fit (seconds)"),
+        Field(
+            "split_jaccard", F64, "full row: Jaccard of the two half fits' sets (same model, disjoint data)"
+        ),
+        Field("jaccard", F64, "full row of a refit: |H0 n H_t| / |H0 u H_t|"),
+        Field("overlap", F64, "full row of a refit: |H0 n H_t| / min(|H0|, |H_t|)"),
+        Field("jaccard_chance", F64, "full row of a refit: the Jaccard of random sets of these sizes"),
+        Field(
+            "overlap_chance", F64, "full row of a refit: the overlap of random sets, |H0||H_t| / (L m) / min"
+        ),
+        Field(
+            "cross_jaccard",
+            F64,
+            "full row of a refit: mean Jaccard of step-1 half sets vs this step's half sets",
+        ),
+    ),
+    "H-Neurons fits (step 1 and each refit): data, solver, set size, stability against H0 and chance",
+    name="h_neurons_fits",
+)
+H_NEURONS_SET = Dump(
+    "h_neurons_set",
+    "h_neurons",
+    "h_neurons/set_step{step:06d}.parquet",
+    1,
+    (
+        Field("step", I64, "the fit's step"),
+        Field("fit", STR, "full | half_a | half_b"),
+        Field("layer", I64, "decoder block (0-based)"),
+        Field("neuron", I64, "index j of the MLP neuron (column of W_down, input of down_proj)"),
+        Field("weight", F64, "the probe's weight theta (CETT units); non-zero weights only"),
+        Field("in_set", BOOL, "weight > 0: an H-Neuron"),
+    ),
+    "the neurons of each H-Neurons fit with their probe weights",
+    name="h_neurons_set",
+)
 
 DUMPS: dict[str, Dump] = {
     d.kind: d
@@ -540,12 +771,21 @@ DUMPS: dict[str, Dump] = {
         RELAX_SPECTRA,
         RELAX_DICTIONARY,
         RELAX_DICTIONARY_FIT,
+        CORRECTNESS_PROBE,
+        CORRECTNESS_PROBE_SCORES,
+        CORRECTNESS_PROBE_DIRECTIONS,
         ACTIVATIONS,
         ROLLOUTS,
         PREFERENCE_PAIRS,
         EVAL,
         REPLAY_KL_BUCKETS,
         REPLAY_KL_POSITIONS,
+        H_NEURONS_STEPS,
+        H_NEURONS_ROLLOUTS,
+        H_NEURONS_FITS,
+        H_NEURONS_SET,
+        HIDDEN_RANK,
+        PROBES,
     )
 }
 """Every declared dump by kind."""

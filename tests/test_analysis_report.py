@@ -21,6 +21,9 @@ ALL_SECTIONS = [
     "Entropy dynamics",
     "Activation shift by base entropy",
     "Correctness direction",
+    "H-Neurons",
+    "Hidden-state effective rank",
+    "Linear probes",
 ]
 
 
@@ -29,9 +32,17 @@ def synth_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     return [
         make_run(
-            root / "grpo", "grpo", steps=6, grad_alignment=True, activations=True, activation_shift=True
+            root / "grpo",
+            "grpo",
+            steps=6,
+            grad_alignment=True,
+            activations=True,
+            activation_shift=True,
+            h_neurons=True,
         ),
-        make_run(root / "relax", "grpo", steps=6, relax=True, world_size=2, seed=1),
+        make_run(
+            root / "relax", "grpo", steps=6, relax=True, world_size=2, seed=1, hidden_rank=True, probes=True
+        ),
         make_run(root / "dpo", "dpo", steps=6, grad_alignment=True, seed=2),
     ]
 
@@ -77,6 +88,19 @@ def test_failing_section_is_noted_not_fatal(synth_runs, tmp_path, monkeypatch):
     _decode_all(html)
     with pytest.raises(ValueError):
         write_report(synth_runs[1:2], tmp_path / "r2.html", strict=True)
+
+
+def test_hidden_rank_and_probe_sections(synth_runs, tmp_path):
+    """Rank with DSD alongside for a run that has ReLaX, rank alone without it; one figure per probe."""
+    html = write_report(synth_runs[1:2], tmp_path / "r.html", strict=True).read_text()
+    assert "Hidden-state effective rank" in html and "and DSD over steps" in html
+    assert "Effective rank (all rollouts) and DSD per step" in html
+    assert "probe planted" in html and "probe noise" in html and "AUROC at the last scored step" in html
+    alone = make_run(tmp_path / "rank_only", "grpo", steps=4, hidden_rank=True)
+    html = write_report([alone], tmp_path / "r2.html", strict=True).read_text()
+    assert "Hidden-state effective rank" in html and "DSD" not in html.split("Hidden-state effective rank")[1]
+    assert "Linear probes" not in re.findall(r"<h2>([^<]+)</h2>", html)
+    _decode_all(html)
 
 
 def test_summary_text(synth_runs):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_alignment, bench_overhead, bench_relax, bench_versions, harness
+from benchmarks import bench_alignment, bench_overhead, bench_probes, bench_relax, bench_versions, harness
 from benchmarks.harness import Arm, Budget
 
 
@@ -284,3 +284,21 @@ def test_versions_refuses_a_revision_that_is_not_a_commit(capsys):
     with pytest.raises(SystemExit) as e:
         bench_versions.worktree("no-such-revision-xyz")
     assert e.value.code == 2 and "not a commit" in capsys.readouterr().err
+
+
+def test_probes_bench_turns_each_monitor_on_in_its_own_arm_with_a_real_probe_file():
+    """One arm per monitor, each with only its own switch; the probes arm reads a probe that rlx's own loader takes
+    (the model width of the runs), and every monitor is gated at 1.10 over whole runs."""
+    from types import SimpleNamespace
+
+    from rlx.instruments.probes import load_probe
+
+    bench = bench_probes.make(SimpleNamespace(width=256))
+    arms = {a.name: a.overrides for a in bench.arms}
+    assert set(arms) == {"correctness", "h_neurons", "hidden_rank", "probes"}
+    assert arms["h_neurons"] == ("diagnostics.h_neurons.enabled=true",)
+    path = arms["probes"][1].split("=[", 1)[1].rstrip("]")
+    probe = load_probe(path)
+    assert probe.direction.shape == (256,)
+    gated = {b.arm: b.limit for b in bench.budgets if b.metric == "run"}
+    assert gated == dict.fromkeys(arms, 1.10)

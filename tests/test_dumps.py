@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis.loader import SUPPORTED_SCHEMA, Run, RunLoadError
-from analysis.measures import activation_shift, entropy, grad_alignment, passk, relax, rollouts
+from analysis.measures import activation_shift, entropy, grad_alignment, h_neurons, passk, relax, rollouts
 from analysis.synthetic import make_run
 from rlx import dumps
 from rlx.storage import DiagnosticsWriter, read_manifest
@@ -190,8 +190,132 @@ _TRAJECTORY_ROWS = [
 _FIT = {"xi": 1.0, "xi_median": 0.5, "fits": [{"fit_step": 0, "losses": [2.0, 1.0]}]}
 
 
+def _correctness_probe_check(kind):
+    """The correctness_probe reader of `kind`'s sample (analysis/measures/correctness_probe.py)."""
+    from analysis.measures import correctness_probe as cp
+
+    if kind == "rows":
+        return lambda run: cp.correctness_probe(run)["auroc"].tolist() == [0.9, 0.7]
+    if kind == "scores":
+        # prompt 1: the probe picks the correct rollout, the log-prob the wrong one; prompt 2: both correct
+        return lambda run: cp.best_of_n(run)[["probe", "logp", "oracle"]].values.tolist() == [[1.0, 0.5, 1.0]]
+    return lambda run: cp.direction_drift(run)["cos_to_first"].tolist() == pytest.approx([1.0, 1.0])
+
+
+_CP_ROWS = [(True, 2.0, -2.0), (False, 1.0, -1.0), (True, 0.0, -1.0), (True, 1.0, -2.0)]
+_CP_SCORES = [
+    {"step": 1, "layer": 2, "sample_id": i, "group_id": i // 2, "heldout": True, "reward": float(c)}
+    | {"correct": c, "score": s, "mean_logp": lp}
+    for i, (c, s, lp) in enumerate(_CP_ROWS)
+]
+
+
+_HIDDEN_RANK_ROWS = [
+    {"sample_id": i, "step": 2, "reward": r, "length": n, "erank": e, "d1": d1, "d2": d2, "n_prefixes": k}
+    for i, (r, n, e, d1, d2, k) in enumerate(
+        [(1.0, 5, 2.0, 0.5, float("nan"), 2), (0.0, 4, 3.0, 1.5, 0.1, 3)]
+    )
+]
+_PROBE_ROWS = [  # correct rollouts score 2 and 1, the wrong one 0: AUROC 1
+    {"sample_id": i, "step": 1, "probe": "p", "score": s, "reward": r}
+    for i, (s, r) in enumerate([(2.0, 1.0), (0.0, 0.0), (1.0, 1.0)])
+]
+
+
+def _hidden_rank_check(run) -> bool:
+    from analysis.measures import hidden_rank
+
+    t = hidden_rank.rank_over_steps(run).set_index("bucket")
+    return (
+        t.loc[["all", "correct", "wrong"], "erank"].tolist() == [2.5, 2.0, 3.0]
+        and t.loc["all", "d1"] == 1.0
+        and t.loc["all", "d2"] == pytest.approx(0.1)
+        and t.loc["all", "n"] == 2
+    )
+
+
+def _probes_check(run) -> bool:
+    from analysis.measures import probes
+
+    t = probes.score_over_steps(run).set_index("bucket")
+    return t.loc[["all", "correct", "wrong"], "mean"].tolist() == [1.0, 1.5, 0.0] and probes.probe_auroc(run)[
+        "auroc"
+    ].tolist() == [1.0]
+
+
 # kind -> (path fields, data, metadata, check(run) reading it through the analysis that consumes it)
 SAMPLES = {
+    "h_neurons_steps": (
+        {"step": 2},
+        [
+            {"step": 2, "bucket": "all", "n_rollouts": 3, "set_size": 4.0, "mass": 0.3, "mass_random": 0.1}
+            | {"auroc": 0.75, "grad_share_down": 0.02, "grad_share_mlp": 0.03, "grad_share_chance": 0.004}
+            | {"grad_share_down_random": 0.004},
+            {
+                "step": 2,
+                "bucket": "correct",
+                "n_rollouts": 1,
+                "mass": 0.2,
+                "mass_sem": 0.0,
+                "mass_random": 0.1,
+            },
+            {
+                "step": 2,
+                "bucket": "wrong",
+                "n_rollouts": 2,
+                "mass": 0.35,
+                "mass_sem": 0.01,
+                "mass_random": 0.1,
+            },
+        ],
+        None,
+        lambda run: (
+            h_neurons.mass_by_bucket(run).query("set == 'H0'")["mass"].tolist() == [0.2, 0.35]
+            and h_neurons.gradient_share(run)["ratio_down"].tolist() == pytest.approx([5.0])
+            and h_neurons.transfer(run)["auroc"].tolist() == [0.75]
+        ),
+    ),
+    "h_neurons_rollouts": (
+        {"step": 1},
+        [
+            {"step": 1, "sample_id": i, "group_id": 0, "reward": float(i % 2), "wrong": i % 2 == 0}
+            | {
+                "n_answer_tokens": 2,
+                "n_other_tokens": 5,
+                "mass": 0.1 * i,
+                "score": float(i),
+                "used_in_fit": True,
+            }
+            for i in range(3)
+        ],
+        None,
+        lambda run: run.read(dumps.H_NEURONS_ROLLOUTS)["wrong"].tolist() == [True, False, True],
+    ),
+    "h_neurons_fits": (
+        {"step": 4},
+        [
+            {"step": 4, "fit": "full", "C": 10.0, "data": "all", "note": "", "set_size": 3, "converged": True}
+            | {"jaccard": 0.5, "jaccard_chance": 0.001, "split_jaccard": 0.4, "cross_jaccard": 0.3},
+            {"step": 4, "fit": "half_a", "C": 10.0, "data": "all", "set_size": 2},
+        ],
+        None,
+        lambda run: (
+            h_neurons.stability(run)[["jaccard", "split_jaccard", "cross_jaccard"]].values.tolist()
+            == [[0.5, 0.4, 0.3]]
+            and h_neurons.fits(run)["fit"].tolist() == ["full", "half_a"]
+        ),
+    ),
+    "h_neurons_set": (
+        {"step": 1},
+        [
+            {"step": 1, "fit": "full", "layer": layer, "neuron": j, "weight": w, "in_set": w > 0}
+            for layer, j, w in [(0, 3, 1.5), (0, 7, -0.5), (2, 1, 2.0), (2, 9, 0.1)]
+        ],
+        None,
+        lambda run: (
+            h_neurons.layer_histogram(run)[["layer", "n_neurons"]].values.tolist() == [[0, 1], [2, 2]]
+        ),
+    ),
     "grad_alignment": (
         {"step": 1},
         _alignment_rows(1),
@@ -275,6 +399,27 @@ SAMPLES = {
         None,
         lambda run: relax.dictionary_fit(run)["loss"].tolist() == [2.0, 1.0],
     ),
+    "correctness_probe": (
+        {"step": 1},
+        [
+            {"step": 1, "layer": 4, "direction": "diff_means", "frozen": False, "auroc": 0.7},
+            {"step": 1, "layer": 2, "direction": "diff_means", "frozen": False, "auroc": 0.9},
+        ],
+        None,
+        _correctness_probe_check("rows"),
+    ),
+    "correctness_probe_scores": ({"step": 1}, _CP_SCORES, None, _correctness_probe_check("scores")),
+    "correctness_probe_directions": (
+        {"step": 1},
+        {
+            "layers": torch.tensor([2, 4]),
+            "fitted": torch.tensor([[0.0, 2.0], [3.0, 0.0]]),
+            "used": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+            "grad": torch.full((2, 2), float("nan")),
+        },
+        {"step": "1", "direction": "diff_means"},
+        _correctness_probe_check("directions"),
+    ),
     "activations": (
         {"step": 0},
         _activation_tensors(),
@@ -328,6 +473,8 @@ SAMPLES = {
         None,
         lambda run: run.read(dumps.REPLAY_KL_POSITIONS)["selected"].tolist() == [True, True, False, False],
     ),
+    "hidden_rank": ({"step": 2}, _HIDDEN_RANK_ROWS, None, lambda run: _hidden_rank_check(run)),
+    "probes": ({"step": 1}, _PROBE_ROWS, None, lambda run: _probes_check(run)),
 }
 
 

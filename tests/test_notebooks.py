@@ -40,12 +40,24 @@ def analysed_run(run_recipe):
         "diagnostics.activations.enabled=true",
         "diagnostics.activations.every=2",
         "diagnostics.activations.num_prompts=16",
+        "diagnostics.correctness_probe.enabled=true",
+        "diagnostics.correctness_probe.every=2",
+        "diagnostics.correctness_probe.min_mixed_groups=1",
+        "diagnostics.h_neurons.enabled=true",
+        "diagnostics.h_neurons.every=2",
+        "diagnostics.h_neurons.consistent_only=false",
+        "diagnostics.h_neurons.min_per_class=2",
+        "diagnostics.hidden_rank.enabled=true",
+        "diagnostics.hidden_rank.every=2",
+        "diagnostics.hidden_rank.stride=1",
         "eval.num_prompts=16",
     )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gradient_alignment", "relax_dynamics", "activation_replay"])
+@pytest.mark.parametrize(
+    "name", ["gradient_alignment", "relax_dynamics", "activation_replay", "probe_monitors"]
+)
 def test_notebook_executes_from_its_folder_and_leaves_the_run_alone(analysed_run, tmp_path, name):
     jupyter = shutil.which("jupyter-execute", path=str(Path(sys.executable).parent)) or shutil.which(
         "jupyter-execute"

@@ -292,6 +292,34 @@ class CorrectnessProbeConfig:
     """Turn the monitor on."""
     every: int = 10
     """Measure at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused)."""
+    layers: list[int] | None = None
+    """Residual-stream layers to read, in HF hidden_states order: 0 = token embeddings, l = output of block l
+    (L = the last block, before the final norm); negative values count from the end (-1 = L, -2 = L-1). None: the
+    middle block and the last, [max(1, L // 2), L]. The first entry is the primary layer (unprefixed metrics)."""
+    direction: str = "diff_means"
+    """How the direction is fitted on the fit half: `diff_means` (mean over mixed groups of mean correct state minus
+    mean wrong state) or `logistic` (L2-regularised logistic regression on the group-centred states)."""
+    l2: float = 0.01
+    """`direction: logistic` only: L2 penalty on the weights (mean log-loss + l2/2 |w|^2, states scaled to unit
+    per-coordinate RMS); > 0."""
+    token_offset: int = 0
+    """Which token's state is read: 0 = each rollout's last completion token (EOS when it stopped), k = the token k
+    positions before it (rollouts with fewer than k + 1 tokens are left out)."""
+    threshold: float = 1.0
+    """A rollout is correct when its task reward is >= threshold (NaN rewards are left out)."""
+    freeze: bool = False
+    """Score every step with the first fitted direction (step 1's, the weights before any update) instead of the
+    step's own fit; the step's own fit is still made, for the drift `cos_to_first`."""
+    min_mixed_groups: int = 2
+    """Fewest mixed groups (prompts with both a correct and a wrong rollout) in the fit half for a direction to be
+    fitted; below it the step's direction metrics are NaN (not logged) and nothing fails."""
+    update_alignment: bool = True
+    """Measure cos(v, -dL/dh), the alignment of the loss gradient on the residual stream with the direction: one
+    extra partial backward (from the loss down to the lowest chosen layer) per measured micro-batch."""
+    save_scores: bool = True
+    """Write each measured step's per-rollout scores (sample_id, group, reward, score per layer, mean log-prob)."""
+    save_directions: bool = True
+    """Write each measured step's directions (fitted, used) and loss gradients per layer as safetensors."""
 
 
 @dataclass
@@ -302,7 +330,46 @@ class HNeuronsConfig:
     enabled: bool = False
     """Turn the monitor on."""
     every: int = 10
-    """Measure at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused)."""
+    """Measure at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused); 0 = step 1
+    (and the refit steps) only."""
+    threshold: float = 1.0
+    """A rollout is right when its task reward is >= threshold, wrong below (NaN rewards are in neither class)."""
+    C: float = 10.0
+    """Inverse strength of the L1 penalty, scikit-learn's convention (the paper's code): the fit minimises
+    ||theta||_1 + C * sum of the logistic losses, so a larger C keeps more neurons (and, the loss being a sum, more
+    rollouts do too). The default keeps 0.7-1.4% of the embedded model's 2048 neurons on grpo_tiny's first batch
+    (docs/probes.md); the paper grid-searches C on its own models and keeps under 0.1%."""
+    consistent_only: bool = True
+    """Fit only on groups (prompts) whose rollouts, two or more, are all right or all wrong: the paper's consistency
+    filter (in GRPO these are the zero-advantage groups). When it leaves fewer than `min_per_class` wrong or right
+    rollouts, the fit uses every scored rollout instead and says so (fits dump column `note`, a warning)."""
+    min_per_class: int = 16
+    """Fewest wrong and fewest right rollouts a fit needs (each half of the split-half fits needs half of it);
+    with fewer even without the filter there is no fit: no H0 at step 1 (the set metrics stay NaN) or no refit."""
+    refit_every: int = 50
+    """Refit the set on the rollouts of every N-th step with the same C and compare it with H0 (Jaccard, overlap,
+    against chance); 0 = never."""
+    split_half: bool = True
+    """At each fit also fit each of two disjoint halves of the groups: their Jaccard is the set's reproducibility on
+    the same model, the yardstick for the Jaccard across time (fits dump: split_jaccard, cross_jaccard)."""
+    answer_marker: str | None = None
+    """Answer tokens are the completion's tokens minus a trailing EOS (the embedded arithmetic completion is the
+    answer). With a marker (e.g. "####" for gsm8k, "<answer>"), only the tokens after its last occurrence in the
+    completion are answer tokens; a completion without it has no answer and is left out. Other tokens: the real
+    prompt tokens and the completion's non-answer tokens."""
+    standardize: bool = False
+    """Penalise each neuron by its CETT standard deviation (an L1 fit on standardised features) instead of in raw
+    CETT units as the paper does; weights are reported in CETT units either way."""
+    max_features: int = 0
+    """Fit only on the N neurons whose CETT varies most over the fit's rows (the others keep weight 0); 0 = all L*m.
+    Large models: 5000 brings the fit to seconds."""
+    num_random: int = 8
+    """Random control sets: each has as many neurons in each layer as H0, drawn among the other neurons of that
+    layer (fixed per run); their mean CETT mass and gradient share are logged next to H0's."""
+    tol: float = 1.0e-4
+    """The fit stops when no optimality condition of the L1 problem is violated by more than tol * lambda."""
+    max_iter: int = 20000
+    """Most FISTA iterations per fit, over all its working sets (fits dump column `converged`: tol reached)."""
 
 
 @dataclass
@@ -314,6 +381,27 @@ class HiddenRankConfig:
     """Turn the monitor on."""
     every: int = 10
     """Measure at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused)."""
+    threshold: float = 1.0
+    """A rollout is correct when its task reward is >= threshold (NaN rewards are in neither bucket)."""
+    stride: int = 20
+    """Prefix stride in tokens: the differences compare the effective rank of the first j*stride + 1 response tokens,
+    j = 1, 2, ... (the hidden-state RLVR code's default, 20). A response needs 2*stride + 1 tokens for d1 and
+    3*stride + 1 for d2: set 1 for short answers (the tiny arithmetic task)."""
+    form: str = "exp"
+    """exp: erank = exp(entropy of the normalised singular values) (the reference code's effective rank);
+    entropy: the entropy itself (nats)."""
+    diff: str = "running_mean"
+    """How a prefix value is compared with the earlier ones: running_mean (the reference code: the value minus the
+    mean of all earlier prefix values) or consecutive (minus the previous prefix value). d2 is the difference of
+    successive d1 values either way."""
+    center: bool = True
+    """Subtract each trajectory's mean state before the singular values (the reference code does); false: the raw
+    states."""
+    max_tokens: int = 0
+    """Cost cap: only each response's first N tokens enter the effective rank and its prefixes (0: the whole
+    response, as the reference code). The cost grows with the cube of the window length (docs/probes.md)."""
+    save_rows: bool = True
+    """Write each measured step's per-rollout rows (sample_id, step, reward, length, erank, d1, d2, n_prefixes)."""
 
 
 @dataclass
@@ -325,6 +413,13 @@ class ProbesConfig:
     """Turn the monitor on."""
     every: int = 1
     """Score at step 1 and every N optimizer steps (on-policy steps only when rollouts are reused)."""
+    paths: list[str] = field(default_factory=list)
+    """Probe files (safetensors: tensor `direction` (d,), optional `bias`, metadata `layer` and `position`; write
+    one with `rlx.instruments.probes.save_probe`). Each is checked against the model before the first step."""
+    threshold: float = 1.0
+    """A rollout is correct when its task reward is >= threshold (NaN rewards are in neither bucket)."""
+    save_rows: bool = True
+    """Write each scored step's rows (sample_id, step, probe, score, reward), one per rollout and probe."""
 
 
 @dataclass
