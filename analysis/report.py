@@ -335,6 +335,17 @@ def correctness_section(runs: RunSet) -> Section | None:
     return s
 
 
+def _finish_axes(ax, title: str, ylabel: str | None = None, xlabel: str = plots.STEP, size: int = 10) -> None:
+    """Title, axis labels, grid and, when a line is labelled, a small legend (the monitor sections' panels)."""
+    ax.set_title(title, fontsize=size)
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, fontsize=8 if size < 10 else None)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="best")
+
+
 def _correctness_probe_figure(df: pd.DataFrame, title: str):
     """Left: AUROC of the probe per layer (solid), of the mean log-prob (dashed) and their gap (dotted) over steps.
     Right: drift cos(v_t, v_first) per layer (solid) and update alignment cos(v, -dL/dh) (dashed)."""
@@ -355,16 +366,8 @@ def _correctness_probe_figure(df: pd.DataFrame, title: str):
     ax.axhline(0.5, color="grey", lw=0.6)
     ax.axhline(0.0, color="grey", lw=0.4)
     ax2.axhline(0.0, color="grey", lw=0.6)
-    for a, t, ylabel in (
-        (ax, f"{title}: held-out AUROC and gap", "AUROC (gap = probe - log-prob)"),
-        (ax2, f"{title}: drift and update alignment", "cosine"),
-    ):
-        a.set_title(t, fontsize=10)
-        a.set_xlabel(plots.STEP)
-        a.set_ylabel(ylabel)
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=6, loc="best")
+    _finish_axes(ax, f"{title}: held-out AUROC and gap", "AUROC (gap = probe - log-prob)")
+    _finish_axes(ax2, f"{title}: drift and update alignment", "cosine")
     fig.tight_layout()
     return fig
 
@@ -448,12 +451,7 @@ def _h_neurons_figure(
         (a4, "H0 per decoder block", "decoder block", "neurons in H0"),
     ):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a.set_title(f"{title}: {t}", fontsize=9)
-        a.set_xlabel(xl)
-        a.set_ylabel(yl, fontsize=8)
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=6, loc="best")
+        _finish_axes(a, f"{title}: {t}", yl, xlabel=xl, size=9)
     fig.tight_layout()
     return fig
 
@@ -541,11 +539,7 @@ def _hidden_rank_figure(rank: pd.DataFrame, dsd: pd.DataFrame | None):
     for ax, title in zip(
         axes, ("Effective rank by reward bucket", "d1 (o), d2 (s) by bucket", "DSD (ReLaX)")
     ):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(plots.STEP)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="best")
+        _finish_axes(ax, title)
     fig.tight_layout()
     return fig
 
@@ -595,16 +589,8 @@ def _probe_figure(sc: pd.DataFrame, au: pd.DataFrame, probe: str):
         ax2.plot(g["step"], g["auroc"], "-", marker="o", ms=2.5, label=run or probe)
     ax2.axhline(0.5, color="grey", lw=0.6)
     ax2.set_ylim(0, 1)
-    for a, title, ylabel in (
-        (ax, f"Probe {probe}: score by reward bucket", "score <h, v> + b"),
-        (ax2, f"Probe {probe}: AUROC vs correct", "AUROC"),
-    ):
-        a.set_title(title, fontsize=10)
-        a.set_xlabel(plots.STEP)
-        a.set_ylabel(ylabel)
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=6, loc="best")
+    _finish_axes(ax, f"Probe {probe}: score by reward bucket", "score <h, v> + b")
+    _finish_axes(ax2, f"Probe {probe}: AUROC vs correct", "AUROC")
     fig.tight_layout()
     return fig
 

@@ -32,10 +32,9 @@ import torch
 
 from rlx import dumps
 from rlx.algorithms import correctness as cm
-from rlx.algorithms.probing import StepRows, measured_step
+from rlx.algorithms.probing import StepRows
 from rlx.errors import UserError
 from rlx.instruments.base import (
-    Instrument,
     LossContext,
     Tap,
     decoder_layers,
@@ -44,7 +43,7 @@ from rlx.instruments.base import (
     residual_tap,
     unwrap_policy,
 )
-from rlx.trainers.catalog import spec_of, trainer_spec
+from rlx.instruments.monitor import RolloutMonitor
 
 PREFIX = "correctness_probe"
 LAYER_METRICS = ("auroc", "gap", "pairwise_acc", "cos_to_first", "update_cos")
@@ -87,11 +86,10 @@ class _Step:
 
 
 @register_instrument("correctness_probe")
-class CorrectnessProbe(Instrument):
+class CorrectnessProbe(RolloutMonitor):
     """Per measured step and layer: held-out AUROC of a correctness direction vs the policy's mean log-prob, drift
     to the first direction, and the alignment of the loss gradient on the residual stream with it."""
 
-    changes_loss = False
     needs_hidden = False
 
     def __init__(self, cfg: Any, run: Any) -> None:
@@ -120,12 +118,6 @@ class CorrectnessProbe(Instrument):
             raise UserError(
                 f"{name}.layers=[]: expected at least one layer, or leave it unset (the middle and last block)."
             )
-        algo = getattr(getattr(run, "cfg", None), "algo", None)
-        if algo is not None and not trainer_spec(algo).samples_completions:
-            raise UserError(
-                f"monitor {PREFIX} needs rollouts with rewards: algo grpo|rloo|reinforce_pp|ppo (this run has "
-                f"algo {algo}). Turn it off with {name}.enabled=false."
-            )
         self.layers: list[int] | None = None
         """The chosen layers resolved against the model (at train begin)."""
         self.first: dict[int, torch.Tensor] = {}
@@ -134,8 +126,6 @@ class CorrectnessProbe(Instrument):
         self.cur: _Step | None = None
         self.last_metrics: dict[str, float] = {}
         """The logged metrics of the last measured step (NaN ones included)."""
-        self._trainer: Any = None
-        self._rollout_steps = 1
         self._grad_off = ""
         """Why update alignment was switched off for the run ('' while it runs)."""
 
@@ -151,9 +141,7 @@ class CorrectnessProbe(Instrument):
         return self.layers
 
     def on_train_begin(self, trainer: Any) -> None:
-        self._trainer = trainer
-        default = getattr(getattr(self.run, "cfg", None), "algo", "") or ""
-        self._rollout_steps = spec_of(trainer, default=default).steps_per_rollout(trainer.args)
+        self.bind(trainer)
         self._resolve(unwrap_policy(trainer.model))
         if self.cfg.update_alignment and _zero3(trainer):
             self._grad_off = "ZeRO-3 partitions the blocks the partial backward would run through"
@@ -163,7 +151,7 @@ class CorrectnessProbe(Instrument):
         t = self._trainer
         if t is None or not getattr(t.model, "training", False) or not torch.is_grad_enabled():
             return False
-        return measured_step(int(t.state.global_step) + 1, int(self.cfg.every), self._rollout_steps)
+        return self.measuring()
 
     @staticmethod
     def tap_name(layer: int) -> str:

@@ -51,10 +51,9 @@ from rlx.algorithms.cett import (
     token_regions,
     top_variance,
 )
-from rlx.algorithms.probing import StepRows, auroc, measured_step, reward_buckets
+from rlx.algorithms.probing import StepRows, auroc, reward_buckets
 from rlx.errors import UserError
 from rlx.instruments.base import (
-    Instrument,
     LossContext,
     Tap,
     decoder_layers,
@@ -62,7 +61,7 @@ from rlx.instruments.base import (
     register_instrument,
     unwrap_policy,
 )
-from rlx.trainers.catalog import spec_of, trainer_spec
+from rlx.instruments.monitor import RolloutMonitor
 
 PREFIX = "h_neurons"
 BUCKETS = ("all", "correct", "wrong")
@@ -218,10 +217,8 @@ def split_groups(
 
 
 @register_instrument("h_neurons")
-class HNeurons(Instrument):
+class HNeurons(RolloutMonitor):
     """H-Neurons: a sparse CETT probe fitted on the base model at step 1 and followed over training."""
-
-    changes_loss = False
 
     def __init__(self, cfg: Any, run: Any) -> None:
         super().__init__(cfg, run)
@@ -253,12 +250,6 @@ class HNeurons(Instrument):
                 f"{where}.answer_marker is empty: give the text that precedes the answer (e.g. '####') "
                 "or null for the whole completion."
             )
-        algo = getattr(getattr(run, "cfg", None), "algo", None)
-        if algo is not None and not trainer_spec(algo).samples_completions:
-            raise UserError(
-                f"monitor h_neurons needs rollouts with rewards: algo grpo|rloo|reinforce_pp|ppo (got algo={algo}). "
-                f"Set {where}.enabled=false."
-            )
         seed = int(getattr(getattr(run, "cfg", None), "seed", 0) or 0)
         self.seed = seed + SEED_OFFSET
         self.probe0: NeuronProbe | None = None
@@ -273,8 +264,6 @@ class HNeurons(Instrument):
         self.last_refit: dict[str, Any] | None = None
         """step, set and halves of the last refit."""
         self.warned: set[str] = set()
-        self._trainer: Any = None
-        self._rollout_steps = 1
         self._layers: Any = None
         self._width = 0
         self._rows = StepRows()
@@ -295,10 +284,7 @@ class HNeurons(Instrument):
     def _setup(self, trainer: Any) -> None:
         if self._layers is not None:
             return
-        self._trainer = trainer
-        self._rollout_steps = spec_of(
-            trainer, default=getattr(self.run.cfg, "algo", "") or ""
-        ).steps_per_rollout(trainer.args)
+        self.bind(trainer)
         policy = unwrap_policy(trainer.model)
         try:
             layers = decoder_layers(policy)
@@ -327,10 +313,10 @@ class HNeurons(Instrument):
 
     def _refit_step(self, step: int) -> bool:
         every = int(self.cfg.refit_every)
-        return every > 0 and step > 1 and measured_step(step, every, self._rollout_steps)
+        return every > 0 and step > 1 and self.measured(step, every)
 
     def _measured(self, step: int) -> bool:
-        return measured_step(step, int(self.cfg.every), self._rollout_steps) or self._refit_step(step)
+        return self.measured(step) or self._refit_step(step)
 
     def _fit_step(self, step: int) -> bool:
         if step == 1 and not self.h0_attempted:

@@ -24,24 +24,13 @@ import torch
 
 from rlx import dumps
 from rlx.algorithms.effective_rank import DIFFS, FORMS, trajectory_ranks
-from rlx.algorithms.probing import StepRows, measured_step, reward_buckets
+from rlx.algorithms.probing import StepRows, reward_buckets
 from rlx.errors import UserError
-from rlx.instruments.base import Instrument, LossContext, log_metrics, register_instrument
-from rlx.trainers.catalog import trainer_spec
+from rlx.instruments.base import LossContext, log_metrics, register_instrument
+from rlx.instruments.monitor import RolloutMonitor
 
 METRICS = ("erank", "d1", "d2")
 """Per-rollout values, each logged as hidden_rank/<v> (mean over rollouts) and hidden_rank/<v>_<bucket>."""
-
-
-def require_rollouts(monitor: str, run: Any) -> None:
-    """UserError unless the run's algorithm samples rollouts with rewards (GRPO family, PPO)."""
-    cfg = getattr(run, "cfg", None)
-    algo = getattr(cfg, "algo", None)
-    if algo and not trainer_spec(str(algo)).samples_completions:
-        raise UserError(
-            f"diagnostics.{monitor} needs rollouts with rewards: algo grpo|rloo|reinforce_pp|ppo, not {algo}. "
-            f"Set diagnostics.{monitor}.enabled=false for this run."
-        )
 
 
 def bucket_means(cols: dict[str, torch.Tensor], names: tuple[str, ...], threshold: float) -> dict[str, float]:
@@ -59,10 +48,8 @@ def bucket_means(cols: dict[str, torch.Tensor], names: tuple[str, ...], threshol
 
 
 @register_instrument("hidden_rank")
-class HiddenRank(Instrument):
+class HiddenRank(RolloutMonitor):
     """Effective rank of the last hidden states over each response, with its prefix differences, per reward bucket."""
-
-    changes_loss = False
 
     def __init__(self, cfg: Any, run: Any) -> None:
         super().__init__(cfg, run)
@@ -81,49 +68,30 @@ class HiddenRank(Instrument):
             raise UserError(f"{name}.max_tokens={cfg.max_tokens}: expected an integer >= 0 (0 = no cap).")
         if not math.isfinite(float(cfg.threshold)):
             raise UserError(f"{name}.threshold={cfg.threshold}: expected a finite reward threshold.")
-        require_rollouts("hidden_rank", run)
         self.rows = StepRows()
         """The measured step's per-rollout values, over its micro-batches."""
         self.last_metrics: dict[str, float] = {}
         """The logger metrics of the last measured step (without NaNs dropped)."""
-        self._trainer: Any = None
-        self._rollout_steps = 1
-        """Optimizer steps per rollout (the spec's `steps_per_rollout`)."""
-
-    # ---- cadence ----------------------------------------------------------------------------------------
-
-    def _setup(self, trainer: Any) -> None:
-        if self._trainer is trainer:
-            return
-        self._trainer = trainer
-        cfg = getattr(self.run, "cfg", None)
-        algo = getattr(trainer, "rlx_algo", "") or (getattr(cfg, "algo", "") if cfg is not None else "")
-        args = getattr(trainer, "args", None)
-        self._rollout_steps = trainer_spec(algo).steps_per_rollout(args) if algo and args is not None else 1
-
-    def _measured(self, step: int) -> bool:
-        return measured_step(step, int(self.cfg.every), self._rollout_steps)
 
     @property
     def needs_hidden(self) -> bool:  # type: ignore[override]
         """Only measured steps read `ctx.hidden`: on the others the seam does not hook the backbone for us."""
-        t = self._trainer
-        return t is not None and self._measured(int(t.state.global_step) + 1)
+        return self.measuring()
 
     def on_train_begin(self, trainer: Any) -> None:
-        self._setup(trainer)
+        self.bind(trainer)
 
     # ---- per micro-batch ----------------------------------------------------------------------------------
 
     def on_loss(self, ctx: LossContext) -> None:
         trainer = ctx.trainer
-        self._setup(trainer)
+        self.bind(trainer)
         model = getattr(trainer, "model", None)
         if ctx.hidden is None or ctx.mask is None or not torch.is_grad_enabled():
             return None
         if model is not None and not model.training:
             return None
-        if not self._measured(int(trainer.state.global_step) + 1):
+        if not self.measuring():
             return None
         cfg = self.cfg
         with torch.no_grad():
@@ -155,9 +123,9 @@ class HiddenRank(Instrument):
     # ---- step end -------------------------------------------------------------------------------------------
 
     def on_step_end(self, trainer: Any) -> None:
-        self._setup(trainer)
+        self.bind(trainer)
         step = int(trainer.state.global_step)
-        if not self._measured(step):
+        if not self.measured(step):
             return
         cols = self.rows.gather(getattr(trainer, "accelerator", None))  # a collective: every rank calls it
         if not cols:

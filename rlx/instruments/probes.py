@@ -34,10 +34,9 @@ from typing import Any
 import torch
 
 from rlx import dumps
-from rlx.algorithms.probing import StepRows, auroc, measured_step, reward_buckets
+from rlx.algorithms.probing import StepRows, auroc, reward_buckets
 from rlx.errors import UserError
 from rlx.instruments.base import (
-    Instrument,
     LossContext,
     Tap,
     decoder_layers,
@@ -46,8 +45,7 @@ from rlx.instruments.base import (
     residual_tap,
     unwrap_policy,
 )
-from rlx.instruments.hidden_rank import require_rollouts
-from rlx.trainers.catalog import trainer_spec
+from rlx.instruments.monitor import RolloutMonitor
 
 POSITIONS = ("last", "mean", "prompt_last")
 """Where a probe reads the states: the last completion token, the mean over completion tokens, the last prompt
@@ -241,10 +239,8 @@ def probe_scores(pooled: torch.Tensor, direction: torch.Tensor, bias: float) -> 
 
 
 @register_instrument("probes")
-class Probes(Instrument):
+class Probes(RolloutMonitor):
     """Frozen linear probes from safetensors files, scored on every rollout of the scored steps."""
-
-    changes_loss = False
 
     def __init__(self, cfg: Any, run: Any) -> None:
         super().__init__(cfg, run)
@@ -262,7 +258,6 @@ class Probes(Instrument):
                 "diagnostics.probes.enabled=true but diagnostics.probes.paths is empty: give the probe files, e.g. "
                 "diagnostics.probes.paths=[probe.safetensors] (write one with rlx.instruments.probes.save_probe)."
             )
-        require_rollouts("probes", run)
         self.probes = [load_probe(p) for p in paths]
         """The probes, in `paths` order (files checked now; against the model at train begin)."""
         names = [p.name for p in self.probes]
@@ -276,19 +271,8 @@ class Probes(Instrument):
         """L, the model's block count (set at train begin)."""
         self.rows = StepRows()
         self.last_metrics: dict[str, float] = {}
-        self._trainer: Any = None
-        self._rollout_steps = 1
 
     # ---- set-up and checks against the model ------------------------------------------------------------------
-
-    def _setup(self, trainer: Any) -> None:
-        if self._trainer is trainer:
-            return
-        self._trainer = trainer
-        cfg = getattr(self.run, "cfg", None)
-        algo = getattr(trainer, "rlx_algo", "") or (getattr(cfg, "algo", "") if cfg is not None else "")
-        args = getattr(trainer, "args", None)
-        self._rollout_steps = trainer_spec(algo).steps_per_rollout(args) if algo and args is not None else 1
 
     def check_model(self, policy: torch.nn.Module) -> None:
         """UserError unless every probe's direction has the model's hidden size and its layer exists; sets L."""
@@ -322,17 +306,13 @@ class Probes(Instrument):
         self.num_layers = n_layers
 
     def on_train_begin(self, trainer: Any) -> None:
-        self._setup(trainer)
+        self.bind(trainer)
         self.check_model(unwrap_policy(trainer.model))
 
     # ---- cadence and taps -----------------------------------------------------------------------------------
 
-    def _measured(self, step: int) -> bool:
-        return measured_step(step, int(self.cfg.every), self._rollout_steps)
-
     def _active(self) -> bool:
-        t = self._trainer
-        return t is not None and self.num_layers is not None and self._measured(int(t.state.global_step) + 1)
+        return self.num_layers is not None and self.measuring()
 
     def _layer(self, probe: Probe) -> int:
         """The probe's HF hidden_states index (final -> L)."""
@@ -360,7 +340,7 @@ class Probes(Instrument):
 
     def on_loss(self, ctx: LossContext) -> None:
         trainer = ctx.trainer
-        self._setup(trainer)
+        self.bind(trainer)
         model = getattr(trainer, "model", None)
         if (
             self.num_layers is None
@@ -368,7 +348,7 @@ class Probes(Instrument):
             or (model is not None and not model.training)
         ):
             return None
-        if not self._measured(int(trainer.state.global_step) + 1):
+        if not self.measuring():
             return None
         inputs = ctx.inputs or {}
         cmask = inputs.get("completion_mask")
@@ -408,9 +388,9 @@ class Probes(Instrument):
         return out
 
     def on_step_end(self, trainer: Any) -> None:
-        self._setup(trainer)
+        self.bind(trainer)
         step = int(trainer.state.global_step)
-        if self.num_layers is None or not self._measured(step):
+        if self.num_layers is None or not self.measured(step):
             return
         cols = self.rows.gather(getattr(trainer, "accelerator", None))  # a collective: every rank calls it
         if not cols:
