@@ -41,3 +41,22 @@ def run_recipe(tmp_path_factory, tiny_model_dir):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def record_step1_batches(monkeypatch, instrument_cls) -> list[dict]:
+    """Patch `instrument_cls.on_loss` to keep the token ids and sample ids of step 1's training micro-batches (the
+    warm-started model's rollouts), so a test can recompute the instrument's values with an independent forward.
+    Returns the list the batches are appended to."""
+    seen: list[dict] = []
+    original = instrument_cls.on_loss
+
+    def recording(self, ctx):
+        if int(ctx.trainer.state.global_step) == 0 and ctx.trainer.model.training:
+            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+            seen.append(
+                {k: ctx.inputs[k].detach().cpu() for k in keys} | {"ids": ctx.extras["sample_ids"].cpu()}
+            )
+        return original(self, ctx)
+
+    monkeypatch.setattr(instrument_cls, "on_loss", recording)
+    return seen

@@ -30,7 +30,7 @@ from rlx.instruments.base import LossContext
 from rlx.instruments.catalog import registered_instruments
 from rlx.run import RunContext
 from rlx.storage import DiagnosticsWriter
-from tests.conftest import read_metrics
+from tests.conftest import read_metrics, record_step1_batches
 
 # ---- independent float64 numpy reference -------------------------------------------------------------------
 
@@ -329,18 +329,7 @@ def test_grpo_tiny_run_measures_and_matches_an_independent_forward(run_recipe, t
 
     from rlx.instruments import hidden_rank as hr
 
-    seen: list[dict] = []
-    original = hr.HiddenRank.on_loss
-
-    def recording(self, ctx):  # keep step 1's token ids: the model is the warm-started one there
-        if int(ctx.trainer.state.global_step) == 0 and ctx.trainer.model.training:
-            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-            seen.append(
-                {k: ctx.inputs[k].detach().cpu() for k in keys} | {"ids": ctx.extras["sample_ids"].cpu()}
-            )
-        return original(self, ctx)
-
-    monkeypatch.setattr(hr.HiddenRank, "on_loss", recording)
+    seen = record_step1_batches(monkeypatch, hr.HiddenRank)
     run = run_recipe(
         "grpo_tiny",
         "trainer.max_steps=3",

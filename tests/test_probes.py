@@ -25,7 +25,7 @@ from rlx.instruments.catalog import registered_instruments
 from rlx.instruments.probes import load_probe, pooled_states, save_probe
 from rlx.run import RunContext
 from rlx.storage import DiagnosticsWriter
-from tests.conftest import read_metrics
+from tests.conftest import read_metrics, record_step1_batches
 
 D, L = 16, 3
 
@@ -301,18 +301,7 @@ def test_grpo_tiny_run_scores_rollouts_like_an_independent_forward(
     ]
     assert no_step
 
-    seen: list[dict] = []
-    original = pr.Probes.on_loss
-
-    def recording(self, ctx):
-        if int(ctx.trainer.state.global_step) == 0 and ctx.trainer.model.training:
-            keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-            seen.append(
-                {k: ctx.inputs[k].detach().cpu() for k in keys} | {"ids": ctx.extras["sample_ids"].cpu()}
-            )
-        return original(self, ctx)
-
-    monkeypatch.setattr(pr.Probes, "on_loss", recording)
+    seen = record_step1_batches(monkeypatch, pr.Probes)
     run = run_recipe(
         "grpo_tiny",
         "trainer.max_steps=2",
