@@ -1,4 +1,4 @@
-"""GRPO + ReLaX + gradient alignment on 1 process, 2-process DDP, ZeRO-2 and ZeRO-3 (CPU, gloo).
+"""GRPO + ReLaX + gradient alignment + two probe monitors on 1 process, 2-process DDP, ZeRO-2 and ZeRO-3 (CPU, gloo).
 
 Four launches in all (one per backend, cached for the module); each test checks several things:
 - DDP vs one process on the same global batch (16 rollouts = 1 x 16 or 2 x 8): every logged metric equal,
@@ -47,6 +47,14 @@ OVERRIDES = [
     "regularizers.relax.dict_steps=0",
     "regularizers.relax.dict_epochs=0",
     "regularizers.relax.xi=1.0",
+    # Probe monitors: their per-rollout values are gathered over ranks (StepRows), so the step metrics are global
+    # and must equal the one-process ones.
+    "diagnostics.hidden_rank.enabled=true",
+    "diagnostics.hidden_rank.every=1",
+    "diagnostics.hidden_rank.stride=1",
+    "diagnostics.correctness_probe.enabled=true",
+    "diagnostics.correctness_probe.every=1",
+    "diagnostics.correctness_probe.min_mixed_groups=1",
     "eval.before_after=false",
 ]
 RANK_LOCAL = {
@@ -180,6 +188,10 @@ def test_ddp_equals_one_process(runs):
     _check_two_ranks(ddp)
     a, b = _metrics(single), _metrics(ddp)
     assert {k for k in a[0] if k.startswith("grad_align/")} and {k for k in a[0] if k.startswith("relax/")}
+    assert {k for k in a[0] if k.startswith("hidden_rank/")}
+    assert {"correctness_probe/auroc", "correctness_probe/auroc_logp", "correctness_probe/update_cos"} <= set(
+        a[0]
+    )
     assert set(a[0]) == set(b[0])
     assert _diffs(a, b) == []
     for ra, rb in zip(a, b):  # the tertiles partition the same update: their sum is layout-independent
