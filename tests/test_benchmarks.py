@@ -302,3 +302,18 @@ def test_probes_bench_turns_each_monitor_on_in_its_own_arm_with_a_real_probe_fil
     assert probe.direction.shape == (256,)
     gated = {b.arm: b.limit for b in bench.budgets if b.metric == "run"}
     assert gated == dict.fromkeys(arms, 1.10)
+
+
+def test_best_of_rounds_is_the_ratio_of_each_arms_fastest_run():
+    """Interference only adds time: one disturbed round moves the median of per-round ratios but not min/min."""
+    assert harness.best_of_rounds([10.0, 12.0, 30.0], [9.0, 8.0, 20.0]) == pytest.approx(10.0 / 8.0)
+    assert harness.best_of_rounds([None, 5.0], [4.0, None]) == pytest.approx(5.0 / 4.0)
+    assert math.isnan(harness.best_of_rounds([], [1.0])) and math.isnan(harness.best_of_rounds([1.0], [0.0]))
+    runs = {
+        "off": [_run(10.0, [1.0]), _run(10.0, [1.0]), _run(10.0, [1.0])],
+        "off~": [_run(10.2, [1.0]), _run(10.1, [1.0]), _run(14.0, [1.0])],
+        "arm": [_run(10.5, [1.0]), _run(13.0, [1.0]), _run(10.4, [1.0])],
+    }
+    b = harness.evaluate_budget(Budget("arm / off", "arm", 1.1), "off", runs)
+    assert b["best"] == pytest.approx(1.04) and b["best_control"] == pytest.approx(1.01)
+    assert b["ratio"] == pytest.approx(1.05)  # the gate stays the median of per-round ratios
