@@ -52,15 +52,22 @@ def mixed_groups(correct: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return uniq[has_c & has_w]
 
 
+def _fit_inputs(
+    h: torch.Tensor, correct: torch.Tensor, groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states float64 (N, d), correct bool (N,), group ids long (N,), the mixed groups' ids), all detached on CPU:
+    what both direction fits start from."""
+    y = correct.detach().bool().flatten().cpu()
+    g = groups.detach().long().flatten().cpu()
+    return h.detach().double().cpu(), y, g, mixed_groups(y, g)
+
+
 def diff_of_means(
     h: torch.Tensor, correct: torch.Tensor, groups: torch.Tensor
 ) -> tuple[torch.Tensor | None, int]:
     """(v_dm, number of mixed groups): the mean over mixed groups of (mean correct state - mean wrong state), not
     normalised, float64 (d,); None when no group is mixed."""
-    x = h.detach().double().cpu()
-    y = correct.detach().bool().flatten().cpu()
-    g = groups.detach().long().flatten().cpu()
-    mixed = mixed_groups(y, g)
+    x, y, g, mixed = _fit_inputs(h, correct, groups)
     if len(mixed) == 0:
         return None, 0
     diffs = []
@@ -119,10 +126,7 @@ def logistic_direction(
         raise ValueError(
             f"logistic_direction: l2={l2}, expected > 0 (the fit is unbounded on separable data)"
         )
-    x = h.detach().double().cpu()
-    y = correct.detach().bool().flatten().cpu()
-    g = groups.detach().long().flatten().cpu()
-    mixed = mixed_groups(y, g)
+    x, y, g, mixed = _fit_inputs(h, correct, groups)
     if len(mixed) == 0:
         return None, 0
     keep = torch.isin(g, mixed)
